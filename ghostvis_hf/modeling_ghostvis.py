@@ -1,0 +1,316 @@
+"""GhostVis modeling, laid out like transformers' LLaVA so TRL and PEFT drive it without patches.
+
+vision tower (AutoModel) → resampler (perceiver | avgpool | none) → 2-layer MLP projector → text decoder (AutoModel)
+The image features are scattered into the positions of the image placeholder tokens (`config.image_token_id`), so
+any number of images can sit anywhere in a sample and text-only samples can share a batch with image samples.
+
+Self-contained on purpose: this file is copied next to every checkpoint for `trust_remote_code`.
+NOTE: `GhostVisForConditionalGeneration` keeps the decoder as `model.language_model` (a bare `AutoModel`) and
+the head at the top: TRL's fused LM-head paths call `model.base_model(...)` and read `.last_hidden_state`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from .configuration_ghostvis import GhostVisConfig
+
+
+@dataclass
+class GhostVisModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the projected image features (`[n_images, n_img_tokens, d_text]`)."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class GhostVisCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class GhostVisPerceiverBlock(nn.Module):
+    """Latents attend to [image tokens; latents] (Flamingo-style), then an MLP; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"resampler_heads={heads} must divide the vision hidden size {dim}")
+        self.heads = heads
+        self.norm_latents = nn.LayerNorm(dim)
+        self.norm_media = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, latents: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+        b, n, d = latents.shape
+        q_in = self.norm_latents(latents)  # [B, N, d_v]
+        kv_in = torch.cat([self.norm_media(media), q_in], dim=1)  # [B, P + N, d_v]
+        q = self.q_proj(q_in).view(b, n, self.heads, -1).transpose(1, 2)  # [B, H, N, d_h]
+        k, v = self.kv_proj(kv_in).view(b, kv_in.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d_h]
+        latents = latents + self.o_proj(attn.transpose(1, 2).reshape(b, n, d))
+        return latents + self.mlp(self.norm_mlp(latents))
+
+
+class GhostVisResampler(nn.Module):
+    """Maps `[n_images, n_patches, d_v]` to `[n_images, config.image_seq_length, d_v]`."""
+
+    def __init__(self, config: GhostVisConfig):
+        super().__init__()
+        self.type = config.resampler_type
+        self.num_tokens = config.num_image_tokens
+        dim = config.vision_config.hidden_size
+        if self.type == "perceiver":
+            self.latents = nn.Parameter(torch.randn(config.num_image_tokens, dim) * 0.02)
+            self.blocks = nn.ModuleList(
+                GhostVisPerceiverBlock(dim, config.resampler_heads, config.resampler_mlp_ratio)
+                for _ in range(config.resampler_depth)
+            )
+            self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.type == "none":
+            return features
+        if self.type == "avgpool":
+            n, p, d = features.shape
+            side = int(p**0.5)
+            if side * side != p:
+                raise ValueError(f"avgpool resampler needs a square patch grid, got {p} tokens")
+            grid = features.transpose(1, 2).reshape(n, d, side, side)
+            out = int(self.num_tokens**0.5)
+            return F.adaptive_avg_pool2d(grid, out).flatten(2).transpose(1, 2)  # [n, out*out, d_v]
+        latents = self.latents.unsqueeze(0).expand(features.shape[0], -1, -1).to(features.dtype)
+        for block in self.blocks:
+            latents = block(latents, features)
+        return self.norm_out(latents)  # [n, N, d_v]
+
+
+class GhostVisProjector(nn.Module):
+    """2-layer MLP from the vision width to the text width."""
+
+    def __init__(self, config: GhostVisConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class GhostVisPreTrainedModel(PreTrainedModel):
+    config_class = GhostVisConfig
+    config: GhostVisConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["GhostVisPerceiverBlock"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # The towers are PreTrainedModels and initialise themselves; this covers the glue (and the head).
+        super()._init_weights(module)
+        if isinstance(module, GhostVisResampler) and module.type == "perceiver":
+            init.normal_(module.latents, mean=0.0, std=getattr(self.config.text_config, "initializer_range", 0.02))
+
+
+class GhostVisModel(GhostVisPreTrainedModel):
+    """Vision tower + resampler + projector + bare decoder; returns hidden states (no LM head)."""
+
+    def __init__(self, config: GhostVisConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.resampler = GhostVisResampler(config)
+        self.multi_modal_projector = GhostVisProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Encodes images to `[n_images, image_seq_length, d_text]` features ready to scatter into the text."""
+        layer = self.config.vision_feature_layer
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        if layer == -1:
+            features = self.vision_tower(pixel_values=pixel_values).last_hidden_state  # [n, P, d_v]
+        else:
+            features = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        features = self.resampler(features)  # [n, N, d_v]
+        return self.multi_modal_projector(features)  # [n, N, d_t]
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        """Boolean mask of the placeholder positions; raises if their count differs from the features'."""
+        if input_ids is None:
+            token = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == token).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image placeholder tokens do not match: {n_tokens} placeholder tokens "
+                f"(id {self.config.image_token_id}) in the text but {n_features} image features "
+                f"({image_features.shape[0]} images x {image_features.shape[1]} tokens)"
+            )
+        return mask.unsqueeze(-1).expand_as(inputs_embeds)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ) -> GhostVisModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, T, d_t]
+        image_features = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)  # [n, N, d_t]
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            # A prefill with placeholders but no images would silently train/generate on meaningless embeddings.
+            if n := int((input_ids == self.config.image_token_id).sum()):
+                raise ValueError(
+                    f"Image features and image placeholder tokens do not match: {n} placeholder tokens "
+                    f"(id {self.config.image_token_id}) in the text but 0 image features (no pixel_values)"
+                )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return GhostVisModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin):
+    """GhostVis with a language-modeling head; what training recipes, `generate` and the server use."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: GhostVisConfig):
+        super().__init__(config)
+        self.model = GhostVisModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    def mask_image_labels(self, input_ids: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Never train on image placeholders or their frame tokens: they are inputs, not text to predict."""
+        if input_ids is None:
+            return labels
+        ids = [i for i in (self.config.image_token_id, self.config.vision_start_token_id,
+                           self.config.vision_end_token_id) if i is not None]
+        if not ids:
+            return labels
+        drop = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+        return labels.masked_fill(drop, -100) if drop.any() else labels
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> GhostVisCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # [B, T, d_t]
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # [B, T_keep, V]
+        loss = None
+        if labels is not None:
+            labels = self.mask_image_labels(input_ids, labels)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return GhostVisCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+__all__ = ["GhostVisPreTrainedModel", "GhostVisModel", "GhostVisForConditionalGeneration"]
