@@ -19,6 +19,22 @@ def _vision_config(cfg):
     return cfg.vision_config if hasattr(cfg, "vision_config") else cfg
 
 
+def _load_vision_weights(tower, source, name: str) -> None:
+    """Copies a SigLIP/CLIP (vision) model's weights into the tower, whatever the wrapping on either side.
+
+    NOTE: transformers releases differ on whether `*VisionModel` wraps its layers in `.vision_model`; matching on
+    stripped key names works for both layouts.
+    """
+    skip = ("text_model.", "logit_", "text_projection", "visual_projection", "head.")
+    src = {k.removeprefix("vision_model."): v for k, v in source.state_dict().items()}
+    src = {k: v for k, v in src.items() if not k.startswith(skip)}
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in tower.state_dict()) else ""
+    missing, unexpected = tower.load_state_dict({prefix + k: v for k, v in src.items()}, strict=False)
+    missing = [k for k in missing if not k.removeprefix(prefix).startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"vision weights of {name!r} do not fit: missing {missing}, unexpected {unexpected}")
+
+
 def compose(text_model: str, vision_model: str, dtype=None, **config_overrides):
     """Composes a GhostVis model and processor from a pretrained causal LM and a pretrained vision encoder.
 
@@ -62,12 +78,7 @@ def compose(text_model: str, vision_model: str, dtype=None, **config_overrides):
     model.model.language_model.load_state_dict(base.state_dict())
     if not config.tie_word_embeddings:
         model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
-    vision_src = AutoModel.from_pretrained(vision_model, dtype=dtype)
-    vision_src = getattr(vision_src, "vision_model", vision_src)  # full SigLIP/CLIP or *VisionModel -> transformer
-    missing, unexpected = model.model.vision_tower.vision_model.load_state_dict(vision_src.state_dict(), strict=False)
-    unexpected = [k for k in unexpected if not k.startswith("head.")]
-    if missing or unexpected:
-        raise ValueError(f"vision weights of {vision_model!r} do not fit: missing {missing}, unexpected {unexpected}")
+    _load_vision_weights(model.model.vision_tower, AutoModel.from_pretrained(vision_model, dtype=dtype), vision_model)
     if len(tokenizer) > config.text_config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))
     model.tie_weights()

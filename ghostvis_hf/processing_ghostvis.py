@@ -87,7 +87,8 @@ def to_rgb_image(image, where: str = "image") -> Image.Image:
 
             image = load_image(image)
         elif os.path.isfile(image):
-            image = Image.open(image)
+            with open(image, "rb") as f:
+                image = f.read()
         else:
             raise _image_error(where, f"no such image file: {image!r}")
     if isinstance(image, (bytes, bytearray, memoryview)):

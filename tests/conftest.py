@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random GhostVis models, images, and an offline, workspace-local Hugging Face home."""
+
+import os
+
+# Before transformers is imported anywhere: never touch the network, keep caches inside the workspace.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".hf_home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny random (model, processor), seeded."""
+    import ghostvis_hf
+
+    torch.manual_seed(0)
+    model, processor = ghostvis_hf.create("tiny")
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny checkpoint folder (weights, processor, code files, card)."""
+    import ghostvis_hf
+    from ghostvis_hf.hub import save_checkpoint
+
+    torch.manual_seed(0)
+    model, processor = ghostvis_hf.create("tiny")
+    return save_checkpoint(model, processor, str(tmp_path_factory.mktemp("ckpt") / "ghostvis-tiny"))
+
+
+def make_image(color=(255, 0, 0), size=(40, 30), mode="RGB"):
+    return Image.new(mode, size, color)
+
+
+def user_turn(text, n_images=1):
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}

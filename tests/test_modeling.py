@@ -1,0 +1,156 @@
+"""Model invariants on the tiny random preset: shapes, loss masking, image scatter, generation, configs."""
+
+import pytest
+import torch
+
+from ghostvis_hf import GhostVisConfig, create
+from conftest import make_image, user_turn
+
+
+def _batch(processor, texts, images, **kw):
+    return processor(text=texts, images=images, padding=True, return_tensors="pt", **kw)
+
+
+def test_forward_backward_and_image_labels_masked(tiny):
+    model, processor = tiny
+    model.train()
+    text = processor.apply_chat_template([user_turn("What color?"), {"role": "assistant", "content": "red"}])
+    batch = _batch(processor, [text], [make_image()])
+    out = model(**batch, labels=batch["input_ids"].clone())
+    assert out.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
+    out.loss.backward()
+    # every part of the model is reached by the gradient
+    for name in ("vision_tower", "resampler", "multi_modal_projector", "language_model"):
+        grads = [p.grad for p in getattr(model.model, name).parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    # labels at image placeholders (and their frame tokens) never count
+    masked = model.mask_image_labels(batch["input_ids"], batch["input_ids"].clone())
+    n_run = processor.num_image_tokens + 2
+    assert int((masked == -100).sum()) == n_run
+
+
+def test_multi_image_and_text_only_in_one_batch(tiny):
+    model, processor = tiny
+    texts = ["<image> and <image>: which is red?", "no image here", "<image> left"]
+    images = [[make_image((255, 0, 0)), make_image((0, 0, 255))], [], [make_image((0, 255, 0))]]
+    batch = _batch(processor, texts, images)
+    assert batch["pixel_values"].shape[0] == 3
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.image_hidden_states.shape[:2] == (3, processor.num_image_tokens)
+    # the text-only sample's logits don't depend on the other samples' images
+    alone = _batch(processor, ["no image here"], None)
+    with torch.no_grad():
+        solo = model(**alone).logits[0]
+    n = alone["input_ids"].shape[1]
+    torch.testing.assert_close(out.logits[1, :n], solo, atol=1e-5, rtol=1e-4)
+
+
+def test_images_fill_placeholders_in_order(tiny):
+    model, processor = tiny
+    red, blue = make_image((255, 0, 0)), make_image((0, 0, 255))
+    a = _batch(processor, ["<image><image> x"], [[red, blue]])
+    b = _batch(processor, ["<image><image> x"], [[blue, red]])
+    with torch.no_grad():
+        la, lb = model(**a).logits, model(**b).logits
+    assert not torch.allclose(la[0, -1], lb[0, -1])
+
+
+def test_placeholder_feature_mismatch_raises(tiny):
+    model, processor = tiny
+    batch = _batch(processor, ["<image> hi"], [make_image()])
+    ids = batch["input_ids"].clone()
+    ids[0, 2] = 100  # one placeholder becomes a text token
+    with pytest.raises(ValueError, match=r"15 placeholder tokens .* but 16 image features"):
+        model(input_ids=ids, pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match=r"16 placeholder tokens .* but 0 image features"):
+        model(input_ids=batch["input_ids"])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_greedy_generation_cache_equals_no_cache(tiny, batched):
+    model, processor = tiny
+    texts = [processor.apply_chat_template([user_turn("What shape is it?")], add_generation_prompt=True)]
+    images = [[make_image((0, 255, 0))]]
+    if batched:
+        texts.append(processor.apply_chat_template([user_turn("Hello, who are you and what do you see?")],
+                                                   add_generation_prompt=True))
+        images.append([make_image((0, 0, 255), size=(64, 64))])
+    batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    kw = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    cached = model.generate(**batch, **kw)
+    uncached = model.generate(**batch, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    assert cached.shape[1] == batch["input_ids"].shape[1] + 12
+
+
+@pytest.mark.parametrize("resampler,n", [("perceiver", 9), ("avgpool", 16), ("none", 64)])
+def test_resamplers(resampler, n):
+    model, processor = create("tiny", resampler_type=resampler, num_image_tokens=n)
+    assert model.config.image_seq_length == processor.num_image_tokens == (64 if resampler == "none" else n)
+    batch = _batch(processor, ["<image> hi"], [make_image()])
+    assert model(**batch).image_hidden_states.shape[1] == processor.num_image_tokens
+
+
+def test_clip_vision_tower():
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8)
+    model, processor = create("tiny", vision_config=vision, resampler_type="none",
+                              vision_feature_select_strategy="default")
+    # vision_config override replaces only the keys it names; make sure the tower is CLIP
+    assert model.config.vision_config.model_type == "clip_vision_model"
+    batch = _batch(processor, ["<image> hi"], [make_image()])
+    assert model(**batch).image_hidden_states.shape[1] == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(resampler_type="qformer"), "allowed: \\['perceiver', 'avgpool', 'none'\\]"),
+        (dict(vision_feature_select_strategy="cls"), "allowed: \\['full', 'default'\\]"),
+        (dict(resampler_type="avgpool", num_image_tokens=10), "perfect square"),
+        (dict(num_image_tokens=0), "positive int"),
+        (dict(vision_feature_layer=99), "out of range"),
+    ],
+)
+def test_invalid_config_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GhostVisConfig(**kwargs)
+
+
+def test_config_round_trip_and_dict_subconfigs(tmp_path):
+    cfg = GhostVisConfig(text_config={"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,
+                                      "num_attention_heads": 4, "intermediate_size": 128})
+    assert cfg.text_config.model_type == "llama" and cfg.vision_config.model_type == "siglip_vision_model"
+    cfg.save_pretrained(tmp_path)
+    again = GhostVisConfig.from_pretrained(tmp_path)
+    assert again.text_config.hidden_size == 64 and again.image_seq_length == cfg.image_seq_length
+
+
+def test_tied_embeddings_and_attn_implementation(tiny):
+    model, _ = tiny
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model, _ = create("tiny", text_config={"tie_word_embeddings": False})
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    model.set_attn_implementation("eager")
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == "eager"
+
+
+def test_gradient_checkpointing_reaches_both_towers(tiny):
+    model, processor = tiny
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert model.model.language_model.gradient_checkpointing
+    tower = model.model.vision_tower
+    assert getattr(tower, "vision_model", tower).encoder.gradient_checkpointing
+    batch = _batch(processor, ["<image> hi"], [make_image()])
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+
+
+def test_logits_to_keep(tiny):
+    model, processor = tiny
+    batch = _batch(processor, ["<image> hello"], [make_image()])
+    full = model(**batch).logits
+    last = model(**batch, logits_to_keep=1).logits
+    torch.testing.assert_close(full[:, -1:], last)

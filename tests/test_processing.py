@@ -1,0 +1,136 @@
+"""Processor: placeholder expansion, chat template + assistant mask, padding, truncation, and every bad input."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image, user_turn
+
+
+def test_each_image_marker_becomes_a_framed_run(tiny):
+    _, processor = tiny
+    out = processor(text="<image>a<image>b", images=[make_image(), make_image()], return_tensors="pt")
+    ids = out["input_ids"][0].tolist()
+    n = processor.num_image_tokens
+    assert ids.count(processor.image_token_id) == 2 * n
+    start = ids.index(processor.vision_start_token_id)
+    assert ids[start + 1 : start + 1 + n] == [processor.image_token_id] * n
+    assert ids[start + 1 + n] == processor.vision_end_token_id
+    assert out["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_round_trip_decode(tiny):
+    _, processor = tiny
+    text = "What color is the circle? It is red."
+    ids = processor(text=text)["input_ids"][0]
+    assert processor.decode(ids) == text
+
+
+def test_chat_template_generation_prompt_and_assistant_mask(tiny):
+    _, processor = tiny
+    conv = [user_turn("What color is the square?"), {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]
+    rendered = processor.apply_chat_template(conv)
+    assert rendered == ("<|im_start|>user\n<image>What color is the square?<|im_end|>\n"
+                        "<|im_start|>assistant\nblue<|im_end|>\n")
+    prompt = processor.apply_chat_template(conv[:1], add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    batch = processor.apply_chat_template(
+        [conv, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]],
+        tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
+        images=[[make_image()], []], processor_kwargs={"padding": True, "padding_side": "right"},
+    )
+    masks = batch["assistant_masks"]
+    decoded = [processor.decode(batch["input_ids"][i][masks[i].bool()]) for i in range(2)]
+    assert decoded == ["blue<|im_end|>", "hello there<|im_end|>"]
+    # never an image token under the assistant mask
+    assert not (masks.bool() & (batch["input_ids"] == processor.image_token_id)).any()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_sides(tiny, side):
+    _, processor = tiny
+    out = processor(text=["<image> short", "<image> a much longer text here"], images=[make_image(), make_image()],
+                    padding=True, padding_side=side, return_tensors="pt")
+    mask = out["attention_mask"]
+    pad = processor.tokenizer.pad_token_id
+    short = out["input_ids"][0]
+    if side == "left":
+        assert mask[0, 0] == 0 and short[0] == pad and mask[0, -1] == 1
+    else:
+        assert mask[0, -1] == 0 and short[-1] == pad and mask[0, 0] == 1
+
+
+def test_truncation_never_splits_an_image_run(tiny):
+    _, processor = tiny
+    n = processor.num_image_tokens
+    # cutting after the run is fine
+    ok = processor(text="<image> and some words after the image", images=make_image(), truncation=True,
+                   max_length=n + 4)
+    assert len(ok["input_ids"][0]) == n + 4
+    with pytest.raises(ValueError, match="cut through or drop 1 image placeholder run"):
+        processor(text="words before <image>", images=make_image(), truncation=True, max_length=n)
+
+
+@pytest.mark.parametrize(
+    "images,text,match",
+    [
+        ([make_image(), make_image()], "<image> only one marker", "2 images but the text has 1 <image> markers"),
+        (None, "<image> marker without image", "1 <image> markers but no images"),
+        ([make_image()], "no marker", "1 images but the text has 0 <image> markers"),
+        ([["not an image"]], "<image>", "no such image file"),
+        ([[42]], "<image>", "got a int, which is not an image"),
+        ([[b"definitely not a png"]], "<image>", "bytes are not a readable image"),
+        ([[Image.new("RGB", (0, 5))]], "<image>", "zero-size image"),
+        ([[np.zeros((0, 4, 3), dtype=np.uint8)]], "<image>", "not a non-empty"),
+        ([["data:image/png;base64,@@@"]], "<image>", "invalid base64"),
+        ([[make_image()], [make_image()]], ["<image>", "<image><image>"], "Sample 1 has 2 <image> markers but 1"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(tiny, images, text, match):
+    _, processor = tiny
+    with pytest.raises(ValueError, match=match):
+        processor(text=text, images=images, padding=True, return_tensors="pt")
+
+
+def test_truncated_image_file_raises(tiny, tmp_path):
+    _, processor = tiny
+    buf = io.BytesIO()
+    make_image(size=(64, 64)).save(buf, format="PNG")
+    path = tmp_path / "cut.png"
+    path.write_bytes(buf.getvalue()[:60])
+    with pytest.raises(ValueError, match="image 0 of sample 0"):
+        processor(text="<image>", images=[str(path)])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "I;16"])
+def test_modes_become_rgb(tiny, mode):
+    _, processor = tiny
+    image = Image.new("RGB", (20, 20), (200, 30, 30)).convert(mode)
+    out = processor(text="<image>", images=image, return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    assert torch.isfinite(out["pixel_values"]).all()
+
+
+def test_image_sources_agree(tiny, tmp_path):
+    import base64
+
+    _, processor = tiny
+    image = make_image((10, 200, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    path = tmp_path / "x.png"
+    path.write_bytes(buf.getvalue())
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    arr = np.asarray(image)
+    ref = processor(text="<image>", images=image, return_tensors="pt")["pixel_values"]
+    for source in (buf.getvalue(), str(path), url, arr, torch.from_numpy(arr.copy()).permute(2, 0, 1)):
+        torch.testing.assert_close(processor(text="<image>", images=source, return_tensors="pt")["pixel_values"], ref)
+
+
+def test_unknown_kwarg_is_refused(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="Unexpected processor arguments"):
+        processor(text="hi", paddding=True)
