@@ -1,0 +1,69 @@
+"""Vision-language alignment of GhostVis with TRL's `SFTTrainer`: the LLM and the vision encoder stay frozen, the
+resampler + projector learn to map image features into the LLM's embedding space from captions.
+
+    accelerate launch recipes/align.py                                   # tiny preset, CPU, shapes captions
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/align.py \
+        --config recipes/configs/align_1.5b.yaml                         # Qwen2.5-1.5B + SigLIP, COCO captions
+
+Then run `recipes/sft.py --model_name_or_path <output_dir>` for multimodal SFT.
+"""
+
+import json
+import logging
+import os
+import sys
+
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
+
+from ghostvis_hf.training import GhostVisArguments, freeze, load_model_and_processor, load_train_and_eval_data
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "align_tiny.yaml")
+logger = logging.getLogger("ghostvis")
+
+
+def main(script_args, training_args, model_args, gv_args):
+    from ghostvis_hf.data.validate import validate_rows
+    from ghostvis_hf.hub import model_card
+    from ghostvis_hf.plotting import plot_learning_curve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ################
+    # Model
+    ################
+    if not (gv_args.freeze_vision_tower and gv_args.freeze_language_model):
+        logger.warning("alignment normally freezes both towers (freeze_vision_tower/freeze_language_model)")
+    if model_args.use_peft:
+        raise ValueError("Alignment trains the resampler + projector fully; LoRA belongs to recipes/sft.py")
+    model, processor = load_model_and_processor(gv_args, model_args, training_args)
+    counts = freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
+    print(f"trainable parameters: {counts['trainable']:,} | frozen: {counts['frozen']:,}", flush=True)
+
+    ################
+    # Dataset
+    ################
+    train_dataset, _ = load_train_and_eval_data(script_args.dataset_name or "shapes_captions", gv_args)
+    train_dataset, report = validate_rows(train_dataset, processor, training_args.max_length, gv_args.bad_rows)
+
+    ################
+    # Training
+    ################
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=processor)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        out = training_args.output_dir
+        processor.save_pretrained(out)
+        with open(os.path.join(out, "README.md"), "w") as f:
+            f.write(model_card(trainer.model, repo=out, origin="Aligned with `recipes/align.py` (towers frozen)."))
+        if gv_args.plot:
+            plot_learning_curve(trainer.state.log_history, os.path.join(out, "learning_curve.png"),
+                                title="GhostVis alignment")
+        with open(os.path.join(out, "align_summary.json"), "w") as f:
+            json.dump({"parameters": counts, "data": report, "steps": trainer.state.global_step}, f, indent=2)
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if "--config" not in argv:
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+    main(*TrlParser((ScriptArguments, SFTConfig, ModelConfig, GhostVisArguments)).parse_args_and_config(argv))
