@@ -25,8 +25,8 @@ class GhostVisArguments:
     preset: str = field(default="tiny", metadata={"help": "Preset to create when no model path/backbones are given."})
     text_model: str | None = field(default=None, metadata={"help": "Pretrained LM (path/Hub id) to compose from."})
     vision_model: str | None = field(default=None, metadata={"help": "Pretrained encoder (path/Hub id) to compose."})
-    resampler_type: str = field(default="perceiver", metadata={"help": "perceiver | avgpool | none (compose only)."})
-    num_image_tokens: int = field(default=64, metadata={"help": "Image tokens per image (compose only)."})
+    resampler_type: str | None = field(default=None, metadata={"help": "perceiver | avgpool | none (new models)."})
+    num_image_tokens: int | None = field(default=None, metadata={"help": "Image tokens per image (new models)."})
     dataset_mixture: list[str] | None = field(
         default=None,
         metadata={"help": "Datasets to mix, each `name:path_or_hub_id:weight` (e.g. vqav2:/data/vqa:0.8 "
@@ -65,17 +65,20 @@ def load_model_and_processor(args: GhostVisArguments, model_args, training_args)
     elif args.text_model or args.vision_model:
         if not (args.text_model and args.vision_model):
             raise ValueError("Composing needs both --text_model and --vision_model")
-        model, processor = ghostvis_hf.compose(args.text_model, args.vision_model,
-                                               resampler_type=args.resampler_type,
-                                               num_image_tokens=args.num_image_tokens)
+        model, processor = ghostvis_hf.compose(args.text_model, args.vision_model, **_glue_overrides(args))
     else:
         torch.manual_seed(training_args.seed)
-        model, processor = ghostvis_hf.create(args.preset)
+        model, processor = ghostvis_hf.create(args.preset, **_glue_overrides(args))
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.model_name_or_path:
         raise ValueError("QLoRA (load_in_4bit/8bit) needs --model_name_or_path of a saved GhostVis checkpoint")
     if model_args.attn_implementation and not model_args.model_name_or_path:
         model.set_attn_implementation(model_args.attn_implementation)
     return model, processor
+
+
+def _glue_overrides(args: GhostVisArguments) -> dict:
+    return {k: v for k, v in (("resampler_type", args.resampler_type), ("num_image_tokens", args.num_image_tokens))
+            if v is not None}
 
 
 def freeze(model, vision_tower: bool, language_model: bool) -> dict:

@@ -1,0 +1,151 @@
+"""The recipes as users launch them: YAML configs, unknown keys, freezing, bad rows, resume after SIGKILL, ZeRO-2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from datasets import Dataset
+
+from conftest import make_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small and fast: a few steps on a few rows of the built-in data.
+FAST = ["--num_train_samples", "64", "--num_eval_samples", "16", "--per_device_train_batch_size", "8",
+        "--logging_steps", "1", "--plot", "false", "--dataloader_num_workers", "0"]
+
+
+def _run(args, timeout=600, launcher=None):
+    cmd = [sys.executable, *args] if launcher is None else [*launcher, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sft_recipe_trains_saves_loads_and_evaluates(tmp_path):
+    out = tmp_path / "sft"
+    res = _run(["recipes/sft.py", "--max_steps", "3", "--output_dir", str(out), "--save_strategy", "no", *FAST])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "colour+shape held-out accuracy" in res.stdout
+    summary = json.loads((out / "sft_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval"]["n"] == 16
+    assert (out / "eval_shapes" / "predictions.jsonl").exists()
+    for f in ("model.safetensors", "modeling_ghostvis.py", "processor_config.json", "README.md"):
+        assert (out / f).exists(), f
+
+
+def test_unknown_yaml_key_fails_loudly(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("preset: tiny\nbf16: false\nlearning_rat: 0.1\noutput_dir: x\n")
+    res = _run(["recipes/sft.py", "--config", str(cfg)])
+    assert res.returncode != 0 and "learning_rat" in res.stderr
+
+
+def test_command_line_overrides_yaml():
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    try:
+        import sft
+    finally:
+        sys.path.pop(0)
+    script, training, model, gv = sft.make_parser().parse_args_and_config(
+        ["--config", sft.DEFAULT_CONFIG, "--learning_rate", "0.5"])
+    assert training.learning_rate == 0.5  # command line beats YAML
+    assert training.per_device_train_batch_size == 32  # YAML beats the dataclass default (8)
+    assert gv.preset == "tiny"
+
+
+def test_align_recipe_trains_only_the_glue(tmp_path):
+    out = tmp_path / "align"
+    res = _run(["recipes/align.py", "--max_steps", "2", "--output_dir", str(out), *FAST])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "align_summary.json").read_text())
+    counts = summary["parameters"]
+    assert 0 < counts["trainable"] < counts["frozen"]
+    assert "trainable parameters:" in res.stdout
+
+    import torch
+    from safetensors.torch import load_file
+
+    import ghostvis_hf
+
+    torch.manual_seed(0)
+    start, _ = ghostvis_hf.create("tiny")
+    after = load_file(out / "model.safetensors")
+    for name, param in start.state_dict().items():
+        if name not in after:
+            continue  # tied lm_head
+        same = torch.equal(param, after[name])
+        glue = name.startswith(("model.resampler", "model.multi_modal_projector"))
+        assert same != glue, name
+
+
+def test_bad_rows_skipped_with_report_or_refused(tiny):
+    from ghostvis_hf.data.validate import validate_rows
+
+    _, processor = tiny
+    good = {"images": [make_image()], "messages": [
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What color?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
+    two_markers = {"images": [make_image()], "messages": [
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "image", "text": None},
+                                     {"type": "text", "text": "Compare"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "same"}]}]}
+    long_prefix = {"images": [make_image()], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "word " * 80}, {"type": "image", "text": None}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]}
+    rows = [good, two_markers, long_prefix, good]
+    ds = Dataset.from_list([{"images": [{"bytes": _png()}], "messages": r["messages"]} for r in rows])
+    ds = ds.cast_column("images", ds.features["images"])
+    clean, report = validate_rows(ds, processor, max_length=64, policy="skip")
+    assert len(clean) == 2
+    assert report["skipped"] == {"image_count_mismatch": 1, "image_cut_by_truncation": 1}
+    with pytest.raises(ValueError, match="Bad training row 1 \\(image_count_mismatch\\)"):
+        validate_rows(ds, processor, max_length=64, policy="error")
+    unreadable = Dataset.from_list([{"images": [b"not an image"], "messages": good["messages"]}])
+    clean, report = validate_rows(unreadable, processor, policy="skip")
+    assert len(clean) == 0 and report["skipped"] == {"unreadable_image": 1}
+
+
+def _png():
+    import io
+
+    buf = io.BytesIO()
+    make_image().save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_resume_after_sigkill_finishes_at_the_same_step(tmp_path):
+    out = tmp_path / "resume"
+    args = ["recipes/sft.py", "--max_steps", "12", "--save_steps", "4", "--save_strategy", "steps",
+            "--output_dir", str(out), "--eval_after_training", "false", *FAST]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 400
+    try:
+        while not (out / "checkpoint-4" / "trainer_state.json").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint in time"
+            time.sleep(0.2)
+        time.sleep(0.5)  # let the checkpoint folder finish writing
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "model.safetensors").exists()  # killed before the end
+    res = _run([*args, "--resume_from_checkpoint", str(out / "checkpoint-4")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.loads(max((out).glob("checkpoint-*/trainer_state.json"),
+                           key=lambda p: int(p.parent.name.split("-")[1])).read_text())
+    assert state["global_step"] == 12
+    assert json.loads((out / "sft_summary.json").read_text())["steps"] == 12
+
+
+def test_deepspeed_zero2_launch_on_one_cpu_process(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero2"
+    res = _run(["--config_file", "accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "1",
+                "--mixed_precision", "no", "recipes/sft.py", "--max_steps", "2", "--use_cpu", "true",
+                "--save_strategy", "no", "--output_dir", str(out), "--eval_after_training", "false", *FAST],
+               launcher=[sys.executable, "-m", "accelerate.commands.launch"], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "sft_summary.json").read_text())["steps"] == 2
