@@ -73,9 +73,10 @@ def score(task: str, predictions: list[str], rows) -> dict:
         result["by_question_type"] = {
             q: {"exact_match": metrics.exact_match(p, r), "n": len(p)} for q, (p, r) in sorted(by_type.items())
         }
-        from ..data.shapes import chance_accuracy
+        from ..data.shapes import chance_accuracy, load_shapes
 
-        chance = chance_accuracy(rows)
+        # The best a text-only model can do: the most common *training* answer for each exact question.
+        chance = chance_accuracy(rows, train_data=load_shapes("train", num_samples=4000))
         for q, entry in result["by_question_type"].items():
             entry["chance"] = chance.get(q)
         target = [p for q in ("color", "shape") for p in zip(*by_type[q])] if by_type else []

@@ -1,0 +1,424 @@
+"""Procedural "shapes" VQA: coloured circles/squares/triangles on light backgrounds, drawn with PIL.
+
+This is the built-in smoke-test dataset: a tiny model trained from scratch on CPU must reach high held-out accuracy
+on it, and it must not be solvable from text alone. So:
+
+- Answers are balanced by construction: the answer is drawn *first* (uniformly), then an image is built around it.
+  E.g. for "What color is the circle?" the circle's colour is uniform over the palette whatever the phrasing, so a
+  text-only model is stuck at 1/len(colors). `chance_accuracy` measures exactly that prior.
+- Every question is unambiguous: colour questions are only asked about a shape that appears exactly once, shape
+  questions about a colour that appears exactly once, position questions only about two objects whose
+  colour+shape combination is unique and whose horizontal extents do not overlap.
+- Shapes never overlap (>= `gap` px apart), are >= ~10 px at 32 px, colours are saturated and far from the
+  near-white/grey backgrounds, and the colour jitter (+-12) plus pixel noise (+-8) are small next to the palette
+  distances (every two palette colours differ by >= 80 in some channel).
+- Everything is drawn from one sequential RNG stream per seed, so `num_samples=100` is a prefix of
+  `num_samples=1000`, and train/test use seeds derived from the split name, so they share no (image, question).
+"""
+
+import functools
+import hashlib
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .common import build_vqa_row, encode_png, rows_to_dataset
+
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 190),
+    "orange": (245, 120, 20),
+}
+DEFAULT_COLORS = ("red", "green", "blue", "yellow")
+ALL_SHAPES = ("circle", "square", "triangle", "cross", "diamond", "star")
+DEFAULT_SHAPES = ("circle", "square", "triangle")
+# Colour and shape questions are the main learning target, so they get most of the mass.
+DEFAULT_QUESTION_WEIGHTS = {"color": 0.35, "shape": 0.35, "count": 0.1, "position": 0.1, "caption": 0.1}
+DEFAULT_NUM_SAMPLES = {"train": 20_000, "validation": 2_000, "test": 2_000}
+
+QUESTION_TEMPLATES = {
+    "color": ("What color is the {shape}?", "What is the color of the {shape}?", "Which color does the {shape} have?"),
+    "shape": (
+        "What shape is the {color} object?",
+        "What is the shape of the {color} object?",
+        "Which shape is {color}?",
+    ),
+    "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes in the image."),
+    "position": (
+        "Is the {color} {shape} on the left or the right of the {color2} {shape2}?",
+        "Is the {color} {shape} to the left or to the right of the {color2} {shape2}?",
+    ),
+    "caption": ("Describe the image.", "What is in the image?", "Describe this picture."),
+}
+COLOR_JITTER = 12  # per-channel jitter of each shape's colour, for a little variety without ambiguity
+BG_RANGE = (205, 250)  # background grey level; every palette colour has a channel <= 60, far below this
+BG_TINT = 8
+NOISE_BANK_SIZE = 1024
+
+
+def _split_seed(seed: int, split: str) -> int:
+    # A hash, not seed + offset: seed=1/train must not equal seed=0/test.
+    return int.from_bytes(hashlib.sha256(f"ghostvis-shapes/{seed}/{split}".encode()).digest()[:8], "little")
+
+
+def _randint(rng: random.Random, lo: int, hi: int) -> int:
+    # 2x faster than rng.randint, which would otherwise show up in the profile.
+    return lo + int(rng.random() * (hi - lo + 1))
+
+
+def _free_position(rng: random.Random, boxes, s: int, image_size: int, gap: int) -> tuple[int, int] | None:
+    """A uniformly random top-left corner where an `s`-box keeps `gap` px from `boxes`, or None if there is none."""
+    n = image_size - s - 1  # candidate corners are 1..n: a 1 px margin from the border
+    ok = np.ones((n, n), dtype=bool)  # [y, x], index i <-> coordinate i + 1
+    for bx, by, bs in boxes:
+        # Corners whose padded box would intersect this one form a rectangle: x in (bx - s - gap, bx + bs + gap).
+        ok[max(0, by - s - gap) : max(0, by + bs + gap - 1), max(0, bx - s - gap) : max(0, bx + bs + gap - 1)] = False
+    free = ok.ravel().nonzero()[0]
+    if not len(free):
+        return None
+    y, x = divmod(int(free[_randint(rng, 0, len(free) - 1)]), n)
+    return x + 1, y + 1
+
+
+def _layout(rng: random.Random, n: int, image_size: int, min_size: int, max_size: int, gap: int):
+    """Place `n` square boxes `(x, y, size)` at least `gap` px apart; a box that does not fit anywhere shrinks."""
+    for _ in range(10):
+        boxes: list[tuple[int, int, int]] = []
+        for _ in range(n):
+            s = _randint(rng, min_size, max_size)
+            while (pos := _free_position(rng, boxes, s, image_size, gap)) is None and s > min_size:
+                s = max(min_size, (s + min_size) // 2 if s - min_size > 2 else s - 1)  # few retries, each costs a scan
+            if pos is None:
+                break
+            boxes.append((*pos, s))
+        if len(boxes) == n:
+            return boxes
+    # Always fits (checked in make_shapes_dataset): one min-size shape per cell of a k x k grid.
+    k = math.ceil(math.sqrt(n))
+    cell = image_size // k
+    boxes = []
+    for c in rng.sample(range(k * k), n):
+        room = cell - min_size - gap
+        x0, y0 = (c % k) * cell + gap // 2, (c // k) * cell + gap // 2
+        boxes.append((x0 + _randint(rng, 0, room), y0 + _randint(rng, 0, room), min_size))
+    return boxes
+
+
+@functools.cache
+def _mask(shape: str, s: int) -> np.ndarray:
+    """
+    Boolean `[s, s]` mask of a shape, drawn once and reused (drawing per image would be the slow part).
+
+    Drawn at 8x and kept where at least half a pixel is covered: at 10 px PIL's direct rasterisation gives lopsided
+    triangles (the apex falls between two pixels) and blocky circles.
+    """
+    k = 8
+    big = s * k
+    image = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(image)
+    m = big - 1
+    if shape == "circle":
+        draw.ellipse((0, 0, m, m), fill=255)
+    elif shape == "square":
+        draw.rectangle((0, 0, m, m), fill=255)
+    elif shape == "triangle":
+        draw.polygon([(m / 2, 0), (0, m), (m, m)], fill=255)
+    elif shape == "diamond":
+        draw.polygon([(m / 2, 0), (m, m / 2), (m / 2, m), (0, m / 2)], fill=255)
+    elif shape == "cross":
+        t = max(2, round(s / 3)) * k
+        o = (big - t) // 2
+        draw.rectangle((o, 0, o + t - 1, m), fill=255)
+        draw.rectangle((0, o, m, o + t - 1), fill=255)
+    elif shape == "star":
+        points = []
+        for i in range(10):
+            r = m / 2 if i % 2 == 0 else m / 2 * 0.45
+            angle = -math.pi / 2 + i * math.pi / 5
+            points.append((m / 2 + r * math.cos(angle), m / 2 + r * math.sin(angle)))
+        draw.polygon(points, fill=255)
+    else:
+        raise ValueError(f"Unknown shape {shape!r}; allowed: {ALL_SHAPES}.")
+    coverage = np.asarray(image, dtype=np.float32).reshape(s, k, s, k).mean(axis=(1, 3)) / 255
+    return coverage >= 0.5
+
+
+def _render(rng: random.Random, noise_bank: np.ndarray | None, objects, boxes, image_size: int):
+    """Draw the objects into a `[H, W, 3]` uint8 array (numpy only; the PNG is written directly from it)."""
+    g = _randint(rng, *BG_RANGE)
+    pixels = np.empty((image_size, image_size, 3), dtype=np.int16)
+    pixels[...] = np.array([min(255, g + _randint(rng, -BG_TINT, BG_TINT)) for _ in range(3)], dtype=np.int16)
+    for (shape, color), (x, y, s) in zip(objects, boxes):
+        fill = np.array([c + _randint(rng, -COLOR_JITTER, COLOR_JITTER) for c in PALETTE[color]], dtype=np.int16)
+        pixels[y : y + s, x : x + s][_mask(shape, s)] = fill
+    if noise_bank is not None:
+        # NOTE: noise tiles are drawn from a fixed bank: a fresh 32x32x3 draw per image cost more than the drawing.
+        # The noise carries no label information, so reusing tiles across images is harmless.
+        pixels += noise_bank[_randint(rng, 0, len(noise_bank) - 1)]
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def _caption(objects, boxes) -> str:
+    # Left-to-right (then top-to-bottom) so the caption is a deterministic function of the picture.
+    order = sorted(range(len(objects)), key=lambda i: (boxes[i][0] + boxes[i][2] / 2, boxes[i][1] + boxes[i][2] / 2))
+    parts = [f"a {objects[i][1]} {objects[i][0]}" for i in order]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text + "."
+
+
+def _sample(rng: random.Random, qtype: str, cfg: dict[str, Any]):
+    """Draw (objects, boxes, question, answer) for one question type; the answer is drawn before the image."""
+    shapes, colors = cfg["shapes"], cfg["colors"]
+    lo, hi = cfg["min_shapes"], cfg["max_shapes"]
+    layout_args = (cfg["image_size"], cfg["min_size"], cfg["max_size"], cfg["gap"])
+    template = rng.choice(QUESTION_TEMPLATES[qtype])
+
+    def rand_objects(n):
+        return [(rng.choice(shapes), rng.choice(colors)) for _ in range(n)]
+
+    if qtype in ("color", "shape"):
+        target = (rng.choice(shapes), rng.choice(colors))
+        key = 0 if qtype == "color" else 1  # the attribute named in the question must be unique in the image
+        pool = [s for s in shapes if s != target[0]] if key == 0 else [c for c in colors if c != target[1]]
+        objects = [target]
+        for _ in range(rng.randint(lo, hi) - 1):
+            other = rng.choice(pool)
+            objects.append((other, rng.choice(colors)) if key == 0 else (rng.choice(shapes), other))
+        rng.shuffle(objects)
+        boxes = _layout(rng, len(objects), *layout_args)
+        if qtype == "color":
+            return objects, boxes, template.format(shape=target[0]), target[1]
+        return objects, boxes, template.format(color=target[1]), target[0]
+
+    if qtype == "count":
+        objects = rand_objects(rng.randint(lo, hi))
+        boxes = _layout(rng, len(objects), *layout_args)
+        return objects, boxes, template, str(len(objects))
+
+    if qtype == "caption":
+        objects = rand_objects(rng.randint(lo, hi))
+        boxes = _layout(rng, len(objects), *layout_args)
+        return objects, boxes, template, _caption(objects, boxes)
+
+    if qtype == "position":
+        want = rng.choice(("left", "right"))
+        for _ in range(1000):  # a usable pair turns up within a few layouts; the cap only guards odd configs
+            objects = rand_objects(rng.randint(max(2, lo), hi))
+            boxes = _layout(rng, len(objects), *layout_args)
+            counts = Counter(objects)
+            pairs = [
+                (i, j)  # i is entirely left of j, with a visible gap
+                for i in range(len(objects))
+                for j in range(len(objects))
+                if i != j
+                and counts[objects[i]] == 1
+                and counts[objects[j]] == 1
+                and boxes[i][0] + boxes[i][2] + cfg["gap"] <= boxes[j][0]
+            ]
+            if pairs:
+                break
+        else:
+            raise RuntimeError("Could not lay out two horizontally separated shapes; use smaller shapes.")
+        left, right = rng.choice(pairs)
+        subject, reference = (left, right) if want == "left" else (right, left)
+        (s1, c1), (s2, c2) = objects[subject], objects[reference]
+        return objects, boxes, template.format(color=c1, shape=s1, color2=c2, shape2=s2), want
+
+    raise ValueError(f"Unknown question type {qtype!r}; allowed: {tuple(QUESTION_TEMPLATES)}.")
+
+
+def make_shapes_dataset(
+    num_samples: int = 10_000,
+    seed: int = 0,
+    image_size: int = 32,
+    question_types: Sequence[str] | Mapping[str, float] = ("color", "shape", "count", "position", "caption"),
+    shapes: Sequence[str] = DEFAULT_SHAPES,
+    colors: Sequence[str] = DEFAULT_COLORS,
+    min_shapes: int = 1,
+    max_shapes: int = 3,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    noise: int = 8,
+    gap: int = 2,
+) -> datasets.Dataset:
+    """
+    Generate the procedural shapes VQA dataset.
+
+    Args:
+        num_samples (`int`, defaults to `10000`):
+            Number of rows (one question per image).
+        seed (`int`, defaults to `0`):
+            Seed of the single RNG stream; the same seed gives byte-identical images.
+        image_size (`int`, defaults to `32`):
+            Side of the square images, in pixels.
+        question_types (`Sequence[str]` or `Mapping[str, float]`):
+            Question types to ask, among `color`, `shape`, `count`, `position`, `caption`. A sequence uses the
+            default weights (`DEFAULT_QUESTION_WEIGHTS`, colour and shape heaviest); a mapping gives the weights.
+        shapes (`Sequence[str]`, defaults to `("circle", "square", "triangle")`):
+            Shapes to draw, among `ALL_SHAPES`.
+        colors (`Sequence[str]`, defaults to `("red", "green", "blue", "yellow")`):
+            Colours to draw, among `PALETTE` (`purple` and `orange` are also available).
+        min_shapes (`int`, defaults to `1`):
+            Minimum number of shapes per image.
+        max_shapes (`int`, defaults to `3`):
+            Maximum number of shapes per image.
+        min_size (`int`, *optional*):
+            Minimum shape side in pixels. Defaults to `max(9, round(0.31 * image_size))` (10 px at 32 px).
+        max_size (`int`, *optional*):
+            Maximum shape side in pixels. Defaults to `round(0.45 * image_size)` (14 px at 32 px).
+        noise (`int`, defaults to `8`):
+            Amplitude of the uniform per-pixel noise.
+        gap (`int`, defaults to `2`):
+            Minimum distance in pixels between two shapes.
+
+    Returns:
+        `datasets.Dataset`: Rows with `images`, `messages`, `answers`, `question_type` and `source="shapes"`.
+    """
+    weights = dict(question_types) if isinstance(question_types, Mapping) else {
+        q: DEFAULT_QUESTION_WEIGHTS.get(q, 0.0) for q in question_types
+    }
+    bad = [q for q in weights if q not in QUESTION_TEMPLATES]
+    if bad or not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(
+            f"Invalid question_types {question_types!r}: use a non-empty subset of {tuple(QUESTION_TEMPLATES)} "
+            "(or a mapping of them to non-negative weights with a positive sum)."
+        )
+    if any(s not in ALL_SHAPES for s in shapes) or any(c not in PALETTE for c in colors):
+        raise ValueError(f"shapes must come from {ALL_SHAPES} and colors from {tuple(PALETTE)}.")
+    if len(set(shapes)) < 2 or len(set(colors)) < 2:
+        raise ValueError("Need at least 2 distinct shapes and 2 distinct colors for the questions to be balanced.")
+    if not 1 <= min_shapes <= max_shapes:
+        raise ValueError(f"Need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}.")
+    if weights.get("position", 0) > 0 and max_shapes < 2:
+        raise ValueError("Position questions need max_shapes >= 2.")
+    min_size = max(9, round(0.31 * image_size)) if min_size is None else min_size
+    max_size = max(min_size, round(0.45 * image_size)) if max_size is None else max_size
+    k = math.ceil(math.sqrt(max_shapes))
+    if min_size > max_size or max_size > image_size - 3 or image_size // k < min_size + gap + 1:
+        raise ValueError(
+            f"{max_shapes} shapes of min_size={min_size} (max_size={max_size}) do not fit in {image_size}px images."
+        )
+
+    cfg = dict(shapes=tuple(shapes), colors=tuple(colors), min_shapes=min_shapes, max_shapes=max_shapes,
+               image_size=image_size, min_size=min_size, max_size=max_size, gap=gap)  # fmt: skip
+    rng = random.Random(seed)
+    noise_bank = None
+    if noise > 0:
+        np_rng = np.random.default_rng(seed)
+        bank_size = min(NOISE_BANK_SIZE, max(16, 3_000_000 // (3 * image_size**2)))  # <= ~6 MB for big images
+        noise_bank = np_rng.integers(-noise, noise + 1, (bank_size, image_size, image_size, 3), dtype=np.int16)
+    names, probs = list(weights), list(weights.values())
+    columns: dict[str, list] = {"images": [], "messages": [], "answers": [], "question_type": [], "source": []}
+    for _ in range(num_samples):
+        qtype = rng.choices(names, probs)[0]
+        objects, boxes, question, answer = _sample(rng, qtype, cfg)
+        pixels = _render(rng, noise_bank, objects, boxes, image_size)
+        # compress_level=0: zlib costs ~4x the drawing on noisy 32 px images, for only a 1.5x smaller PNG.
+        row = build_vqa_row([encode_png(pixels, 0)], question, answer, question_type=qtype, source="shapes")
+        for name, value in row.items():
+            columns[name].append(value)
+    return rows_to_dataset(columns, encoded=True)
+
+
+def load_shapes(split: str = "train", num_samples: int | None = None, seed: int = 0, **kwargs) -> datasets.Dataset:
+    """
+    Load a split of the shapes dataset; splits use different derived seeds, so they share no sample.
+
+    Args:
+        split (`str`, defaults to `"train"`):
+            One of `"train"`, `"validation"`, `"test"`.
+        num_samples (`int`, *optional*):
+            Number of rows. Defaults to 20,000 for train and 2,000 for validation/test.
+        seed (`int`, defaults to `0`):
+            Base seed; the split's seed is derived from it and the split name.
+        **kwargs:
+            Forwarded to `make_shapes_dataset` (`image_size`, `question_types`, `shapes`, `colors`, ...).
+
+    Returns:
+        `datasets.Dataset`: The split.
+    """
+    if split not in DEFAULT_NUM_SAMPLES:
+        raise ValueError(f"Unknown split {split!r}; allowed: {tuple(DEFAULT_NUM_SAMPLES)}.")
+    num_samples = DEFAULT_NUM_SAMPLES[split] if num_samples is None else num_samples
+    return make_shapes_dataset(num_samples=num_samples, seed=_split_seed(seed, split), **kwargs)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def _question_and_target(row: Mapping[str, Any]) -> tuple[str, str]:
+    messages = row["messages"]
+    user = next(m for m in messages if m["role"] == "user")
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    question = " ".join(p["text"] for p in user["content"] if p["type"] == "text" and p["text"])
+    target = " ".join(p["text"] for p in assistant[-1]["content"] if p["type"] == "text") if assistant else ""
+    return question, target
+
+
+def _rows(data: datasets.Dataset | Iterable[Mapping[str, Any]]) -> Iterable[Mapping[str, Any]]:
+    if isinstance(data, datasets.Dataset):
+        # Dropping the image column avoids decoding every image just to read the text.
+        return data.select_columns([c for c in ("messages", "answers", "question_type") if c in data.column_names])
+    return data
+
+
+def chance_accuracy(
+    data: datasets.Dataset | Iterable[Mapping[str, Any]],
+    train_data: datasets.Dataset | Iterable[Mapping[str, Any]] | None = None,
+) -> dict[str, float]:
+    """
+    Accuracy of the best "blind" guess per question type: always answering the most common training answer for the
+    exact question text (falling back to the most common answer of the question type for unseen questions).
+
+    This is an upper bound on what a text-only model can score from priors; the shapes dataset keeps it at
+    ~1/len(colors) for colour, ~1/len(shapes) for shape and 1/2 for position questions.
+
+    Args:
+        data (`datasets.Dataset` or iterable of rows):
+            Held-out rows to score.
+        train_data (`datasets.Dataset` or iterable of rows, *optional*):
+            Rows the answer statistics are taken from. Defaults to `data` itself (an optimistic estimate).
+
+    Returns:
+        `dict[str, float]`: Chance accuracy per `question_type`. A guess is right if it matches any reference answer
+        (case- and trailing-period-insensitive).
+
+    Example:
+    ```python
+    >>> from ghostvis_hf.data import load_shapes, chance_accuracy
+    >>> chance = chance_accuracy(load_shapes("test", num_samples=500), load_shapes("train", num_samples=2000))
+    >>> chance["color"] < 0.4
+    True
+    ```
+    """
+    eval_rows = list(_rows(data))
+    train_rows = eval_rows if train_data is None else list(_rows(train_data))
+    by_question: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for row in train_rows:
+        question, target = _question_and_target(row)
+        by_question[(row["question_type"], question)][_norm(target)] += 1
+        by_type[row["question_type"]][_norm(target)] += 1
+
+    correct: Counter = Counter()
+    total: Counter = Counter()
+    for row in eval_rows:
+        question, target = _question_and_target(row)
+        qtype = row["question_type"]
+        stats = by_question.get((qtype, question)) or by_type.get(qtype)
+        guess = stats.most_common(1)[0][0] if stats else ""
+        references = {_norm(a) for a in (row.get("answers") or [target])}
+        correct[qtype] += guess in references
+        total[qtype] += 1
+    return {qtype: correct[qtype] / total[qtype] for qtype in sorted(total)}

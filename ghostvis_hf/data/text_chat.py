@@ -1,0 +1,85 @@
+"""Text-only chat data (SmolTalk-style), mixed into vision training so the language model keeps its chat skills.
+
+Input: a `.jsonl`/`.json`/`.parquet` file, a local folder of them, or a Hub id, with a `messages` column of
+`{"role", "content"}` turns where `content` is a string (or already a list of text parts). Output rows have
+`images=[]`, every `content` as a list of `{"type": "text", "text": ...}` parts (same Arrow schema as the vision
+sets, so `mix_datasets` can concatenate them), `answers=[last assistant reply]`, `question_type="text"`.
+
+Rows with no messages, or whose messages carry image parts (they have no images to go with them), are skipped
+with one warning.
+"""
+
+import datasets
+
+from .common import convert_table, load_table, text_part
+
+
+SOURCE = "text_chat"
+
+
+def _content_parts(content) -> list[dict] | None:
+    """Content as text parts; None when it holds an image part (unusable in a text-only row)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [text_part(content)]
+    parts = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append(text_part(part))
+        elif part.get("type") == "text":
+            parts.append(text_part(part.get("text") or ""))
+        else:
+            return None
+    return parts
+
+
+def load_text_chat(
+    path_or_hub_id: str,
+    split: str = "train",
+    image_root: str | None = None,
+    limit: int | None = None,
+    name: str | None = None,
+    messages_column: str = "messages",
+) -> datasets.Dataset:
+    """
+    Load a text-only chat dataset in the GhostVis conversational format.
+
+    Args:
+        path_or_hub_id (`str`):
+            A `.jsonl`/`.json`/`.parquet` file, a local folder of them, or a Hub dataset id (e.g.
+            `HuggingFaceTB/smoltalk` with `name="all"`).
+        split (`str`, defaults to `"train"`):
+            Hub split (ignored for a single local file).
+        image_root (`str`, *optional*):
+            Unused; accepted so every loader has the same signature.
+        limit (`int`, *optional*):
+            Keep at most this many rows.
+        name (`str`, *optional*):
+            Hub configuration name.
+        messages_column (`str`, defaults to `"messages"`):
+            Column holding the conversation.
+
+    Returns:
+        `datasets.Dataset`: Rows with `images=[]`, `answers=[last assistant reply]` (or `[]`),
+        `question_type="text"`, `source="text_chat"`.
+    """
+    del image_root
+    table = load_table(path_or_hub_id, split, name)
+    if messages_column not in table.column_names:
+        raise ValueError(f"{path_or_hub_id!r} has no {messages_column!r} column (has {table.column_names}).")
+
+    def to_row(record):
+        messages = []
+        for message in record[messages_column] or []:
+            parts = _content_parts(message.get("content"))
+            if parts is None:
+                return None
+            messages.append({"role": message["role"], "content": parts})
+        if not messages:
+            return None
+        replies = [m for m in messages if m["role"] == "assistant"]
+        answers = [" ".join(p["text"] for p in replies[-1]["content"])] if replies else []
+        return {"images": [], "messages": messages, "answers": answers, "question_type": "text", "source": SOURCE}
+
+    return convert_table(table, to_row, SOURCE, limit=limit)
