@@ -1,0 +1,145 @@
+"""What the RL recipes (GRPO, RLOO) share: prompt-only data, the starting SFT checkpoint, reward set-up, summary.
+
+The tiny CPU default starts from a *partly* trained SFT checkpoint on shapes so there is room for the reward to rise;
+if none is given and none exists yet, a short SFT run makes one first (a few hundred steps, a couple of minutes).
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("ghostvis")
+
+
+@dataclass
+class RLArguments:
+    """Arguments shared by `recipes/grpo.py` and `recipes/rloo.py`."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["exact_match", "format"],
+        metadata={"help": "Reward names from ghostvis_hf.rewards.REWARD_FUNCS (weights: reward_weights)."},
+    )
+    dataset_name: str = field(default="shapes", metadata={"help": "shapes | vqav2 | textvqa | chartqa | coco_captions"})
+    dataset_path: str | None = field(default=None, metadata={"help": "Local folder/file or Hub id (not for shapes)."})
+    question_types: list[str] | None = field(
+        default_factory=lambda: ["color", "shape"], metadata={"help": "shapes question types to train on."}
+    )
+    num_train_samples: int = field(default=2000, metadata={"help": "Prompts to train on."})
+    dataset_seed: int = field(default=1, metadata={"help": "Seed of the built-in data (1: other rows than SFT's)."})
+    bootstrap_sft_steps: int = field(
+        default=250, metadata={"help": "Steps of the short SFT run that makes a starting checkpoint if none exists."}
+    )
+    plot: bool = field(default=True, metadata={"help": "Save a reward curve in the output folder."})
+
+
+def prompt_dataset(args: RLArguments):
+    """Prompt-only rows (`prompt`, `images`, `answers`) as TRL's GRPO/RLOO trainers expect."""
+    from . import data
+
+    if args.dataset_name == "shapes":
+        from .data.shapes import load_shapes
+
+        ds = load_shapes("train", num_samples=args.num_train_samples, seed=args.dataset_seed,
+                         question_types=tuple(args.question_types or ("color", "shape")))
+    else:
+        if args.dataset_path is None:
+            raise ValueError(f"--dataset_path is required for dataset_name={args.dataset_name!r}")
+        ds = data.get_dataset(args.dataset_name, path_or_hub_id=args.dataset_path, split="train",
+                              limit=args.num_train_samples)
+
+    def to_prompt(row):
+        return {"prompt": [m for m in row["messages"] if m["role"] != "assistant"]}
+
+    return ds.map(to_prompt, remove_columns=["messages"])
+
+
+def starting_checkpoint(model_name_or_path: str | None, output_dir: str, steps: int) -> str:
+    """The SFT checkpoint RL starts from; makes a partly trained one with the SFT pipeline if none is given."""
+    if model_name_or_path:
+        return model_name_or_path
+    path = os.path.join(os.path.dirname(os.path.abspath(output_dir)), "ghostvis-tiny-sft-partial")
+    if os.path.exists(os.path.join(path, "config.json")):
+        logger.info("starting from the partly trained SFT checkpoint %s", path)
+        return path
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    import ghostvis_hf
+    from .data.shapes import load_shapes
+    from .hub import save_checkpoint
+
+    logger.info("no --model_name_or_path: training a partial SFT checkpoint (%d steps) at %s", steps, path)
+    torch.manual_seed(0)
+    model, processor = ghostvis_hf.create("tiny")
+    args = SFTConfig(output_dir=path, max_steps=steps, per_device_train_batch_size=32, learning_rate=3e-3,
+                     lr_scheduler_type="cosine", warmup_steps=10, assistant_only_loss=True, bf16=False,
+                     report_to="none", save_strategy="no", logging_steps=50, max_length=256)
+    trainer = SFTTrainer(model=model, args=args, processing_class=processor,
+                         train_dataset=load_shapes("train", num_samples=steps * 32, seed=0))
+    trainer.train()
+    save_checkpoint(trainer.model, processor, path, origin=f"Partly trained ({steps} SFT steps) for RL.")
+    return path
+
+
+def reward_summary(log_history: list[dict], window: int = 3) -> dict:
+    """Mean reward over the first and last `window` logged steps."""
+    rewards = [e["reward"] for e in log_history if "reward" in e]
+    if not rewards:
+        return {}
+    k = max(1, min(window, len(rewards) // 2))
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    return {"reward_start": first, "reward_end": last, "reward_rose": last > first, "logged_steps": len(rewards)}
+
+
+def finish(trainer, processor, output_dir: str, args: RLArguments, title: str) -> dict:
+    """Saves the policy as a complete checkpoint, plots the reward curve, prints and writes the summary."""
+    from .hub import model_card
+    from .plotting import plot_learning_curve
+
+    trainer.save_model(output_dir)
+    summary = reward_summary(trainer.state.log_history)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, "README.md"), "w") as f:
+            f.write(model_card(trainer.accelerator.unwrap_model(trainer.model), repo=output_dir,
+                               origin=f"Trained with {title} on {args.dataset_name}."))
+        if args.plot:
+            plot_learning_curve(trainer.state.log_history, os.path.join(output_dir, "reward_curve.png"),
+                                title=title, keys=("reward", "kl") if any("kl" in e for e in
+                                                                          trainer.state.log_history) else ("reward",))
+        with open(os.path.join(output_dir, "rl_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if summary:
+            print(f"mean reward: start {summary['reward_start']:.3f} -> end {summary['reward_end']:.3f} "
+                  f"({'rose' if summary['reward_rose'] else 'did not rise'})", flush=True)
+    return summary
+
+
+def run(trainer_cls, rl_args: RLArguments, training_args, model_args, title: str) -> dict:
+    """The body of both RL recipes: start checkpoint, prompts, rewards, train, save, summary."""
+    from transformers import AutoProcessor
+
+    from .rewards import get_reward_funcs
+    from .training import peft_config_for
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Model: policy and reference both come from the checkpoint's own code
+    checkpoint = starting_checkpoint(model_args.model_name_or_path, training_args.output_dir,
+                                     rl_args.bootstrap_sft_steps)
+    training_args.trust_remote_code = True
+    if model_args.dtype is not None:
+        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    # Dataset + rewards (validated before any training step)
+    reward_funcs = get_reward_funcs(rl_args.reward_funcs)
+    weights = training_args.reward_weights
+    if weights is not None and len(weights) != len(reward_funcs):
+        raise ValueError(f"reward_weights has {len(weights)} entries but reward_funcs names {len(reward_funcs)}")
+    train_dataset = prompt_dataset(rl_args)
+    # Training
+    trainer = trainer_cls(model=checkpoint, reward_funcs=reward_funcs, args=training_args,
+                          train_dataset=train_dataset, processing_class=processor,
+                          peft_config=peft_config_for(model_args))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return finish(trainer, processor, training_args.output_dir, rl_args, title)
