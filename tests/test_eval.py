@@ -1,0 +1,76 @@
+"""`ghostvis eval` and lmms-eval compatibility (the exact calls its Hugging Face chat model makes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from conftest import make_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_lmms_eval_call_path_batched_equals_one_by_one(tiny_checkpoint):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, trust_remote_code=True).eval()
+    questions = ["What color is the circle?", "Describe the image in a few words, please.", "How many?"]
+    images = [make_image((255, 0, 0)), make_image((0, 0, 255), size=(64, 48)), make_image((0, 200, 0), size=(20, 20))]
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
+        for q in questions]
+    kw = dict(max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    batched = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+    for i in range(3):
+        one = processor(text=[texts[i]], images=[images[i]], padding=True, padding_side="left", return_tensors="pt")
+        single = model.generate(**one, **kw)[:, one["input_ids"].shape[1]:]
+        assert torch.equal(batched[i], single[0]), i
+    decoded = processor.batch_decode(batched, skip_special_tokens=True)
+    assert len(decoded) == 3 and all(isinstance(d, str) for d in decoded)
+
+
+def test_ghostvis_eval_shapes_cli_writes_predictions_and_metrics(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    res = subprocess.run([sys.executable, "-m", "ghostvis_hf.cli", "eval", "--model", tiny_checkpoint, "--task",
+                          "shapes", "--limit", "24", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 24 and 0.0 <= metrics["exact_match"] <= 1.0
+    assert {"color", "shape"} <= set(metrics["by_question_type"])
+    assert all(0.0 <= e["chance"] <= 1.0 for e in metrics["by_question_type"].values())
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 24 and {"question", "prediction", "answers"} <= set(json.loads(lines[0]))
+    assert "colour+shape held-out accuracy" in res.stdout
+
+
+def test_eval_on_a_local_vqav2_folder_scores_vqa_accuracy(tiny, tmp_path):
+    from ghostvis_hf.evaluation.run import evaluate, load_task
+
+    folder = tmp_path / "vqa"
+    (folder / "val2014").mkdir(parents=True)
+    Image.new("RGB", (24, 24), (200, 0, 0)).save(folder / "val2014" / "COCO_val2014_000000000001.jpg")
+    questions = [{"image_id": 1, "question": "What color?", "question_id": 10}]
+    annotations = [{"question_id": 10, "image_id": 1, "answer_type": "other", "multiple_choice_answer": "red",
+                    "answers": [{"answer": "red", "answer_confidence": "yes", "answer_id": i} for i in range(10)]}]
+    (folder / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": questions}))
+    (folder / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    rows = load_task("vqav2", str(folder), "validation", None)
+    model, processor = tiny
+    result = evaluate(model, processor, "vqav2", rows, out_dir=str(tmp_path / "out"))
+    assert result["n"] == 1 and 0.0 <= result["vqa_accuracy"] <= 1.0
+    assert (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_unknown_task_is_refused():
+    from ghostvis_hf.evaluation.run import load_task
+
+    import pytest
+
+    with pytest.raises(ValueError, match="allowed"):
+        load_task("mmmu", None, None, None)
