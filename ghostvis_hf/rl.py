@@ -1,7 +1,7 @@
 """What the RL recipes (GRPO, RLOO) share: prompt-only data, the starting SFT checkpoint, reward set-up, summary.
 
 The tiny CPU default starts from a *partly* trained SFT checkpoint on shapes so there is room for the reward to rise;
-if none is given and none exists yet, a short SFT run makes one first (a few hundred steps, a couple of minutes).
+if none is given and none exists yet, the SFT recipe's tiny default runs first for a few hundred steps.
 """
 
 import json
@@ -54,31 +54,20 @@ def prompt_dataset(args: RLArguments):
     return ds.map(to_prompt, remove_columns=["messages"])
 
 
-def starting_checkpoint(model_name_or_path: str | None, output_dir: str, steps: int) -> str:
-    """The SFT checkpoint RL starts from; makes a partly trained one with the SFT pipeline if none is given."""
+def starting_checkpoint(model_name_or_path: str | None, output_dir: str, steps: int, sft_recipe: str) -> str:
+    """The SFT checkpoint RL starts from; if none is given, runs the SFT recipe's tiny default for `steps` steps."""
     if model_name_or_path:
         return model_name_or_path
     path = os.path.join(os.path.dirname(os.path.abspath(output_dir)), "ghostvis-tiny-sft-partial")
     if os.path.exists(os.path.join(path, "config.json")):
         logger.info("starting from the partly trained SFT checkpoint %s", path)
         return path
-    import torch
-    from trl import SFTConfig, SFTTrainer
+    import subprocess
+    import sys
 
-    import ghostvis_hf
-    from .data.shapes import load_shapes
-    from .hub import save_checkpoint
-
-    logger.info("no --model_name_or_path: training a partial SFT checkpoint (%d steps) at %s", steps, path)
-    torch.manual_seed(0)
-    model, processor = ghostvis_hf.create("tiny")
-    args = SFTConfig(output_dir=path, max_steps=steps, per_device_train_batch_size=32, learning_rate=3e-3,
-                     lr_scheduler_type="cosine", warmup_steps=10, assistant_only_loss=True, bf16=False,
-                     report_to="none", save_strategy="no", logging_steps=50, max_length=256)
-    trainer = SFTTrainer(model=model, args=args, processing_class=processor,
-                         train_dataset=load_shapes("train", num_samples=steps * 32, seed=0))
-    trainer.train()
-    save_checkpoint(trainer.model, processor, path, origin=f"Partly trained ({steps} SFT steps) for RL.")
+    logger.info("no --model_name_or_path: running %s for %d steps to make %s", sft_recipe, steps, path)
+    subprocess.run([sys.executable, sft_recipe, "--max_steps", str(steps), "--output_dir", path,
+                    "--save_strategy", "no", "--eval_after_training", "false", "--plot", "false"], check=True)
     return path
 
 
@@ -116,7 +105,7 @@ def finish(trainer, processor, output_dir: str, args: RLArguments, title: str) -
     return summary
 
 
-def run(trainer_cls, rl_args: RLArguments, training_args, model_args, title: str) -> dict:
+def run(trainer_cls, rl_args: RLArguments, training_args, model_args, title: str, sft_recipe: str) -> dict:
     """The body of both RL recipes: start checkpoint, prompts, rewards, train, save, summary."""
     from transformers import AutoProcessor
 
@@ -126,7 +115,7 @@ def run(trainer_cls, rl_args: RLArguments, training_args, model_args, title: str
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Model: policy and reference both come from the checkpoint's own code
     checkpoint = starting_checkpoint(model_args.model_name_or_path, training_args.output_dir,
-                                     rl_args.bootstrap_sft_steps)
+                                     rl_args.bootstrap_sft_steps, sft_recipe)
     training_args.trust_remote_code = True
     if model_args.dtype is not None:
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}

@@ -24,4 +24,5 @@ if __name__ == "__main__":
     if "--config" not in argv:
         argv = ["--config", DEFAULT_CONFIG, *argv]
     rl_args, training_args, model_args = TrlParser((RLArguments, GRPOConfig, ModelConfig)).parse_args_and_config(argv)
-    run(GRPOTrainer, rl_args, training_args, model_args, "GhostVis GRPO")
+    run(GRPOTrainer, rl_args, training_args, model_args, "GhostVis GRPO",
+        sft_recipe=os.path.join(os.path.dirname(__file__), "sft.py"))

@@ -20,4 +20,5 @@ if __name__ == "__main__":
     if "--config" not in argv:
         argv = ["--config", DEFAULT_CONFIG, *argv]
     rl_args, training_args, model_args = TrlParser((RLArguments, RLOOConfig, ModelConfig)).parse_args_and_config(argv)
-    run(RLOOTrainer, rl_args, training_args, model_args, "GhostVis RLOO")
+    run(RLOOTrainer, rl_args, training_args, model_args, "GhostVis RLOO",
+        sft_recipe=os.path.join(os.path.dirname(__file__), "sft.py"))
