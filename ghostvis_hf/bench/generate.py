@@ -1,0 +1,362 @@
+"""`ghostvis bench generate`: stock `model.generate` vs `GenerationEngine`, decode throughput and time to first token.
+
+For a preset created with random weights (bf16 on the GPU): batch 1 and 32, a 128-token prompt and 256 new tokens
+(end-of-sequence ignored, so every run makes exactly that many), tokens/s end to end (prefill included) and as a %
+of the memory-bandwidth roofline = (HBM bandwidth measured with a large device copy) / (bytes of the weights one
+decode step reads: decoder + LM head). Then time to first token for a prompt with one image at the vision tower's
+resolution (384 px for `1.5b`), for new images and again for a repeated image (vision cache hit). Engine modes:
+`eager` (no graphs), `graphs` (decode steps in CUDA graphs), `compile` (`torch.compile`d step in CUDA graphs).
+
+    ghostvis bench generate                                                   # on the GPU, writes docs/benchmarks/
+    ghostvis bench generate --preset tiny --device cpu --new-tokens 16 --out-dir /tmp/b   # CPU smoke test
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="ghostvis bench generate", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="1.5b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--modes", default="graphs,eager,compile",
+                   help="engine modes: eager, graphs, compile, compile-tuned (inductor coordinate-descent tuning)")
+    p.add_argument("--no-stock", action="store_true", help="skip stock generate (experiments)")
+    p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--check-fp32", action="store_true", help="finally: greedy engine vs generate in float32")
+    p.add_argument("--ttft-repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="docs/benchmarks")
+    return p
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown GPU"
+    except (OSError, subprocess.TimeoutExpired):
+        return "no nvidia-smi"
+
+
+def measure_bandwidth(device, gib: float = 2.0) -> float | None:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    n = int(gib * 2**30) // 2
+    src, dst = torch.empty(n, dtype=torch.bfloat16, device=device), torch.empty(n, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
+    del src, dst
+    return 2 * n * 2 * 10 / seconds
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes one decode step reads: decoder + LM head parameters (a tied embedding/head counted once)."""
+    seen, total = set(), 0
+    for p in list(model.model.language_model.parameters()) + list(model.get_output_embeddings().parameters()):
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 1000, (batch, length), generator=g).tolist()  # plain byte-BPE tokens, no specials
+
+
+def run_stock(model, prompts, new_tokens, device) -> tuple[float, list[list[int]]]:
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens)
+    with torch.no_grad():
+        model.generate(input_ids=ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, **kwargs)
+        _sync(device)
+    return time.perf_counter() - t0, out[:, ids.shape[1] :].tolist()
+
+
+def run_engine(engine, prompts, new_tokens) -> tuple[float, list[list[int]]]:
+    from ghostvis_hf.inference import SamplingParams
+
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate_batch([dict(prompt_ids=p) for p in prompts], SamplingParams(temperature=0, max_new_tokens=8,
+                                                                                ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    results = engine.generate_batch([dict(prompt_ids=p) for p in prompts], params)
+    return time.perf_counter() - t0, [r[0].token_ids for r in results]
+
+
+def _match(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How far the engine's greedy tokens agree with stock generate's."""
+    prefixes = []
+    for x, y in zip(a, b):
+        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        prefixes.append(n)
+    return {"identical_rows": sum(x == y for x, y in zip(a, b)), "rows": len(a),
+            "min_common_prefix": min(prefixes), "mean_common_prefix": sum(prefixes) / len(prefixes)}
+
+
+def _image(size: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def run_ttft(engine, model, processor, size: int, repeats: int, device) -> dict:
+    """Median seconds from `submit` to the first token: new images, then the last one repeated (cache hit)."""
+    from ghostvis_hf.inference import SamplingParams
+
+    params = SamplingParams(temperature=0, max_new_tokens=1)
+    text = "<|im_start|>user\n<image>Describe this image in detail.<|im_end|>\n<|im_start|>assistant\n"
+
+    def ttft(img):
+        t0 = time.perf_counter()
+        handle = engine.submit(prompt=text, images=[img], params=params)
+        handle.result()
+        return handle.first_token_at - t0
+
+    ttft(_image(size, 1000))  # warm-up: kernels, allocator, graph captures
+    ttft(_image(size, 1000))
+    cold = [ttft(_image(size, 2000 + i)) for i in range(repeats)]
+    last = _image(size, 2000 + repeats - 1)
+    warm = [ttft(last) for _ in range(repeats)]
+    engine.profile = True  # one more of each with device syncs between stages: where the time goes
+    ttft(_image(size, 4000))
+    stages_new = dict(engine.last_admission)
+    ttft(_image(size, 4000))
+    stages_repeated = dict(engine.last_admission)
+    engine.profile = False
+    # Stock reference: processor + generate(max_new_tokens=1) on a new image.
+    stock = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        inputs = processor(text=text, images=[_image(size, 3000 + i)], return_tensors="pt").to(device)
+        with torch.no_grad():
+            model.generate(**inputs, do_sample=False, max_new_tokens=1)
+        _sync(device)
+        stock.append(time.perf_counter() - t0)
+    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+    return {"image_px": size, "engine_new_image_s": cold_s, "engine_repeated_image_s": warm_s,
+            "repeated_over_new": warm_s / cold_s, "stock_generate_new_image_s": statistics.median(stock[1:]),
+            "stages_new_image": stages_new, "stages_repeated_image": stages_repeated}
+
+
+def gpu_step_ms(engine, batch: int, length: int, n: int = 50) -> float | None:
+    """Device time of one captured decode step (graph replays back to back, no host work in between)."""
+    key = (engine._bucket(engine.batch_buckets, batch), engine._bucket(engine.seq_buckets, length))
+    if not engine.cuda_graphs or key not in engine._decode_graphs:
+        return None
+    graph = engine._decode_graphs.graphs[key][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def check_fp32(model, processor, device, new_tokens: int = 32) -> dict:
+    """Greedy engine (CUDA graphs) vs stock `generate` in float32, 4 prompts of different lengths (left-padded)."""
+    from ghostvis_hf.inference import GenerationEngine, SamplingParams
+
+    model.float()
+    lengths = [128, 100, 77, 50]
+    prompts = [p[:n] for p, n in zip(_prompts(4, 128, 7), lengths)]
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        stock = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens)[:, width:].tolist()
+    engine = GenerationEngine(model, processor, max_batch_size=4, max_seq_len=width + new_tokens)
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    together = [r[0].token_ids for r in engine.generate_batch([dict(prompt_ids=p) for p in prompts], params)]
+    alone = [engine.generate(prompt_ids=p, params=params)[0].token_ids for p in prompts]
+    engine.close()
+    return {"dtype": "float32", "new_tokens": new_tokens, "batch_of_4": _match(together, stock),
+            "one_at_a_time": _match(alone, stock)}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import transformers
+
+    import ghostvis_hf
+    from ghostvis_hf.inference import GenerationEngine
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    out = {
+        "benchmark": "generate",
+        "command": "ghostvis bench generate " + " ".join(sys.argv[2:] if argv is None else argv),
+        "machine": _gpu_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "ghostvis_hf": ghostvis_hf.__version__},
+        "preset": args.preset, "dtype": str(dtype).replace("torch.", ""), "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "results": [], "errors": {},
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    def save():
+        with open(os.path.join(args.out_dir, "generate.json"), "w") as f:
+            json.dump(out, f, indent=2)
+        with open(os.path.join(args.out_dir, "generate.md"), "w") as f:
+            f.write(markdown(out))
+
+    model, processor = ghostvis_hf.create(args.preset, dtype=dtype, device=device)
+    model.eval()
+    bandwidth = measure_bandwidth(device)
+    weight_bytes = decode_weight_bytes(model)
+    out.update(weight_bytes=weight_bytes, bandwidth_bytes_per_s=bandwidth,
+               roofline_tok_s_batch1=bandwidth / weight_bytes if bandwidth else None)
+    print(f"weights read per step: {weight_bytes / 1e9:.2f} GB; bandwidth: {(bandwidth or 0) / 1e12:.2f} TB/s",
+          flush=True)
+
+    def record(name, batch, seconds, tokens):
+        tok_s = batch * args.new_tokens / seconds
+        roof = out["roofline_tok_s_batch1"] * batch if bandwidth else None
+        row = {"mode": name, "batch": batch, "seconds": seconds, "tok_s": tok_s,
+               "pct_roofline": 100 * tok_s / roof if roof else None}
+        out["results"].append(row)
+        print(f"{name:>8} batch {batch:>3}: {tok_s:10.1f} tok/s  ({seconds:.2f} s)", flush=True)
+        save()
+        return row
+
+    stock_tokens = {}
+    for batch in [] if args.no_stock else batch_sizes:
+        prompts = _prompts(batch, args.prompt_len, args.seed)
+        seconds, stock_tokens[batch] = run_stock(model, prompts, args.new_tokens, device)
+        record("stock", batch, seconds, stock_tokens[batch])
+
+    max_seq = args.prompt_len + args.new_tokens
+    for mode in [m for m in args.modes.split(",") if m]:
+        if device.type != "cuda" and mode in ("graphs",):
+            continue
+        try:
+            engine = GenerationEngine(
+                model, processor, max_batch_size=max(batch_sizes), max_seq_len=max_seq,
+                cuda_graphs=mode != "eager" and device.type == "cuda",
+                compile={"coordinate_descent_tuning": True} if mode == "compile-tuned" else mode == "compile",
+                batch_buckets=batch_sizes, seq_buckets=[max_seq],
+            )
+            t0 = time.perf_counter()
+            engine.warmup(batch_sizes=batch_sizes, seq_lens=[max_seq])
+            out.setdefault("warmup_s", {})[mode] = time.perf_counter() - t0
+            for batch in batch_sizes:
+                prompts = _prompts(batch, args.prompt_len, args.seed)
+                seconds, tokens = run_engine(engine, prompts, args.new_tokens)
+                row = record(mode, batch, seconds, tokens)
+                if batch in stock_tokens:
+                    row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
+                if device.type == "cuda":
+                    row["gpu_ms_per_step"] = gpu_step_ms(engine, batch, max_seq)
+                save()
+            # Prefill is eager in every mode, so the first engine that works measures time to first token.
+            if "ttft" not in out and "ttft" not in out["errors"]:
+                try:
+                    size = model.config.vision_config.image_size
+                    out["ttft"] = {"engine_mode": mode, **run_ttft(engine, model, processor, size,
+                                                                   args.ttft_repeats, device)}
+                    print(f"ttft: {json.dumps(out['ttft'])}", flush=True)
+                except Exception as e:
+                    out["errors"]["ttft"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+                    traceback.print_exc()
+                save()
+            engine.close()
+        except Exception as e:  # keep the other modes' numbers
+            out["errors"][mode] = "".join(traceback.format_exception_only(type(e), e)).strip()
+            traceback.print_exc()
+            save()
+    if args.check_fp32:
+        try:
+            out["check_fp32"] = check_fp32(model, processor, device)
+            print(f"fp32 check: {json.dumps(out['check_fp32'])}", flush=True)
+        except Exception as e:
+            out["errors"]["check_fp32"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+            traceback.print_exc()
+    save()
+    print(markdown(out))
+    return 0
+
+
+def markdown(out: dict) -> str:
+    roof = out.get("roofline_tok_s_batch1")
+    lines = [
+        "# `ghostvis bench generate`", "",
+        f"- machine: {out['machine']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()),
+        f"- command: `{out['command']}`",
+        f"- preset `{out['preset']}` ({out['dtype']}, random weights), prompt {out['prompt_len']} tokens, "
+        f"{out['new_tokens']} new tokens (EOS ignored), greedy; tok/s = batch x new tokens / wall time incl. prefill",
+    ]
+    if roof:
+        lines.append(f"- roofline: {out['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s measured copy bandwidth / "
+                     f"{out['weight_bytes'] / 1e9:.2f} GB of weights per decode step = {roof:.0f} tok/s per sequence")
+    lines += ["", "| mode | batch | tok/s | % of roofline | device ms/step | greedy == stock (rows) |",
+              "|---|---:|---:|---:|---:|---|"]
+    for r in out["results"]:
+        pct = f"{r['pct_roofline']:.1f}" if r.get("pct_roofline") is not None else "n/a"
+        step = f"{r['gpu_ms_per_step']:.3f}" if r.get("gpu_ms_per_step") else ""
+        m = r.get("greedy_vs_stock")
+        match = f"{m['identical_rows']}/{m['rows']} (min common prefix {m['min_common_prefix']})" if m else ""
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['tok_s']:.1f} | {pct} | {step} | {match} |")
+    if "ttft" in out:
+        t = out["ttft"]
+        lines += ["", f"Time to first token, one {t['image_px']}-px image (engine mode `{t['engine_mode']}`, median):",
+                  "", "| | seconds |", "|---|---:|",
+                  f"| stock `generate`, new image | {t['stock_generate_new_image_s']:.4f} |",
+                  f"| engine, new image | {t['engine_new_image_s']:.4f} |",
+                  f"| engine, repeated image (vision cache) | {t['engine_repeated_image_s']:.4f} |",
+                  f"| repeated / new | {t['repeated_over_new']:.2f} |"]
+    if "ttft" in out:
+        stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["ttft"].get("stages_new_image", {}).items())
+        again = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["ttft"].get("stages_repeated_image", {}).items())
+        lines += ["", f"Admission stages (cumulative, with syncs): new image: {stages}; repeated: {again}"]
+    if "check_fp32" in out:
+        c = out["check_fp32"]
+        lines += ["", f"Greedy check in float32 ({c['new_tokens']} tokens, prompts of 128/100/77/50 tokens): "
+                  f"batched {c['batch_of_4']['identical_rows']}/4 and one at a time "
+                  f"{c['one_at_a_time']['identical_rows']}/4 rows identical to stock `generate`"]
+    if out.get("warmup_s"):
+        lines += ["", "Warm-up (graph capture / compilation): " +
+                  ", ".join(f"{k} {v:.1f} s" for k, v in out["warmup_s"].items())]
+    if out.get("errors"):
+        lines += ["", "Errors:"] + [f"- {k}: `{v}`" for k, v in out["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""`load_model`: one place that turns a checkpoint path into (model, processor) for chat, serve and benchmarks.
+
+Quantization goes through bitsandbytes' `BitsAndBytesConfig`. The vision tower, resampler, projector and `lm_head`
+stay in bf16: they are a small share of the bytes (the decoder's linear layers are ~90% of a 1.5B model) and
+quantizing them costs the most accuracy (image features, output distribution).
+"""
+
+import torch
+
+QUANTIZE_CHOICES = ("int8", "nf4")
+SKIP_MODULES = ["vision_tower", "resampler", "multi_modal_projector", "lm_head"]
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_device(device=None) -> torch.device:
+    """`device`, or CUDA when available, else the CPU."""
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quantization_config(quantize: str, device: torch.device):
+    """A `BitsAndBytesConfig` for `int8` or `nf4`; raises a clear error off CUDA or without bitsandbytes."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r} is not supported; allowed: {list(QUANTIZE_CHOICES)}")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--quantize {quantize} needs a CUDA GPU: bitsandbytes' int8/nf4 kernels do not run on {device.type}. "
+            "Drop --quantize to run in full precision on this machine."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RuntimeError(f"--quantize {quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.45'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=SKIP_MODULES,
+    )
+
+
+def load_model(path: str, quantize: str | None = None, dtype=None, device=None):
+    """Loads a GhostVis checkpoint folder (or Hub id) and its processor, ready for `GenerationEngine`.
+
+    Args:
+        path (`str`): checkpoint folder or Hub repository id.
+        quantize (`str`, *optional*): `"int8"` or `"nf4"` (bitsandbytes, CUDA only); vision tower, resampler,
+            projector and `lm_head` stay unquantized.
+        dtype (`torch.dtype` or `str`, *optional*): defaults to bfloat16 on CUDA and float32 on the CPU.
+        device (`str` or `torch.device`, *optional*): defaults to CUDA when available.
+
+    Returns:
+        `(model, processor)`, the model in eval mode.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import ghostvis_hf  # noqa: F401  (registers the GhostVis classes with the Auto classes)
+
+    device = resolve_device(device)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    kwargs = dict(dtype=dtype, trust_remote_code=True)
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(quantize, device)
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if not quantize:
+        model.to(device)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    return model.eval(), processor
+
+
+def memory_footprint(model) -> str:
+    """Parameters and buffers as a human-readable size (what quantization shrinks), e.g. `"3.55 GB"`."""
+    size = model.get_memory_footprint()
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
