@@ -95,7 +95,9 @@ def to_rgb_image(image, where: str = "image") -> Image.Image:
         try:
             image = Image.open(io.BytesIO(bytes(image)))
             image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except UnidentifiedImageError:
+            raise _image_error(where, "bytes are not a readable image (unknown or corrupt format)") from None
+        except (OSError, SyntaxError) as e:
             raise _image_error(where, f"bytes are not a readable image ({e})") from None
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
