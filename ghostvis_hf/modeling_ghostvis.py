@@ -7,6 +7,12 @@ any number of images can sit anywhere in a sample and text-only samples can shar
 Self-contained on purpose: this file is copied next to every checkpoint for `trust_remote_code`.
 NOTE: `GhostVisForConditionalGeneration` keeps the decoder as `model.language_model` (a bare `AutoModel`) and
 the head at the top: TRL's fused LM-head paths call `model.base_model(...)` and read `.last_hidden_state`.
+
+Training speed hooks (filled by `ghostvis_hf.kernels`, which this file never imports):
+- `linear_cross_entropy`: when set, a training forward with `labels` computes the loss from the hidden states and
+  `lm_head` in one fused pass and returns `logits=None` (never materialises `[tokens, vocab]` logits).
+- Packed batches: several samples per row with `position_ids` restarting at 0 and no `attention_mask`; the kwargs
+  `cu_seq_lens_q/k`, `max_length_q/k` (as TRL's padding-free collator writes them) pass through to the attention.
 """
 
 from dataclasses import dataclass
@@ -235,6 +241,9 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
         super().__init__(config)
         self.model = GhostVisModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # `(hidden_states [B, T, d], lm_head, labels [B, T], num_items_in_batch) -> loss`; set by
+        # `ghostvis_hf.kernels.apply_kernels(fused_ce=True)`. Runtime-only: not saved with the checkpoint.
+        self.linear_cross_entropy = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -282,8 +291,19 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        skip_logits=None,
         **kwargs,
     ) -> GhostVisCausalLMOutputWithPast:
+        r"""
+        skip_logits (`bool`, *optional*):
+            Compute the loss with `self.linear_cross_entropy` and return `logits=None`. Defaults to `True` when
+            training with `labels` and a fused cross-entropy is installed.
+        """
+        if labels is not None and use_cache is None:
+            # A training forward never needs a cache, and with one transformers stops detecting packed sequences
+            # from `position_ids` (masking_utils only looks when `past_key_values is None`): samples would attend
+            # across their boundaries.
+            use_cache = False
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -295,14 +315,25 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # [B, T, d_t]
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # [B, T_keep, V]
-        loss = None
         if labels is not None:
             labels = self.mask_image_labels(input_ids, labels)
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None and self.linear_cross_entropy is not None
+        if skip_logits:
+            if labels is None or self.linear_cross_entropy is None:
+                raise ValueError("skip_logits=True needs labels and a fused cross-entropy (ghostvis_hf.kernels)")
+            loss = self.linear_cross_entropy(
+                hidden_states, self.lm_head, labels, num_items_in_batch=kwargs.get("num_items_in_batch")
             )
+            logits = None
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])  # [B, T_keep, V]
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                )
         return GhostVisCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -1,0 +1,458 @@
+"""`ghostvis bench train`: GhostVis training throughput vs stock transformers LLaVA of the same shapes, on one GPU.
+
+Scenario `fixed` (the issue's anchor): batch 4 x 2048 tokens, one image per sample, fp32 master weights + bf16
+autocast, fused AdamW for every model. Stock = `LlavaForConditionalGeneration` (SigLIP + MLP projector + the same
+Qwen2 decoder, 729 image tokens per image, SDPA, its own loss); GhostVis = the `1.5b` preset with `apply_kernels`.
+
+Scenario `mix`: a variable-length VLM SFT mix (one image per conversation, GhostVis lengths log-normal, clipped to
+[100, 2048]; the same conversations are 663 tokens longer for LLaVA). Stock = batches of 4 right-padded to the
+longest (what TRL's vision collator does); GhostVis padded the same way, and GhostVis packed (best-fit decreasing
+into rows of 2048, 4 rows per step, and the same 4 conversations per step packed padding-free).
+
+FLOPs per step (stated in the output): 6 * N_text * tokens (decoder matmul params + LM head, embeddings excluded)
++ 12 * L * H * D * sum(s^2) over sequences (attention, fwd+bwd, counted without the causal half, PaLM-style)
++ 6 * N_vision * patches + 12 * L_v * d_v * sum(patches^2) per image + 6 * N_glue * patches (resampler/projector,
+an upper bound under 1 % of the total). MFU = FLOPs / step time / 989 TFLOP/s (H100 SXM dense bf16).
+
+    ghostvis bench train                                   # on the GPU: both scenarios, writes docs/benchmarks/
+    ghostvis bench train --preset tiny --device cpu --steps 2 --seq 128 --out-dir /tmp/b   # CPU smoke test
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+
+import torch
+
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
+
+
+RUNS = ["stock", "swaps", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
+COMPILE_RUNS = ["compile", "compile_ckpt2", "compile_liger"]
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="ghostvis bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="1.5b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--scenarios", default="fixed,mix")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd decoder layers")
+    p.add_argument("--runs", default=None, help="comma list of runs (default: all; see RUNS)")
+    p.add_argument("--profile", action="store_true", help="write a kernel profile of 2 'swaps' steps")
+    p.add_argument("--mix-median", type=float, default=450.0, help="median GhostVis length of the mix (tokens)")
+    p.add_argument("--mix-sigma", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="docs/benchmarks")
+    return p
+
+
+# ---------------------------------------------------------------- models
+
+
+def _build_stock(gv_config, device):
+    """`LlavaForConditionalGeneration` with GhostVis's vision/text configs: SigLIP features of the last layer,
+    all patches (no CLS to drop), the 2-layer GELU projector, random weights."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vc = gv_config.vision_config
+    n_patches = (vc.image_size // vc.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vc.to_dict(), text_config=gv_config.text_config.to_dict(),
+        image_token_index=gv_config.image_token_id, image_seq_length=n_patches, projector_hidden_act="gelu",
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        tie_word_embeddings=gv_config.text_config.tie_word_embeddings,
+    )
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    return model.train(), n_patches
+
+
+def _shapes(model, kind):
+    """Parameter counts for the FLOP formula: (text matmul params incl. head, vision, glue)."""
+    inner = model.model
+    text, vision = inner.language_model, inner.vision_tower
+    emb = text.get_input_embeddings().weight
+    head = model.lm_head.weight
+    n_text = sum(p.numel() for p in text.parameters()) - emb.numel() + head.numel()  # tied: head counted once
+    n_vision = sum(p.numel() for p in vision.parameters())
+    glue = [inner.multi_modal_projector] + ([inner.resampler] if kind == "ghostvis" else [])
+    n_glue = sum(p.numel() for m in glue for p in m.parameters())
+    return n_text, n_vision, n_glue
+
+
+def _flops(model, kind, seq_lens, n_images, n_patches):
+    tc, vc = model.config.text_config, model.config.vision_config
+    n_text, n_vision, n_glue = _shapes(model, kind)
+    tokens = sum(seq_lens)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    attn_text = 12 * tc.num_hidden_layers * tc.num_attention_heads * head_dim * sum(s * s for s in seq_lens)
+    attn_vision = 12 * vc.num_hidden_layers * vc.hidden_size * n_patches**2 * n_images
+    return 6 * n_text * tokens + attn_text + 6 * (n_vision + n_glue) * n_patches * n_images + attn_vision
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _ids(rng, n, vocab):
+    return torch.randint(100, vocab - 100, (n,), generator=rng)
+
+
+def _sample(kind, cfg, length, rng, n_patches):
+    """One conversation of `length` tokens (this model's own length) with one image near the start."""
+    ids = _ids(rng, length, cfg.text_config.vocab_size)
+    if kind == "ghostvis":
+        run = [cfg.vision_start_token_id] + [cfg.image_token_id] * cfg.image_seq_length + [cfg.vision_end_token_id]
+    else:
+        run = [cfg.image_token_id] * n_patches
+    ids[1 : 1 + len(run)] = torch.tensor(run)
+    labels = ids.clone()
+    labels[1 : 1 + len(run)] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _padded(samples, pixel, pad_id):
+    """TRL-style: right padding to the longest, attention_mask, labels -100 at the padding."""
+    n = max(len(s["input_ids"]) for s in samples)
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, n - len(x)), value=v)  # noqa: E731
+    return {
+        "input_ids": torch.stack([pad(s["input_ids"], pad_id) for s in samples]),
+        "labels": torch.stack([pad(s["labels"], -100) for s in samples]),
+        "attention_mask": torch.stack([pad(torch.ones_like(s["input_ids"]), 0) for s in samples]),
+        "pixel_values": pixel.expand(len(samples), -1, -1, -1).clone(),
+        "_real": sum(len(s["input_ids"]) for s in samples), "_seq": [len(s["input_ids"]) for s in samples],
+        "_convs": len(samples),
+    }
+
+
+def _packed(samples, pixel, pad_id, max_length, padding_free=False):
+    from ghostvis_hf.packing import pack_samples
+
+    batch = pack_samples(samples, max_length, pad_id, padding_free=padding_free)
+    batch["pixel_values"] = pixel.expand(len(samples), -1, -1, -1).clone()
+    batch["_real"] = batch.pop("num_real_tokens")
+    batch.pop("num_slots")
+    batch["_seq"] = [len(s["input_ids"]) for s in samples]
+    batch["_convs"] = len(samples)
+    return batch
+
+
+def _mix_lengths(args, n, seed):
+    rnd = random.Random(seed)
+    return [min(args.seq, max(100, round(rnd.lognormvariate(math.log(args.mix_median), args.mix_sigma))))
+            for _ in range(n)]
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _run(model, opt, batches, args, kind, n_patches, name, scenario):
+    """Warm-up then timed optimizer steps; returns a result row."""
+    device = args.device
+    autocast = device.startswith("cuda")
+    gc.collect()
+    if autocast:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, real, slots, convs, flops, failed = [], 0, 0, 0, 0.0, None
+    try:
+        for i, batch in enumerate(batches):
+            meta = {k: batch[k] for k in ("_real", "_seq", "_convs")}
+            inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                      for k, v in batch.items() if not k.startswith("_")}
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**inputs, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+                real += meta["_real"]
+                slots += inputs["input_ids"].numel()
+                convs += meta["_convs"]
+                flops += _flops(model, kind, meta["_seq"], meta["_convs"], n_patches)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss {loss.item()}")
+    except torch.OutOfMemoryError as e:  # report, don't crash the other runs
+        failed = f"OOM: {str(e).splitlines()[0]}"
+    except Exception as e:  # noqa: BLE001 - a failing run is a result; the next runs still get measured
+        import traceback
+
+        traceback.print_exc()
+        failed = repr(e)[:300]
+    finally:
+        opt.zero_grad(set_to_none=True)
+    total = sum(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if autocast else None
+    gpu = torch.cuda.get_device_name().lower() if autocast else ""
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+    row = {
+        "scenario": scenario, "run": name, "steps": len(times), "failed": failed,
+        "step_s_median": sorted(times)[len(times) // 2] if times else None,
+        "tok_s": slots / total if total else None,  # every position computed, padding included
+        "effective_tok_s": real / total if total else None,  # real (non-pad) tokens only
+        "conv_s": convs / total if total else None,
+        "non_pad_fraction": real / slots if slots else None,
+        "tflops": flops / total / 1e12 if total else None,
+        "mfu": flops / total / peak_flops if total and peak_flops else None,
+        "peak_mem_gib": peak,
+    }
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    return row
+
+
+def _profile(model, opt, batches, args, path):
+    """Kernel time of a few training steps (torch.profiler): where the step goes, and how busy the GPU is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = [{k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in b.items() if not k.startswith("_")}
+              for b in batches]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _sync(args.device)
+        t0 = time.perf_counter()
+        for x in inputs:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**x, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(args.device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    # kernels only: the aten ops above them report the same device time again
+    busy = sum(getattr(e, attr) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    table = events.table(sort_by=attr, row_limit=25)
+    text = (f"{len(inputs)} steps: wall {wall:.3f} s under the profiler, GPU kernel time {busy:.3f} s "
+            f"({busy / wall:.0%} busy)\n{table}")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text[:6000], flush=True)
+
+
+# ---------------------------------------------------------------- main
+
+
+def _fixed_batches(kind, cfg, args, n_patches, pixel, pad_id, n):
+    rng = torch.Generator().manual_seed(args.seed)
+    out = []
+    for _ in range(n):
+        samples = [_sample(kind, cfg, args.seq, rng, n_patches) for _ in range(args.batch)]
+        out.append(_padded(samples, pixel, pad_id))
+    return out
+
+
+def _mix_samples(kind, cfg, args, n_patches, lengths):
+    rng = torch.Generator().manual_seed(args.seed + 1)
+    extra = n_patches - (cfg.image_seq_length + 2) if kind == "stock" else 0  # LLaVA: 729 tokens per image
+    return [_sample(kind, cfg, n + extra, rng, n_patches) for n in lengths]
+
+
+def _mix_runs(kind, cfg, args, n_patches, pixel, pad_id):
+    """Batches for the mix: padded groups of `batch`; for GhostVis also BFD-packed rows and packed groups."""
+    n_steps = args.warmup + args.steps
+    lengths = _mix_lengths(args, 4000, args.seed)
+    samples = _mix_samples(kind, cfg, args, n_patches, lengths[: n_steps * args.batch])
+    groups = [samples[i * args.batch : (i + 1) * args.batch] for i in range(n_steps)]
+    runs = {"padded": [_padded(g, pixel, pad_id) for g in groups]}
+    if kind == "ghostvis":
+        from ghostvis_hf.packing import best_fit_decreasing
+
+        runs["packed_b"] = [_packed(g, pixel, pad_id, args.seq, padding_free=True) for g in groups]
+        # token budget per step = batch rows x seq: BFD over a long stream, bins shuffled (BFD emits long bins first)
+        stream = _mix_samples(kind, cfg, args, n_patches, lengths)
+        bins = best_fit_decreasing([len(s["input_ids"]) for s in stream], args.seq)
+        random.Random(args.seed).shuffle(bins)
+        steps = [bins[i * args.batch : (i + 1) * args.batch] for i in range(n_steps)]
+        runs["packed_rows"] = [
+            _packed([stream[j] for b in step for j in b], pixel, pad_id, args.seq) for step in steps
+        ]
+    return runs
+
+
+def _env(args, argv):
+    import transformers
+
+    info = {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "command": "ghostvis bench train " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    for pkg in ("liger_kernel", "trl", "flash_attn"):
+        try:
+            from importlib.metadata import version
+
+            info[pkg] = version(pkg.replace("_", "-"))
+        except Exception:
+            info[pkg] = None
+    return info
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import ghostvis_hf
+    from ghostvis_hf.kernels import (
+        apply_kernels, compile_decoder_layers, enable_gradient_checkpointing, fused_adamw, reset_kernels,
+    )
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    scenarios = args.scenarios.split(",")
+    env = _env(args, argv)
+    print(json.dumps(env), flush=True)
+    meta, processor = ghostvis_hf.create(args.preset, device="meta")  # the config only; built for real below
+    cfg, pad_id = meta.config, processor.tokenizer.pad_token_id
+    del meta
+    vc = cfg.vision_config
+    pixel = torch.randn(1, 3, vc.image_size, vc.image_size)
+    n_fixed = args.warmup + args.steps
+    runs = set(args.runs.split(",") if args.runs else RUNS + (COMPILE_RUNS if args.compile else []))
+    results = _Results(args.out_dir, env)
+
+    # Stock first: Liger's RoPE swap is process-wide for Qwen2 (see ghostvis_hf.kernels.liger).
+    stock, n_patches = _build_stock(cfg, args.device)
+    opt = fused_adamw(stock, lr=1e-5)
+    if "fixed" in scenarios and "stock" in runs:
+        results.append(_run(stock, opt, _fixed_batches("stock", cfg, args, n_patches, pixel, pad_id, n_fixed),
+                            args, "stock", n_patches, "stock LLaVA (SDPA)", "fixed"))
+    if "mix" in scenarios and "stock" in runs:
+        batches = _mix_runs("stock", cfg, args, n_patches, pixel, pad_id)["padded"]
+        results.append(_run(stock, opt, batches, args, "stock", n_patches, "stock LLaVA, padded", "mix"))
+    results.report["params"]["stock"] = sum(p.numel() for p in stock.parameters())
+    del stock, opt
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    torch.manual_seed(args.seed)
+    gv, _ = ghostvis_hf.create(args.preset, device=args.device)
+    gv.train()
+    opt = fused_adamw(gv, lr=1e-5)
+    fixed = _fixed_batches("ghostvis", cfg, args, n_patches, pixel, pad_id, n_fixed) if "fixed" in scenarios else None
+    active = apply_kernels(gv)
+    results.report["kernels_active"] = active
+    results.report["params"]["ghostvis"] = sum(p.numel() for p in gv.parameters())
+    ckpt_off = getattr(gv, "activation_checkpointing_disable", gv.gradient_checkpointing_disable)
+
+    def fixed_run(key, label, setup=None):
+        if fixed and key in runs:
+            try:
+                if setup is not None:
+                    setup()
+            except Exception as e:  # noqa: BLE001 - a setup that fails is a result too
+                results.append({"scenario": "fixed", "run": label, "steps": 0, "failed": repr(e)[:300]})
+                return
+            results.append(_run(gv, opt, fixed, args, "ghostvis", n_patches, label, "fixed"))
+
+    fixed_run("swaps", "GhostVis, all swaps")
+    if fixed and args.profile:
+        _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, "train_profile.txt"))
+    if "mix" in scenarios:
+        labels = {"padded": "GhostVis, all swaps, padded",
+                  "packed_b": f"GhostVis, all swaps, packed ({args.batch} conversations/step)",
+                  "packed_rows": f"GhostVis, all swaps, packed ({args.batch} rows x {args.seq})"}
+        for name, batches in _mix_runs("ghostvis", cfg, args, n_patches, pixel, pad_id).items():
+            if f"mix_{name}" in runs:
+                results.append(_run(gv, opt, batches, args, "ghostvis", n_patches, labels[name], "mix"))
+    fixed_run("ckpt", "GhostVis, all swaps + checkpointing (both towers)", lambda: enable_gradient_checkpointing(gv))
+    fixed_run("ckpt2", "GhostVis, all swaps + checkpointing every 2nd layer",
+              lambda: enable_gradient_checkpointing(gv, every_n_layers=2))
+    ckpt_off()
+    fixed_run("nokernels", "GhostVis, no swaps (stock path)", lambda: reset_kernels(gv))
+    # Compiled decoder layers: Inductor fuses RMSNorm/RoPE/SwiGLU itself, so first without the Liger layer kernels.
+    fixed_run("compile", "GhostVis, compiled layers + fused CE + cuDNN attention", lambda: (
+        reset_kernels(gv), apply_kernels(gv, rms_norm=False, swiglu=False, rope=False), compile_decoder_layers(gv)))
+    fixed_run("compile_ckpt2", "GhostVis, compiled layers + fused CE + cuDNN attention + checkpointing every 2nd",
+              lambda: enable_gradient_checkpointing(gv, every_n_layers=2))
+    ckpt_off()
+    fixed_run("compile_liger", "GhostVis, compiled layers + all Liger swaps", lambda: apply_kernels(gv))
+
+    results.report.update(args=vars(args))
+    print(results.save())
+    return 0
+
+
+class _Results(list):
+    """The result rows; every append rewrites train.json / train.md, so a run cut short still leaves its numbers."""
+
+    def __init__(self, out_dir, env):
+        super().__init__()
+        self.out_dir = out_dir
+        self.report = {"env": env, "params": {}, "kernels_active": None,
+                       "flops_formula": __doc__.split("FLOPs per step (stated in the output): ")[1].split("\n\n")[0]}
+
+    def append(self, row):
+        super().append(row)
+        self.save()
+
+    def save(self):
+        self.report["results"] = list(self)
+        with open(os.path.join(self.out_dir, "train.json"), "w") as f:
+            json.dump(self.report, f, indent=1)
+        markdown = _markdown(self.report)
+        with open(os.path.join(self.out_dir, "train.md"), "w") as f:
+            f.write(markdown)
+        return markdown
+
+
+def _fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def _markdown(report) -> str:
+    env, rows = report["env"], report["results"]
+    lines = [
+        "# `ghostvis bench train`", "",
+        f"Machine: {env['device']} · torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}) · transformers "
+        f"{env['transformers']} · liger-kernel {env['liger_kernel']} · flash-attn {env['flash_attn']}", "",
+        f"Command: `{env['command']}`", "",
+        f"Parameters: " + ", ".join(f"{k} {v / 1e9:.3f} B" for k, v in report["params"].items())
+        + f" · GhostVis kernels: {report['kernels_active']}", "",
+        "FLOPs per step: " + " ".join(report["flops_formula"].split()), "",
+    ]
+    for scenario, title in (("fixed", "Scenario 1: fixed batch"), ("mix", "Scenario 2: variable-length SFT mix")):
+        sel = [r for r in rows if r.get("scenario") == scenario]
+        if not sel:
+            continue
+        base = sel[0]
+        lines += [f"## {title}", "",
+                  "| run | tok/s | effective tok/s | conversations/s | non-pad | MFU | peak GiB "
+                  "| vs stock (eff. tok/s) | vs stock (conv/s) | vs stock (memory) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sel:
+            if r.get("failed") and not r.get("steps"):
+                lines.append(f"| {r['run']} | failed: {r['failed']} |||||||||")
+                continue
+            if r.get("failed"):
+                r = {**r, "run": f"{r['run']} (**{r['failed']}**)"}
+            ratio = lambda k: (f"{r[k] / base[k]:.2f}x" if r.get(k) and base.get(k) else "—")  # noqa: E731
+            lines.append(
+                f"| {r['run']} | {_fmt(r['tok_s'], ',.0f')} | {_fmt(r['effective_tok_s'], ',.0f')} | "
+                f"{_fmt(r['conv_s'], '.2f')} | {_fmt(r['non_pad_fraction'], '.1%')} | {_fmt(r['mfu'], '.1%')} | "
+                f"{_fmt(r['peak_mem_gib'], '.1f')} | {ratio('effective_tok_s')} | {ratio('conv_s')} | "
+                f"{ratio('peak_mem_gib')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
