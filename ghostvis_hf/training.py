@@ -38,6 +38,7 @@ class GhostVisArguments:
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Keep the vision encoder frozen."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Keep the decoder and LM head frozen."})
     bad_rows: str = field(default="skip", metadata={"help": "skip (count and drop) | error (refuse, naming the row)."})
+    kernels: bool = field(default=True, metadata={"help": "Swap in fused kernels on CUDA (ghostvis_hf.kernels)."})
     eval_after_training: bool = field(default=True, metadata={"help": "Generate on the held-out split and score."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the final generation-based eval."})
     plot: bool = field(default=True, metadata={"help": "Save a learning-curve plot in the output folder."})

@@ -21,7 +21,11 @@ import logging
 import os
 import sys
 
+import torch
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
+
+from ghostvis_hf.data.collator import build_sft_collator
+from ghostvis_hf.kernels import apply_kernels
 
 from ghostvis_hf.training import (
     GhostVisArguments,
@@ -46,6 +50,8 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
     counts = freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
+    if gv_args.kernels and torch.cuda.is_available():
+        logger.info("kernels: %s", apply_kernels(model))  # Liger + cuDNN/varlen attention; CPU keeps plain PyTorch
     peft_config = peft_config_for(model_args)
 
     ################
@@ -55,13 +61,8 @@ def main(script_args, training_args, model_args, gv_args):
     train_dataset, report = validate_rows(train_dataset, processor, training_args.max_length, gv_args.bad_rows)
     logger.info("training rows: %d (checked %d, skipped %s)", len(train_dataset), report["checked"],
                 report["skipped"] or "none")
-    data_collator = None
-    if training_args.packing:
-        # TRL refuses packing for image data; GhostVis packs conversations with their images itself.
-        from ghostvis_hf.packing import make_packing_collator
-
-        training_args.packing = False
-        data_collator = make_packing_collator(processor, training_args)
+    # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
+    data_collator, callbacks = build_sft_collator(processor, training_args)
 
     ################
     # Training
@@ -73,6 +74,7 @@ def main(script_args, training_args, model_args, gv_args):
         processing_class=processor,
         peft_config=peft_config,
         data_collator=data_collator,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 

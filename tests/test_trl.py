@@ -78,3 +78,20 @@ def test_grpo_trainer_step_with_remote_code_reference(tiny_checkpoint, tmp_path)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ref"].startswith("transformers_modules.") and result["policy"].startswith("transformers_modules.")
     assert math.isfinite(result["kl"]) and math.isfinite(result["loss"])
+
+
+def test_sft_collator_never_labels_image_tokens_even_without_assistant_mask(tiny, tmp_path):
+    from trl import SFTConfig
+
+    from ghostvis_hf.data.collator import build_sft_collator
+
+    _, processor = tiny
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=False, bf16=False, max_length=256,
+                     report_to="none")
+    collator, callbacks = build_sft_collator(processor, args)
+    assert callbacks == []
+    batch = collator([dict(r) for r in _vqa_rows(4)])
+    image = torch.isin(batch["input_ids"], torch.tensor([processor.image_token_id, processor.vision_start_token_id,
+                                                         processor.vision_end_token_id]))
+    assert image.any() and (batch["labels"][image] == -100).all()
+    assert (batch["labels"][~image & (batch["attention_mask"] == 1)] != -100).all()  # the text is still trained on

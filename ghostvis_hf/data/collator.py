@@ -1,0 +1,36 @@
+"""The SFT collator: TRL's vision collator, with labels masked at image placeholders, or GhostVis packing.
+
+NOTE: TRL's SFTTrainer computes the loss with its own fused LM head (trl `add_fused_lm_head`), which bypasses the
+model's own label masking at image tokens; the mask therefore has to be in the labels the collator returns.
+"""
+
+import torch
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+
+class GhostVisVisionCollator(DataCollatorForVisionLanguageModeling):
+    """`DataCollatorForVisionLanguageModeling` whose labels never include image placeholders or their frame tokens."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        p = self.processor
+        image_ids = torch.tensor([p.image_token_id, p.vision_start_token_id, p.vision_end_token_id])
+        batch["labels"][torch.isin(batch["input_ids"], image_ids)] = -100
+        return batch
+
+
+def build_sft_collator(processor, training_args):
+    """`(collator, callbacks)` for `SFTTrainer`: GhostVis packing with `--packing`, else the masking collator."""
+    from ..packing import prepare_packing
+
+    collator, callbacks = prepare_packing(processor, training_args)
+    if collator is not None:
+        return collator, callbacks
+    collator = GhostVisVisionCollator(
+        processor,
+        max_length=training_args.max_length,
+        pad_to_multiple_of=training_args.pad_to_multiple_of,
+        assistant_only_loss=training_args.assistant_only_loss,
+        completion_only_loss=bool(training_args.completion_only_loss),
+    )
+    return collator, []
