@@ -27,6 +27,11 @@ class GhostVisArguments:
     vision_model: str | None = field(default=None, metadata={"help": "Pretrained encoder (path/Hub id) to compose."})
     resampler_type: str | None = field(default=None, metadata={"help": "perceiver | avgpool | none (new models)."})
     num_image_tokens: int | None = field(default=None, metadata={"help": "Image tokens per image (new models)."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Overrides of the preset's GhostVisConfig for new models, comma-separated key=value with "
+                          "dotted keys into the sub-configs, e.g. 'text_config.num_hidden_layers=4,resampler_depth=2'."},
+    )
     dataset_mixture: list[str] | None = field(
         default=None,
         metadata={"help": "Datasets to mix, each `name:path_or_hub_id:weight` (e.g. vqav2:/data/vqa:0.8 "
@@ -35,13 +40,38 @@ class GhostVisArguments:
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the built-in data (same held-out set as eval)."})
     num_train_samples: int | None = field(default=None, metadata={"help": "Rows of training data to use."})
     num_eval_samples: int | None = field(default=None, metadata={"help": "Held-out rows for the final evaluation."})
+    shapes_max_turns: int = field(
+        default=1,
+        metadata={"help": "Built-in shapes data: up to this many QA turns per training image (the held-out split "
+                          "stays single-turn)."},
+    )
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Keep the vision encoder frozen."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Keep the decoder and LM head frozen."})
+    vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower (LLaVA's mm_vision_tower_lr); "
+                                        "defaults to learning_rate."})
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the resampler + projector (LLaVA's mm_projector_lr); "
+                                        "defaults to learning_rate."})
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "PyTorch threads when training on the CPU; 0 = every core this process may use. "
+                          "`accelerate launch` without a config pins a CPU run to OMP_NUM_THREADS=1."},
+    )
     bad_rows: str = field(default="skip", metadata={"help": "skip (count and drop) | error (refuse, naming the row)."})
     kernels: bool = field(default=True, metadata={"help": "Swap in fused kernels on CUDA (ghostvis_hf.kernels)."})
     eval_after_training: bool = field(default=True, metadata={"help": "Generate on the held-out split and score."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the final generation-based eval."})
     plot: bool = field(default=True, metadata={"help": "Save a learning-curve plot in the output folder."})
+
+
+def set_cpu_threads(args: GhostVisArguments) -> None:
+    """Applies `cpu_threads` when no GPU is in use (a no-op when it is unset)."""
+    if args.cpu_threads is None or torch.cuda.is_available():
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(args.cpu_threads or cores)
+    logger.info("CPU threads: %d", torch.get_num_threads())
 
 
 def load_model_and_processor(args: GhostVisArguments, model_args, training_args):
@@ -77,9 +107,58 @@ def load_model_and_processor(args: GhostVisArguments, model_args, training_args)
     return model, processor
 
 
+def parse_config_overrides(text: str | None) -> dict:
+    """`'a=1,text_config.b=0.5,c=none'` -> `{'a': 1, 'text_config': {'b': 0.5}, 'c': 'none'}` (values as literals)."""
+    import ast
+
+    out: dict = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or key.count(".") > 1:
+            raise ValueError(f"config_overrides: {item!r} is not `key=value` or `sub_config.key=value`")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        head, _, tail = key.strip().partition(".")
+        if tail:
+            if head not in ("text_config", "vision_config"):
+                raise ValueError(f"config_overrides: {key!r}; dotted keys go into text_config or vision_config")
+            out.setdefault(head, {})[tail] = value
+        else:
+            out[head] = value
+    return out
+
+
+def _check_config_overrides(overrides: dict, preset: str) -> None:
+    """Refuses keys the configs don't have: a typo must not silently train the default model."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    from .configuration_ghostvis import GhostVisConfig
+    from .presets import preset_config_kwargs
+
+    base = preset_config_kwargs(preset)
+    for key, value in overrides.items():
+        if key in ("text_config", "vision_config"):
+            sub = CONFIG_MAPPING[base[key]["model_type"]]()
+            unknown = [k for k in value if not hasattr(sub, k)]
+            if unknown:
+                raise ValueError(f"config_overrides: {key} ({base[key]['model_type']}) has no field(s) {unknown}")
+        elif key not in inspect.signature(GhostVisConfig.__init__).parameters:
+            raise ValueError(f"config_overrides: GhostVisConfig has no field {key!r}")
+
+
 def _glue_overrides(args: GhostVisArguments) -> dict:
-    return {k: v for k, v in (("resampler_type", args.resampler_type), ("num_image_tokens", args.num_image_tokens))
-            if v is not None}
+    overrides = parse_config_overrides(args.config_overrides)
+    if overrides:
+        if args.text_model or args.vision_model:
+            raise ValueError("config_overrides applies to presets; compose takes the backbones' own configs")
+        _check_config_overrides(overrides, args.preset)
+    overrides.update({k: v for k, v in (("resampler_type", args.resampler_type),
+                                        ("num_image_tokens", args.num_image_tokens)) if v is not None})
+    return overrides
 
 
 def freeze(model, vision_tower: bool, language_model: bool) -> dict:
@@ -94,6 +173,34 @@ def freeze(model, vision_tower: bool, language_model: bool) -> dict:
     counts = parameter_counts(model)
     logger.info("trainable parameters: %s | frozen: %s", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
     return counts
+
+
+def make_optimizer(model, training_args, args: GhostVisArguments):
+    """AdamW with separate learning rates for the vision tower and the glue, as LLaVA's `mm_*_lr`; or `None`.
+
+    `None` (the trainer's own optimizer) unless `vision_tower_lr` or `projector_lr` is set. Pass the result to
+    `SFTTrainer(optimizers=(optimizer, None))`: the trainer still builds the LR schedule, which scales every group.
+    Biases and norm weights get no weight decay, like the trainer's default.
+    """
+    if args.vision_tower_lr is None and args.projector_lr is None:
+        return None
+    if training_args.optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ValueError(f"vision_tower_lr/projector_lr build AdamW; optim={training_args.optim!r} is not supported")
+    lr = training_args.learning_rate
+    group_lr = {"vision": args.vision_tower_lr or lr, "glue": args.projector_lr or lr, "text": lr}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = ("vision" if ".vision_tower." in f".{name}" else
+                "glue" if (".resampler." in f".{name}" or ".multi_modal_projector." in f".{name}") else "text")
+        decay = p.ndim >= 2 and "norm" not in name
+        groups.setdefault((part, decay), []).append(p)
+    param_groups = [{"params": ps, "lr": group_lr[part], "weight_decay": training_args.weight_decay if decay else 0.0}
+                    for (part, decay), ps in groups.items()]
+    logger.info("optimizer learning rates: %s", group_lr)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(training_args.adam_beta1, training_args.adam_beta2),
+                             eps=training_args.adam_epsilon)
 
 
 def parameter_counts(model) -> dict:
@@ -141,7 +248,8 @@ def load_train_and_eval_data(dataset_name: str | None, args: GhostVisArguments):
 
         # shapes_captions: the alignment stage's caption-only variant
         kw = {"question_types": ("caption",)} if name == "shapes_captions" else {}
-        train = load_shapes("train", num_samples=args.num_train_samples, seed=args.dataset_seed, **kw)
+        train = load_shapes("train", num_samples=args.num_train_samples, seed=args.dataset_seed,
+                            max_turns=args.shapes_max_turns, **kw)
         held_out = load_shapes("test", num_samples=args.num_eval_samples, seed=args.dataset_seed, **kw)
         return train, held_out
     if os.path.exists(name) or "/" in name:

@@ -32,7 +32,9 @@ from ghostvis_hf.training import (
     freeze,
     load_model_and_processor,
     load_train_and_eval_data,
+    make_optimizer,
     peft_config_for,
+    set_cpu_threads,
 )
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "sft_tiny.yaml")
@@ -45,6 +47,7 @@ def main(script_args, training_args, model_args, gv_args):
     from ghostvis_hf.plotting import plot_learning_curve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    set_cpu_threads(gv_args)
     ################
     # Model
     ################
@@ -53,6 +56,8 @@ def main(script_args, training_args, model_args, gv_args):
     if gv_args.kernels and torch.cuda.is_available():
         logger.info("kernels: %s", apply_kernels(model))  # Liger + cuDNN/varlen attention; CPU keeps plain PyTorch
     peft_config = peft_config_for(model_args)
+    if peft_config is not None and (gv_args.vision_tower_lr or gv_args.projector_lr):
+        raise ValueError("vision_tower_lr/projector_lr apply to full fine-tuning, not LoRA")
 
     ################
     # Dataset
@@ -91,7 +96,7 @@ def main(script_args, training_args, model_args, gv_args):
                            origin=f"Fine-tuned with `recipes/sft.py` on {script_args.dataset_name or 'shapes'}."))
     summary = {"parameters": counts, "data": report, "steps": trainer.state.global_step}
     if gv_args.eval_after_training and held_out is not None:
-        summary["eval"] = evaluate_checkpoint(out, held_out, gv_args.eval_batch_size)
+        summary["eval"] = evaluate_checkpoint(out, held_out, gv_args.eval_batch_size, training_args.device)
     if gv_args.plot:
         acc = summary.get("eval", {}).get("color_shape_accuracy")
         plot_learning_curve(trainer.state.log_history, os.path.join(out, "learning_curve.png"),
@@ -102,13 +107,13 @@ def main(script_args, training_args, model_args, gv_args):
     logger.info("checkpoint saved to %s", out)
 
 
-def evaluate_checkpoint(path, held_out, batch_size):
+def evaluate_checkpoint(path, held_out, batch_size, device="cpu"):
     """Reloads the saved checkpoint (as users will) and scores it on the held-out split."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ghostvis_hf.evaluation.run import evaluate, format_report
 
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).to(device)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     result = evaluate(model, processor, "shapes", held_out, batch_size=batch_size,
                       out_dir=os.path.join(path, "eval_shapes"))

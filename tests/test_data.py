@@ -177,6 +177,33 @@ def test_shapes_answers_match_pixels(shapes_test):
     assert min(checked.values()) > 10
 
 
+def test_shapes_multi_turn():
+    single, multi = make_shapes_dataset(300, seed=5), make_shapes_dataset(300, seed=5, max_turns=4)
+    assert _image_hashes(multi.select([0])) == _image_hashes(single.select([0]))  # the first row is unchanged
+    assert multi[0]["messages"][:2] == single[0]["messages"]
+    turns = Counter()
+    for row in multi:
+        messages = row["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2) and len(messages) <= 8
+        assert sum(p["type"] == "image" for m in messages for p in m["content"]) == 1  # one image, asked about
+        questions = [m["content"][-1]["text"] for m in messages[::2]]
+        kinds = [row["question_type"]] + ["color" if "color" in q else "shape" for q in questions[1:]]
+        asked = [(k, _subject(q)) for k, q in zip(kinds, questions) if k in ("color", "shape")]
+        assert len(set(asked)) == len(asked), questions  # no question asked twice in other words
+        assert row["answers"] == [_target({"messages": messages[:2]})]
+        for m_user, m_answer in zip(messages[2::2], messages[3::2]):
+            turns[_subject(m_user["content"][0]["text"]) in PALETTE] += 1
+            assert m_answer["content"][0]["text"] in {*PALETTE, "circle", "square", "triangle"}
+    assert turns[True] > 50 and turns[False] > 50  # follow-ups ask about both colours and shapes
+    with pytest.raises(ValueError, match="max_turns"):
+        make_shapes_dataset(4, max_turns=0)
+
+
+def _subject(question):
+    words = re.findall(r"[a-z]+", question.lower())
+    return next((w for w in words if w in PALETTE or w in ("circle", "square", "triangle")), None)
+
+
 def test_shapes_bad_arguments():
     with pytest.raises(ValueError, match="question_types"):
         make_shapes_dataset(4, question_types=("colour",))

@@ -119,15 +119,27 @@ def test_resume_after_sigkill_finishes_at_the_same_step(tmp_path):
     out = tmp_path / "resume"
     args = ["recipes/sft.py", "--max_steps", "12", "--save_steps", "4", "--save_strategy", "steps",
             "--output_dir", str(out), "--eval_after_training", "false", *FAST]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    # The run is paused right after its first checkpoint (a test-only wrapper around the recipe), so the SIGKILL
+    # always lands mid-run however fast the machine is.
+    pause_after_first_checkpoint = (
+        "import runpy, sys, time, transformers\n"
+        "orig = transformers.Trainer._save_checkpoint\n"
+        "def save_then_pause(self, *a, **k):\n"
+        "    orig(self, *a, **k)\n"
+        "    time.sleep(600)\n"
+        "transformers.Trainer._save_checkpoint = save_then_pause\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", pause_after_first_checkpoint, *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
     try:
         while not (out / "checkpoint-4" / "trainer_state.json").exists():
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.2)
-        time.sleep(0.5)  # let the checkpoint folder finish writing
+        time.sleep(0.5)  # trainer_state.json is written last; let it finish
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -149,3 +161,22 @@ def test_deepspeed_zero2_launch_on_one_cpu_process(tmp_path):
                launcher=[sys.executable, "-m", "accelerate.commands.launch"], timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "sft_summary.json").read_text())["steps"] == 2
+
+
+def test_make_optimizer_groups():
+    from types import SimpleNamespace
+
+    import ghostvis_hf
+    from ghostvis_hf.training import GhostVisArguments, make_optimizer
+
+    model, _ = ghostvis_hf.create("tiny")
+    targs = SimpleNamespace(learning_rate=1e-3, weight_decay=0.1, optim="adamw_torch", adam_beta1=0.9,
+                            adam_beta2=0.999, adam_epsilon=1e-8)
+    assert make_optimizer(model, targs, GhostVisArguments()) is None  # the trainer's own optimizer
+    opt = make_optimizer(model, targs, GhostVisArguments(vision_tower_lr=3e-3, projector_lr=2e-3))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.model.vision_tower.embeddings.patch_embedding.weight)] == 3e-3
+    assert lr_of[id(model.model.multi_modal_projector.linear_1.weight)] == 2e-3
+    assert lr_of[id(model.lm_head.weight)] == 1e-3
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim < 2 for p in g["params"]))

@@ -28,7 +28,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .common import build_vqa_row, encode_png, rows_to_dataset
+from .common import build_vqa_row, encode_png, rows_to_dataset, text_part
 
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -237,6 +237,24 @@ def _sample(rng: random.Random, qtype: str, cfg: dict[str, Any]):
     raise ValueError(f"Unknown question type {qtype!r}; allowed: {tuple(QUESTION_TEMPLATES)}.")
 
 
+def _follow_ups(rng: random.Random, objects, first_type: str, first_question: str, types):
+    """Every other colour/shape question the image answers unambiguously, shuffled: `(qtype, question, answer)`.
+
+    The objects besides the primary question's target are uniform, so a shape that appears exactly once has a
+    uniform colour (and vice versa): each follow-up's answer stays balanced on its own.
+    """
+    counts = {"color": Counter(s for s, _ in objects), "shape": Counter(c for _, c in objects)}
+    asked = set(first_question.rstrip("?").split())
+    out = []
+    for shape, color in objects:
+        for qtype, subject, answer, key in (("color", shape, color, "shape"), ("shape", color, shape, "color")):
+            if qtype not in types or counts[qtype][subject] != 1 or (qtype == first_type and subject in asked):
+                continue
+            out.append((qtype, rng.choice(QUESTION_TEMPLATES[qtype]).format(**{key: subject}), answer))
+    rng.shuffle(out)
+    return out
+
+
 def make_shapes_dataset(
     num_samples: int = 10_000,
     seed: int = 0,
@@ -250,6 +268,7 @@ def make_shapes_dataset(
     max_size: int | None = None,
     noise: int = 8,
     gap: int = 2,
+    max_turns: int = 1,
 ) -> datasets.Dataset:
     """
     Generate the procedural shapes VQA dataset.
@@ -280,6 +299,11 @@ def make_shapes_dataset(
             Amplitude of the uniform per-pixel noise.
         gap (`int`, defaults to `2`):
             Minimum distance in pixels between two shapes.
+        max_turns (`int`, defaults to `1`):
+            Up to this many question/answer turns per image: the drawn question first, then the other colour/shape
+            questions the image answers unambiguously (only the types with a positive weight). More supervision per
+            encoded image for training; `question_type`/`answers` describe the first turn. Evaluation splits stay
+            single-turn.
 
     Returns:
         `datasets.Dataset`: Rows with `images`, `messages`, `answers`, `question_type` and `source="shapes"`.
@@ -299,6 +323,8 @@ def make_shapes_dataset(
         raise ValueError("Need at least 2 distinct shapes and 2 distinct colors for the questions to be balanced.")
     if not 1 <= min_shapes <= max_shapes:
         raise ValueError(f"Need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}.")
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
     if weights.get("position", 0) > 0 and max_shapes < 2:
         raise ValueError("Position questions need max_shapes >= 2.")
     min_size = max(9, round(0.31 * image_size)) if min_size is None else min_size
@@ -325,6 +351,11 @@ def make_shapes_dataset(
         pixels = _render(rng, noise_bank, objects, boxes, image_size)
         # compress_level=0: zlib costs ~4x the drawing on noisy 32 px images, for only a 1.5x smaller PNG.
         row = build_vqa_row([encode_png(pixels, 0)], question, answer, question_type=qtype, source="shapes")
+        if max_turns > 1:  # NOTE: only here does the RNG stream differ from single-turn data
+            types = {q for q in ("color", "shape") if weights.get(q, 0) > 0}
+            for _, q, a in _follow_ups(rng, objects, qtype, question, types)[: max_turns - 1]:
+                row["messages"] += [{"role": "user", "content": [text_part(q)]},
+                                    {"role": "assistant", "content": [text_part(a)]}]
         for name, value in row.items():
             columns[name].append(value)
     return rows_to_dataset(columns, encoded=True)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Sweeps variants of the main job (recipes/sft.py with recipes/configs/sft_tiny.yaml) side by side and tabulates the
+# held-out accuracy of each. The tiny model is the same fp32 computation on any device, so a GPU machine with many
+# cores runs a dozen variants at once where the 2-core CPU runs one; the chosen variant is then re-timed on the CPU.
+# Usage: bash benchmarks/shapes_sweep.sh [EXTRA ARGS FOR EVERY RUN...]   (writes $OUT/shapes_sweep.md)
+set -u
+OUT=${OUT:-docs/benchmarks}
+RUNS=${RUNS_DIR:-/tmp/ghostvis_sweep}
+mkdir -p "$OUT" "$RUNS"
+declare -A V=(
+  [base]=""
+  [lr2e-3]="--learning_rate 2e-3"
+  [lr3e-3]="--learning_rate 3e-3"
+  [resampler_none]="--resampler_type none"
+  [perceiver]="--resampler_type perceiver"
+  [glue_lr3e-3]="--vision_tower_lr 3e-3 --projector_lr 3e-3"
+  [vision_w128]="--config_overrides vision_config.hidden_size=128,vision_config.intermediate_size=256"
+  [vision_3L]="--config_overrides vision_config.num_hidden_layers=3"
+  [text_3L]="--config_overrides text_config.num_hidden_layers=3"
+  [bs16]="--per_device_train_batch_size 16"
+  [turns1]="--shapes_max_turns 1"
+  [patch8_none]="--resampler_type none --config_overrides vision_config.patch_size=8"
+  [init0.02]="--config_overrides text_config.initializer_range=0.02"
+  [epochs2]="--num_train_epochs 2"
+)
+NAMES=${SWEEP:-${!V[@]}}
+for name in $NAMES; do
+  OMP_NUM_THREADS=1 timeout "${SWEEP_TIMEOUT:-1500}" python3 recipes/sft.py --output_dir "$RUNS/$name" --plot false \
+    --save_strategy no --kernels false ${V[$name]} "$@" > "$OUT/sweep_$name.log" 2>&1 &
+done
+wait
+{
+  echo "# Main-job variants (shapes, tiny preset from scratch)"
+  echo
+  echo "- machine: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu), $(nproc) cores"
+  echo "- versions: $(python3 -c 'import torch, transformers, trl; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")')"
+  echo "- command: \`bash benchmarks/shapes_sweep.sh $*\` (each: \`recipes/sft.py\` with sft_tiny.yaml + the variant's flags)"
+  echo
+  echo "| variant | flags | steps | train s | colour+shape | colour | shape | count | position | caption |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  for name in $NAMES; do
+    python3 - "$RUNS/$name/sft_summary.json" "$name" "${V[$name]}" "$OUT/sweep_$name.log" <<'PY'
+import json, os, re, sys
+path, name, flags, log = sys.argv[1:]
+if not os.path.exists(path):
+    tail = open(log).read().strip().splitlines()[-1:] if os.path.exists(log) else ["no log"]
+    print(f"| {name} | `{flags}` | failed: {tail[0][:80]} |||||||")
+    sys.exit()
+s = json.load(open(path))
+e = s.get("eval", {})
+acc = {q: v["exact_match"] for q, v in e.get("by_question_type", {}).items()}
+rt = re.findall(r"'train_runtime': '?([0-9.]+)", open(log).read())
+f = lambda k: f"{100 * acc[k]:.1f}" if isinstance(acc.get(k), (int, float)) else "-"
+cs = e.get("color_shape_accuracy")
+print(f"| {name} | `{flags}` | {s['steps']} | {rt[0] if rt else '-'} | {100 * cs:.1f} | {f('color')} | {f('shape')} | "
+      f"{f('count')} | {f('position')} | {f('caption')} |")
+PY
+  done
+} > "$OUT/shapes_sweep.md"
+cat "$OUT/shapes_sweep.md"
