@@ -22,6 +22,10 @@ declare -A V=(
   [patch8_none]="--resampler_type none --config_overrides vision_config.patch_size=8"
   [init0.02]="--config_overrides text_config.initializer_range=0.02"
   [epochs2]="--num_train_epochs 2"
+  [vision_w128_3L]="--config_overrides vision_config.hidden_size=128,vision_config.intermediate_size=256,vision_config.num_hidden_layers=3"
+  [patch8_none_lr2e-3]="--resampler_type none --config_overrides vision_config.patch_size=8 --learning_rate 2e-3"
+  [lr2e-3_glue5e-3]="--learning_rate 2e-3 --vision_tower_lr 5e-3 --projector_lr 5e-3"
+  [lr3e-3_warmup100]="--learning_rate 3e-3 --warmup_steps 100"
 )
 NAMES=${SWEEP:-${!V[@]}}
 for name in $NAMES; do
