@@ -26,6 +26,11 @@ declare -A V=(
   [patch8_none_lr2e-3]="--resampler_type none --config_overrides vision_config.patch_size=8 --learning_rate 2e-3"
   [lr2e-3_glue5e-3]="--learning_rate 2e-3 --vision_tower_lr 5e-3 --projector_lr 5e-3"
   [lr3e-3_warmup100]="--learning_rate 3e-3 --warmup_steps 100"
+  [p8_w128]="--resampler_type none --config_overrides vision_config.patch_size=8,vision_config.hidden_size=128,vision_config.intermediate_size=256"
+  [p8_text3L]="--resampler_type none --config_overrides vision_config.patch_size=8,text_config.num_hidden_layers=3"
+  [p8_w128_text3L]="--resampler_type none --config_overrides vision_config.patch_size=8,vision_config.hidden_size=128,vision_config.intermediate_size=256,text_config.num_hidden_layers=3"
+  [p8_w128_v3L_text3L]="--resampler_type none --config_overrides vision_config.patch_size=8,vision_config.hidden_size=128,vision_config.intermediate_size=256,vision_config.num_hidden_layers=3,text_config.num_hidden_layers=3"
+  [p8_w128_text3L_lr2e-3]="--resampler_type none --config_overrides vision_config.patch_size=8,vision_config.hidden_size=128,vision_config.intermediate_size=256,text_config.num_hidden_layers=3 --learning_rate 2e-3"
 )
 NAMES=${SWEEP:-${!V[@]}}
 for name in $NAMES; do
