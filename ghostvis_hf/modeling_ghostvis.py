@@ -132,6 +132,24 @@ class GhostVisPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # FSDP2's `fully_shard` swaps the instance's class for a subclass it creates inside torch, so saving the custom
+        # code would copy torch's file and point `auto_map` at that subclass. Save as the GhostVis class underneath.
+        own = next(c for c in type(self).__mro__ if c.__module__ == __name__)
+        if own is type(self) or self._auto_class is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self._auto_class = None  # an instance attribute: transformers skips its code copy
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del self._auto_class
+        if kwargs.get("is_main_process", True):
+            from transformers.dynamic_module_utils import custom_object_save
+
+            # config.json already carries the full auto_map (GhostVisConfig's default); copy the code files.
+            custom_object_save(own.__new__(own), save_directory)
+        return result
+
     @torch.no_grad()
     def _init_weights(self, module):
         # The towers are PreTrainedModels and initialise themselves; this covers the glue (and the head).

@@ -115,3 +115,28 @@ def test_push_to_hub_uploads_code_weights_processor(tiny, monkeypatch, tmp_path)
     processor.push_to_hub("org/ghostvis-tiny", token="x")
     assert {"config.json", "model.safetensors", "modeling_ghostvis.py", "configuration_ghostvis.py",
             "processing_ghostvis.py", "tokenizer.json", "processor_config.json"} <= set(sent)
+
+
+def test_save_after_a_class_swap_like_fsdp2(tmp_path):
+    """FSDP2's fully_shard swaps the instance's class for `FSDP<Name>` defined in torch; the saved folder must still
+    carry GhostVis's own code and auto_map, and load without the package."""
+    import ghostvis_hf
+
+    torch.manual_seed(0)
+    model, processor = ghostvis_hf.create("tiny")
+
+    class ShardedMarker:  # stands in for torch's FSDPModule mixin
+        pass
+
+    swapped = type(f"FSDP{type(model).__name__}", (ShardedMarker, type(model)), {})
+    model.__class__ = swapped
+    out = tmp_path / "sharded"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    files = set(os.listdir(out))
+    assert {"modeling_ghostvis.py", "configuration_ghostvis.py"} <= files
+    assert not [f for f in files if f.endswith(".py") and "ghostvis" not in f], files
+    auto_map = json.load(open(out / "config.json"))["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_ghostvis.GhostVisForConditionalGeneration"
+    result = _load_in_fresh_process(str(out))
+    assert result["AutoModelForImageTextToText"][0] == "GhostVisForConditionalGeneration"
