@@ -134,21 +134,17 @@ class GhostVisPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # FSDP2's `fully_shard` swaps the instance's class for a subclass it creates inside torch, so saving the custom
-        # code would copy torch's file and point `auto_map` at that subclass. Save as the GhostVis class underneath.
+        # code would copy torch's file and point `auto_map` at that subclass. Save as the GhostVis class underneath
+        # (FSDP's hooks live on the instance, so they are untouched while the class is swapped back).
         own = next(c for c in type(self).__mro__ if c.__module__ == __name__)
-        if own is type(self) or self._auto_class is None:
+        swapped = type(self)
+        if own is swapped:
             return super().save_pretrained(save_directory, *args, **kwargs)
-        self._auto_class = None  # an instance attribute: transformers skips its code copy
+        self.__class__ = own
         try:
-            result = super().save_pretrained(save_directory, *args, **kwargs)
+            return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
-            del self._auto_class
-        if kwargs.get("is_main_process", True):
-            from transformers.dynamic_module_utils import custom_object_save
-
-            # config.json already carries the full auto_map (GhostVisConfig's default); copy the code files.
-            custom_object_save(own.__new__(own), save_directory)
-        return result
+            self.__class__ = swapped
 
     @torch.no_grad()
     def _init_weights(self, module):
