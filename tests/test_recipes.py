@@ -18,6 +18,15 @@ FAST = ["--num_train_samples", "64", "--num_eval_samples", "16", "--per_device_t
         "--logging_steps", "1", "--plot", "false", "--dataloader_num_workers", "0"]
 
 
+def _main_job_overrides():
+    from ghostvis_hf.training import GhostVisArguments, _glue_overrides
+    from trl import TrlParser
+
+    (gv,) = TrlParser((GhostVisArguments,)).parse_yaml_file(os.path.join(ROOT, "recipes/configs/sft_tiny.yaml"),
+                                                           allow_extra_keys=True)
+    return _glue_overrides(gv)
+
+
 def _run(args, timeout=600, launcher=None):
     cmd = [sys.executable, *args] if launcher is None else [*launcher, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -152,15 +161,24 @@ def test_resume_after_sigkill_finishes_at_the_same_step(tmp_path):
     assert json.loads((out / "sft_summary.json").read_text())["steps"] == 12
 
 
-def test_deepspeed_zero2_launch_on_one_cpu_process(tmp_path):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_launch_on_one_cpu_process(tmp_path, stage):
     pytest.importorskip("deepspeed")
-    out = tmp_path / "zero2"
-    res = _run(["--config_file", "accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "1",
+    out = tmp_path / stage
+    res = _run(["--config_file", f"accelerate_configs/deepspeed_{stage}.yaml", "--num_processes", "1",
                 "--mixed_precision", "no", "recipes/sft.py", "--max_steps", "2", "--use_cpu", "true",
                 "--save_strategy", "no", "--output_dir", str(out), "--eval_after_training", "false", *FAST],
                launcher=[sys.executable, "-m", "accelerate.commands.launch"], timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "sft_summary.json").read_text())["steps"] == 2
+    if stage == "zero3":  # the sharded parameters were gathered into a complete checkpoint
+        from safetensors.torch import load_file
+
+        import ghostvis_hf
+        reference, _ = ghostvis_hf.create("tiny", **_main_job_overrides())
+        saved = load_file(out / "model.safetensors")
+        shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items() if k != "lm_head.weight"}
+        assert {k: tuple(v.shape) for k, v in saved.items()} == shapes
 
 
 def test_make_optimizer_groups():
