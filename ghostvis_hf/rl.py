@@ -31,6 +31,11 @@ class RLArguments:
         default=250, metadata={"help": "Steps of the short SFT run that makes a starting checkpoint if none exists."}
     )
     plot: bool = field(default=True, metadata={"help": "Save a reward curve in the output folder."})
+    num_eval_samples: int = field(
+        default=500,
+        metadata={"help": "shapes: held-out questions (of the trained types) scored greedily before and after RL on "
+                          "a single process; 0 skips."},
+    )
 
 
 def prompt_dataset(args: RLArguments):
@@ -71,23 +76,46 @@ def starting_checkpoint(model_name_or_path: str | None, output_dir: str, steps: 
     return path
 
 
-def reward_summary(log_history: list[dict], window: int = 3) -> dict:
-    """Mean reward over the first and last `window` logged steps."""
+def reward_summary(log_history: list[dict], fraction: float = 0.2) -> dict:
+    """Mean reward over the first and the last `fraction` of the logged steps (at least one each).
+
+    A logged reward averages only a few prompts, so single points are noisy: compare windows, not endpoints.
+    """
     rewards = [e["reward"] for e in log_history if "reward" in e]
     if not rewards:
         return {}
-    k = max(1, min(window, len(rewards) // 2))
+    k = max(1, min(len(rewards) // 2, round(len(rewards) * fraction)))
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
-    return {"reward_start": first, "reward_end": last, "reward_rose": last > first, "logged_steps": len(rewards)}
+    return {"reward_start": first, "reward_end": last, "reward_rose": last > first, "logged_steps": len(rewards),
+            "window": k}
 
 
-def finish(trainer, processor, output_dir: str, args: RLArguments, title: str) -> dict:
+def held_out_accuracy(trainer, processor, args: RLArguments) -> float | None:
+    """Greedy exact match of the current policy on held-out shapes questions (single process only)."""
+    if args.dataset_name != "shapes" or not args.num_eval_samples or trainer.args.world_size > 1:
+        return None
+    from .data.shapes import load_shapes
+    from .evaluation.run import evaluate
+
+    rows = load_shapes("test", num_samples=args.num_eval_samples,
+                       question_types=tuple(args.question_types or ("color", "shape")))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    was_training = model.training
+    result = evaluate(model, processor, "shapes", rows, batch_size=64)
+    model.train(was_training)
+    return result["exact_match"]
+
+
+def finish(trainer, processor, output_dir: str, args: RLArguments, title: str, accuracy_before=None) -> dict:
     """Saves the policy as a complete checkpoint, plots the reward curve, prints and writes the summary."""
     from .hub import model_card
     from .plotting import plot_learning_curve
 
     trainer.save_model(output_dir)
     summary = reward_summary(trainer.state.log_history)
+    if accuracy_before is not None:
+        summary["held_out_exact_match"] = {"before": accuracy_before, "after": held_out_accuracy(trainer, processor,
+                                                                                                 args)}
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "README.md"), "w") as f:
@@ -101,7 +129,12 @@ def finish(trainer, processor, output_dir: str, args: RLArguments, title: str) -
             json.dump(summary, f, indent=2)
         if summary:
             print(f"mean reward: start {summary['reward_start']:.3f} -> end {summary['reward_end']:.3f} "
-                  f"({'rose' if summary['reward_rose'] else 'did not rise'})", flush=True)
+                  f"({'rose' if summary['reward_rose'] else 'did not rise'}; means of the first and last "
+                  f"{summary['window']} of {summary['logged_steps']} logged steps)", flush=True)
+        if "held_out_exact_match" in summary:
+            acc = summary["held_out_exact_match"]
+            print(f"held-out exact match ({args.num_eval_samples} questions): before {acc['before']:.1%} -> after "
+                  f"{acc['after']:.1%}", flush=True)
     return summary
 
 
@@ -130,5 +163,6 @@ def run(trainer_cls, rl_args: RLArguments, training_args, model_args, title: str
     trainer = trainer_cls(model=checkpoint, reward_funcs=reward_funcs, args=training_args,
                           train_dataset=train_dataset, processing_class=processor,
                           peft_config=peft_config_for(model_args))
+    accuracy_before = None if training_args.resume_from_checkpoint else held_out_accuracy(trainer, processor, rl_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    return finish(trainer, processor, training_args.output_dir, rl_args, title)
+    return finish(trainer, processor, training_args.output_dir, rl_args, title, accuracy_before)

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--max_steps", "2", "--num_train_samples", "16", "--per_device_train_batch_size", "8",
-        "--num_generations", "4", "--max_completion_length", "4", "--logging_steps", "1", "--plot", "false"]
+        "--num_generations", "4", "--max_completion_length", "4", "--logging_steps", "1", "--plot", "false",
+        "--num_eval_samples", "8"]
 
 
 @pytest.mark.parametrize("recipe", ["grpo", "rloo"])
@@ -20,6 +21,8 @@ def test_rl_recipe_runs_and_saves(recipe, tiny_checkpoint, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "rl_summary.json").read_text())
     assert summary["logged_steps"] == 2 and "reward_start" in summary
+    acc = summary["held_out_exact_match"]
+    assert 0 <= acc["before"] <= 1 and 0 <= acc["after"] <= 1
     assert (out / "model.safetensors").exists() and (out / "modeling_ghostvis.py").exists()
     assert "mean reward: start" in res.stdout
 
@@ -33,3 +36,14 @@ def test_unknown_reward_and_weight_mismatch_fail_before_training(tiny_checkpoint
                           "--output_dir", str(tmp_path / "y"), "--reward_weights", "1.0", "0.5", "0.2", *FAST],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "reward_weights has 3 entries" in res.stderr
+
+
+def test_reward_summary_compares_windows_not_endpoints():
+    from ghostvis_hf.rl import reward_summary
+
+    history = [{"reward": r} for r in (0.1, 0.9, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.1)] + [{"loss": 1.0}]
+    s = reward_summary(history)  # windows of 2: (0.1 + 0.9) / 2 = 0.5 -> (0.8 + 0.1) / 2 = 0.45
+    assert s["window"] == 2 and s["logged_steps"] == 10
+    assert abs(s["reward_start"] - 0.5) < 1e-9 and abs(s["reward_end"] - 0.45) < 1e-9 and not s["reward_rose"]
+    assert reward_summary([{"loss": 1.0}]) == {}
+    assert reward_summary([{"reward": 0.2}, {"reward": 0.4}])["reward_rose"]
