@@ -80,6 +80,7 @@ def main(script_args, training_args, model_args, gv_args):
         peft_config=peft_config,
         data_collator=data_collator,
         callbacks=callbacks,
+        optimizers=(make_optimizer(model, training_args, gv_args), None),  # None: the trainer's own AdamW
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 

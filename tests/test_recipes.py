@@ -181,6 +181,13 @@ def test_deepspeed_launch_on_one_cpu_process(tmp_path, stage):
         assert {k: tuple(v.shape) for k, v in saved.items()} == shapes
 
 
+def test_sft_recipe_uses_the_per_group_learning_rates(tmp_path):
+    res = _run(["recipes/sft.py", "--max_steps", "1", "--output_dir", str(tmp_path / "lr"), "--save_strategy", "no",
+                "--eval_after_training", "false", "--vision_tower_lr", "3e-3", "--projector_lr", "2e-3", *FAST])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "optimizer learning rates: {'vision': 0.003, 'glue': 0.002, 'text': 0.001}" in res.stderr
+
+
 def test_make_optimizer_groups():
     from types import SimpleNamespace
 
