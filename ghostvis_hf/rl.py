@@ -90,15 +90,20 @@ def reward_summary(log_history: list[dict], fraction: float = 0.2) -> dict:
             "window": k}
 
 
-def held_out_accuracy(trainer, processor, args: RLArguments) -> float | None:
-    """Greedy exact match of the current policy on held-out shapes questions (single process only)."""
+def held_out_rows(trainer, args: RLArguments):
+    """Held-out shapes questions of the trained types, or None (other data, 0 samples, or several processes)."""
     if args.dataset_name != "shapes" or not args.num_eval_samples or trainer.args.world_size > 1:
         return None
     from .data.shapes import load_shapes
+
+    return load_shapes("test", num_samples=args.num_eval_samples,
+                       question_types=tuple(args.question_types or ("color", "shape")))
+
+
+def held_out_accuracy(trainer, processor, rows) -> float:
+    """Greedy exact match of the current policy on `rows` (from `held_out_rows`)."""
     from .evaluation.run import evaluate
 
-    rows = load_shapes("test", num_samples=args.num_eval_samples,
-                       question_types=tuple(args.question_types or ("color", "shape")))
     model = trainer.accelerator.unwrap_model(trainer.model)
     was_training = model.training
     result = evaluate(model, processor, "shapes", rows, batch_size=64)
@@ -106,16 +111,16 @@ def held_out_accuracy(trainer, processor, args: RLArguments) -> float | None:
     return result["exact_match"]
 
 
-def finish(trainer, processor, output_dir: str, args: RLArguments, title: str, accuracy_before=None) -> dict:
+def finish(trainer, processor, output_dir: str, args: RLArguments, title: str, held_out=None) -> dict:
     """Saves the policy as a complete checkpoint, plots the reward curve, prints and writes the summary."""
     from .hub import model_card
     from .plotting import plot_learning_curve
 
     trainer.save_model(output_dir)
     summary = reward_summary(trainer.state.log_history)
-    if accuracy_before is not None:
-        summary["held_out_exact_match"] = {"before": accuracy_before, "after": held_out_accuracy(trainer, processor,
-                                                                                                 args)}
+    if held_out is not None:  # (rows, accuracy before training)
+        rows, before = held_out
+        summary["held_out_exact_match"] = {"before": before, "after": held_out_accuracy(trainer, processor, rows)}
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "README.md"), "w") as f:
@@ -163,6 +168,7 @@ def run(trainer_cls, rl_args: RLArguments, training_args, model_args, title: str
     trainer = trainer_cls(model=checkpoint, reward_funcs=reward_funcs, args=training_args,
                           train_dataset=train_dataset, processing_class=processor,
                           peft_config=peft_config_for(model_args))
-    accuracy_before = None if training_args.resume_from_checkpoint else held_out_accuracy(trainer, processor, rl_args)
+    rows = None if training_args.resume_from_checkpoint else held_out_rows(trainer, rl_args)
+    held_out = None if rows is None else (rows, held_out_accuracy(trainer, processor, rows))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    return finish(trainer, processor, training_args.output_dir, rl_args, title, accuracy_before)
+    return finish(trainer, processor, training_args.output_dir, rl_args, title, held_out)
