@@ -32,6 +32,29 @@ declare -A V=(
   [p8_w128_v3L_text3L]="--resampler_type none --config_overrides vision_config.patch_size=8,vision_config.hidden_size=128,vision_config.intermediate_size=256,vision_config.num_hidden_layers=3,text_config.num_hidden_layers=3"
   [p8_w128_text3L_lr2e-3]="--resampler_type none --config_overrides vision_config.patch_size=8,vision_config.hidden_size=128,vision_config.intermediate_size=256,text_config.num_hidden_layers=3 --learning_rate 2e-3"
 )
+# Round 3: variants of the round-2 default (sft_tiny.yaml; its config_overrides are D, repeated where a variant adds
+# to them, since a command-line value replaces the YAML's).
+D="vision_config.patch_size=8,vision_config.hidden_size=128,vision_config.intermediate_size=256,text_config.num_hidden_layers=3"
+V+=(
+  [r3_base]=""
+  [r3_sincos]="--config_overrides $D,vision_position_init=sincos2d"
+  [r3_glue3e-3]="--vision_tower_lr 3e-3 --projector_lr 3e-3"
+  [r3_sincos_glue3e-3]="--config_overrides $D,vision_position_init=sincos2d --vision_tower_lr 3e-3 --projector_lr 3e-3"
+  [r3_epochs2]="--num_train_epochs 2"
+  [r3_sincos_epochs2]="--config_overrides $D,vision_position_init=sincos2d --num_train_epochs 2"
+  [r3_turns6]="--shapes_max_turns 6"
+  [r3_sincos_turns6]="--config_overrides $D,vision_position_init=sincos2d --shapes_max_turns 6"
+  [r3_samples39k]="--num_train_samples 39000"
+  [r3_lr2e-3]="--learning_rate 2e-3"
+  [r3_vision3L]="--config_overrides $D,vision_config.num_hidden_layers=3"
+  [r3_vision_w192]="--config_overrides $D,vision_config.hidden_size=192,vision_config.intermediate_size=384"
+  [r3_vision_heads8]="--config_overrides $D,vision_config.num_attention_heads=8"
+  [r3_text4L]="--config_overrides $D,text_config.num_hidden_layers=4"
+  [r3_text_w192]="--config_overrides $D,text_config.hidden_size=192,text_config.intermediate_size=384"
+  [r3_bs16_lr7e-4]="--per_device_train_batch_size 16 --learning_rate 7e-4"
+  [r3_wd0.05]="--weight_decay 0.05"
+  [r3_lr1.5e-3_warmup60]="--learning_rate 1.5e-3 --warmup_steps 60"
+)
 NAMES=${SWEEP:-${!V[@]}}
 for name in $NAMES; do
   OMP_NUM_THREADS=1 timeout "${SWEEP_TIMEOUT:-1500}" python3 recipes/sft.py --output_dir "$RUNS/$name" --plot false \

@@ -11,6 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 RESAMPLER_TYPES = ("perceiver", "avgpool", "none")
 FEATURE_SELECT_STRATEGIES = ("full", "default")  # "default" drops the first (CLS) token, as LLaVA does
+VISION_POSITION_INITS = ("default", "sincos2d")
 # Written into every config so a saved folder loads through each Auto class with trust_remote_code=True.
 AUTO_MAP = {
     "AutoConfig": "configuration_ghostvis.GhostVisConfig",
@@ -45,6 +46,10 @@ class GhostVisConfig(PretrainedConfig):
             `"full"` keeps every token, `"default"` drops the first (CLS) token (CLIP towers).
         image_token_id (`int`, *optional*): id of the placeholder token the image features replace.
         vision_start_token_id, vision_end_token_id (`int`, *optional*): ids framing each image's placeholder run.
+        vision_position_init (`str`, *optional*, defaults to `"default"`):
+            How a vision tower trained from scratch initialises its learned patch position embeddings: `"default"`
+            (the tower's own random init) or `"sincos2d"` (a fixed 2D sine-cosine table of the patch grid, as in MAE
+            and "Better plain ViT baselines", then trained). Only used when weights are initialised, never on load.
         tie_word_embeddings (`bool`, *optional*): defaults to the text config's value.
     """
 
@@ -66,6 +71,7 @@ class GhostVisConfig(PretrainedConfig):
         image_token_id=None,
         vision_start_token_id=None,
         vision_end_token_id=None,
+        vision_position_init="default",
         tie_word_embeddings=None,
         **kwargs,
     ):
@@ -99,6 +105,11 @@ class GhostVisConfig(PretrainedConfig):
                 f"vision_feature_layer={vision_feature_layer} is out of range for a vision tower with {num_layers} "
                 f"layers; allowed: {-num_layers - 1}..{num_layers}"
             )
+        if vision_position_init not in VISION_POSITION_INITS:
+            raise ValueError(
+                f"vision_position_init={vision_position_init!r} is not supported; allowed: {list(VISION_POSITION_INITS)}"
+            )
+        self.vision_position_init = vision_position_init
         self.resampler_type = resampler_type
         self.num_image_tokens = num_image_tokens
         self.resampler_depth = resampler_depth

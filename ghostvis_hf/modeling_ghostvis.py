@@ -154,6 +154,22 @@ class GhostVisPreTrainedModel(PreTrainedModel):
             init.normal_(module.latents, mean=0.0, std=getattr(self.config.text_config, "initializer_range", 0.02))
 
 
+def sincos_2d_positions(grid: int, dim: int) -> torch.Tensor:
+    """`[grid * grid, dim]` 2D sine-cosine table, row-major like the patch sequence: half the channels encode the
+    row, half the column, each as sin/cos pairs over geometric frequencies (MAE's table)."""
+    if dim % 4:
+        raise ValueError(f"a 2D sine-cosine table needs a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # [dim/4]
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(x):  # [grid*grid] -> [grid*grid, dim/2]
+        angles = x.reshape(-1, 1) * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
 class GhostVisModel(GhostVisPreTrainedModel):
     """Vision tower + resampler + projector + bare decoder; returns hidden states (no LM head)."""
 
@@ -164,6 +180,30 @@ class GhostVisModel(GhostVisPreTrainedModel):
         self.multi_modal_projector = GhostVisProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
+
+    def init_weights(self):
+        super().init_weights()
+        if self.config.vision_position_init == "sincos2d":
+            self._init_vision_positions()
+
+    @torch.no_grad()
+    def _init_vision_positions(self) -> None:
+        # NOTE: here, not in `_init_weights`: transformers initialises the tower's modules with the tower's own
+        # `_init_weights`. `init_weights` runs when weights are initialised (not on load: loading overwrites them).
+        embeddings = getattr(getattr(self.vision_tower, "vision_model", self.vision_tower), "embeddings", None)
+        table = getattr(embeddings, "position_embedding", None)
+        grid = self.config.patch_grid_size
+        if not isinstance(table, nn.Embedding) or table.num_embeddings not in (grid * grid, grid * grid + 1):
+            raise ValueError(
+                f"vision_position_init='sincos2d' needs a vision tower with a learned position embedding per patch of "
+                f"the {grid}x{grid} grid (SigLIP/CLIP style); {type(self.vision_tower).__name__} has none"
+            )
+        if table.weight.is_meta or table.weight.shape != (table.num_embeddings, table.embedding_dim):
+            return  # meta-device construction, or a sharded (ZeRO-3) parameter: weights come later
+        values = sincos_2d_positions(grid, table.embedding_dim).to(table.weight)
+        if table.num_embeddings == grid * grid + 1:  # CLIP: the class token's row first
+            values = torch.cat([torch.zeros_like(values[:1]), values])
+        table.weight.copy_(values)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ghostvis_hf import GhostVisConfig, create
+from ghostvis_hf.modeling_ghostvis import sincos_2d_positions
 from conftest import make_image, user_turn
 
 
@@ -92,6 +93,35 @@ def test_resamplers(resampler, n):
     assert model(**batch).image_hidden_states.shape[1] == processor.num_image_tokens
 
 
+def _position_table(model):
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
+
+
+def test_sincos2d_vision_positions_set_at_init_and_kept_on_load(tmp_path):
+    model, processor = create("tiny", vision_position_init="sincos2d")  # 8x8 grid of 4 px patches, width 64
+    table = _position_table(model)
+    torch.testing.assert_close(table, sincos_2d_positions(8, 64))
+    # Row-major grid: patches 0 and 1 share a row (identical row half), patches 0 and 8 share a column.
+    assert torch.equal(table[0, :32], table[1, :32]) and not torch.equal(table[0, 32:], table[1, 32:])
+    assert torch.equal(table[0, 32:], table[8, 32:]) and not torch.equal(table[0, :32], table[8, :32])
+    default = _position_table(create("tiny")[0])
+    assert not torch.allclose(default, table)
+    with torch.no_grad():
+        table.add_(0.5)  # "trained": loading must keep these values, not re-initialise them
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path)
+    torch.testing.assert_close(_position_table(again), table)
+
+
+def test_sincos2d_on_a_clip_tower_skips_the_class_token():
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=32, patch_size=8)
+    model, _ = create("tiny", vision_config=vision, resampler_type="none", vision_position_init="sincos2d")
+    table = _position_table(model)  # CLIP: class token row first, left at zero
+    assert torch.equal(table[0], torch.zeros(32)) and torch.allclose(table[1:], sincos_2d_positions(4, 32))
+
+
 def test_clip_vision_tower():
     vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=32, patch_size=8)
@@ -111,6 +141,7 @@ def test_clip_vision_tower():
         (dict(resampler_type="avgpool", num_image_tokens=10), "perfect square"),
         (dict(num_image_tokens=0), "positive int"),
         (dict(vision_feature_layer=99), "out of range"),
+        (dict(vision_position_init="rope"), "allowed: \\['default', 'sincos2d'\\]"),
     ],
 )
 def test_invalid_config_values(kwargs, match):

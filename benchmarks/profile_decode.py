@@ -1,0 +1,99 @@
+"""Where a batch-1 decode step of the `1.5b` preset spends its device time (issue 5).
+
+1. Matrix-vector products alone: each decoder projection (and fused q|k|v, gate|up) over 28 distinct weight copies,
+   replayed as one CUDA graph, reported as achieved GB/s against the copy bandwidth.
+2. A kernel profile (torch.profiler) of the engine's captured decode step, eager kernels and compiled.
+
+Usage (GPU): python benchmarks/profile_decode.py [--out DIR] [--batch 1] [--compile]
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def graph_time_ms(fn, n_inner: int) -> float:
+    """Device ms of one `fn()` call, from a CUDA graph of `n_inner` back-to-back calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n_inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (5 * n_inner)
+
+
+def gemv_table(batch: int, layers: int = 28) -> list[dict]:
+    d, kv, ff = 1536, 256, 8960
+    shapes = {"q": (d, d), "k": (kv, d), "v": (kv, d), "qkv fused": (d + 2 * kv, d), "o": (d, d),
+              "gate": (ff, d), "up": (ff, d), "gate|up fused": (2 * ff, d), "down": (d, ff)}
+    rows = []
+    for name, (n_out, n_in) in shapes.items():
+        weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+        x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
+        i = iter(range(10**9))
+
+        def call():
+            return F.linear(x, weights[next(i) % layers])
+
+        ms = graph_time_ms(call, layers)
+        gbytes = n_out * n_in * 2 / 1e9
+        rows.append({"op": name, "shape": [n_out, n_in], "us": 1000 * ms, "GB_s": gbytes / (ms / 1000)})
+        del weights
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--modes", default="graphs,compile")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    report: dict = {"gemv": gemv_table(args.batch)}
+    for row in report["gemv"]:
+        print(f"{row['op']:>14} {str(row['shape']):>14} {row['us']:8.1f} us {row['GB_s']:8.0f} GB/s", flush=True)
+
+    import ghostvis_hf
+    from ghostvis_hf.inference.engine import GenerationEngine
+    from torch.profiler import ProfilerActivity, profile
+
+    model, processor = ghostvis_hf.create("1.5b", dtype=torch.bfloat16, device="cuda")
+    model.eval()
+    for mode in args.modes.split(","):
+        engine = GenerationEngine(model, processor, max_batch_size=args.batch, max_seq_len=384,
+                                  compile=mode == "compile", batch_buckets=[args.batch], seq_buckets=[384])
+        t0 = time.perf_counter()
+        engine.warmup()
+        graph = engine._decode_graphs.graphs[(args.batch, 384)][0]
+        warm = time.perf_counter() - t0
+        step_ms = graph_time_ms(graph.replay, 1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        print(f"== {mode}: {step_ms:.3f} ms per step (warm-up {warm:.1f} s)\n{table}", flush=True)
+        report[mode] = {"step_ms": step_ms, "warmup_s": warm, "kernels": table}
+        engine.close()
+    with open(os.path.join(args.out, "profile_decode.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
