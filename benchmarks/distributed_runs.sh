@@ -8,7 +8,8 @@ OUT=${OUT:-docs/benchmarks}
 RUNS=${RUNS_DIR:-/tmp/ghostvis_runs}
 mkdir -p "$OUT" "$RUNS"
 REPORT="$OUT/distributed.md"
-COMMON="--preset small --max_steps 6 --num_train_samples 512 --num_eval_samples 16 --per_device_train_batch_size 8
+# The small preset's own model: clear the tiny main job's resampler/config overrides (sft_tiny.yaml is the default).
+COMMON="--preset small --resampler_type perceiver --config_overrides= --max_steps 6 --num_train_samples 512 --num_eval_samples 16 --per_device_train_batch_size 8
   --bf16 true --save_strategy no --eval_after_training false --plot false --logging_steps 1 --max_length 512
   --dataloader_num_workers 2 --report_to none"
 {

@@ -139,7 +139,10 @@ def create(preset: str = "tiny", tokenizer=None, dtype=None, device=None, **conf
         if dtype is not None:
             torch.set_default_dtype(dtype)
         with torch.device(device or "cpu"):
-            model = GhostVisForConditionalGeneration(config)
+            # `_from_config`, not the constructor: under DeepSpeed ZeRO-3 it builds the whole model inside one
+            # `zero.Init` (the towers' own `from_config` would otherwise be partitioned in the training dtype while the
+            # glue stayed fp32, and ZeRO-3 refuses parameter groups of mixed dtypes).
+            model = GhostVisForConditionalGeneration._from_config(config)
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

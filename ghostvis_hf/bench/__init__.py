@@ -1,4 +1,4 @@
-"""`ghostvis bench train|generate`: GPU benchmarks that write JSON + a markdown table under `docs/benchmarks/`."""
+"""`ghostvis bench train|generate|quantize`: GPU benchmarks that write JSON + a markdown table under `docs/benchmarks/`."""
 
 import importlib
 import sys
@@ -6,6 +6,7 @@ import sys
 BENCHMARKS = {
     "train": ("ghostvis_hf.bench.train", "training throughput"),
     "generate": ("ghostvis_hf.bench.generate", "generation: stock generate vs the engine, time to first token"),
+    "quantize": ("ghostvis_hf.bench.quantize", "unquantized vs int8 vs nf4: memory, logits agreement, decode speed"),
 }
 
 

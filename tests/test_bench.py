@@ -1,0 +1,23 @@
+"""CPU smoke tests of the GPU benchmarks: they run end to end on the tiny preset and write what they measured."""
+
+import json
+
+from ghostvis_hf.bench import main as bench_main
+
+
+def test_bench_quantize_on_cpu_measures_unquantized_and_reports_why_int8_cannot_run(tmp_path):
+    rc = bench_main(["quantize", "--preset", "tiny", "--device", "cpu", "--modes", "none,int8",
+                     "--prompt-len", "16", "--new-tokens", "4", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    out = json.loads((tmp_path / "quantize.json").read_text())
+    (row,) = out["results"]
+    assert row["mode"] == "none" and row["footprint_gb"] > 0 and row["stock_tok_s"] > 0 and row["engine_tok_s"] > 0
+    assert row["engine_greedy_equals_stock"] is True  # fp32 on the CPU: the engine decodes exactly like generate
+    assert "needs a CUDA GPU" in out["errors"]["int8"]
+    table = (tmp_path / "quantize.md").read_text()
+    assert "| none |" in table and "int8: `RuntimeError: --quantize int8 needs a CUDA GPU" in table
+
+
+def test_bench_unknown_benchmark_is_refused(capsys):
+    assert bench_main(["nope"]) == 2
+    assert "usage: ghostvis bench" in capsys.readouterr().err
