@@ -71,7 +71,9 @@ def starting_checkpoint(model_name_or_path: str | None, output_dir: str, steps: 
     import sys
 
     logger.info("no --model_name_or_path: running %s for %d steps to make %s", sft_recipe, steps, path)
-    subprocess.run([sys.executable, sft_recipe, "--max_steps", str(steps), "--output_dir", path,
+    # Only as many SFT rows as the steps consume (32 per step in the tiny config), not the full main job's data.
+    subprocess.run([sys.executable, sft_recipe, "--max_steps", str(steps), "--num_train_samples", str(32 * steps),
+                    "--output_dir", path,
                     "--save_strategy", "no", "--eval_after_training", "false", "--plot", "false"], check=True)
     return path
 
