@@ -68,8 +68,16 @@ def main() -> None:
     report: dict = {"gemv": gemv_table(args.batch)}
     for row in report["gemv"]:
         print(f"{row['op']:>14} {str(row['shape']):>14} {row['us']:8.1f} us {row['GB_s']:8.0f} GB/s", flush=True)
+    path = os.path.join(args.out, "profile_decode.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+    save()
 
     import ghostvis_hf
+    from ghostvis_hf.bench.generate import gpu_step_ms
     from ghostvis_hf.inference.engine import GenerationEngine
     from torch.profiler import ProfilerActivity, profile
 
@@ -82,7 +90,7 @@ def main() -> None:
         engine.warmup()
         graph = engine._decode_graphs.graphs[(args.batch, 384)][0]
         warm = time.perf_counter() - t0
-        step_ms = graph_time_ms(graph.replay, 1)
+        step_ms = gpu_step_ms(engine, args.batch, 384)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 graph.replay()
@@ -90,9 +98,8 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
         print(f"== {mode}: {step_ms:.3f} ms per step (warm-up {warm:.1f} s)\n{table}", flush=True)
         report[mode] = {"step_ms": step_ms, "warmup_s": warm, "kernels": table}
+        save()
         engine.close()
-    with open(os.path.join(args.out, "profile_decode.json"), "w") as f:
-        json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
