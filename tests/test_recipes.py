@@ -111,6 +111,12 @@ def test_bad_rows_skipped_with_report_or_refused(tiny):
     assert report["skipped"] == {"image_count_mismatch": 1, "image_cut_by_truncation": 1}
     with pytest.raises(ValueError, match="Bad training row 1 \\(image_count_mismatch\\)"):
         validate_rows(ds, processor, max_length=64, policy="error")
+    # Rows are checked in batches: indices and the kept rows must not depend on where a batch ends.
+    clean, report = validate_rows(ds, processor, max_length=64, policy="skip", batch_size=3)
+    assert report["skipped"] == {"image_count_mismatch": 1, "image_cut_by_truncation": 1}
+    assert [r["messages"] for r in clean] == [good["messages"], good["messages"]]
+    with pytest.raises(ValueError, match="Bad training row 2 \\(image_cut_by_truncation\\)"):
+        validate_rows(ds.select([0, 0, 2]), processor, max_length=64, policy="error", batch_size=2)
     unreadable = Dataset.from_list([{"images": [b"not an image"], "messages": good["messages"]}])
     clean, report = validate_rows(unreadable, processor, policy="skip")
     assert len(clean) == 0 and report["skipped"] == {"unreadable_image": 1}
