@@ -74,6 +74,30 @@ def set_cpu_threads(args: GhostVisArguments) -> None:
     logger.info("CPU threads: %d", torch.get_num_threads())
 
 
+def score_labelled_positions_only() -> bool:
+    """Makes TRL's fused LM head score only the labelled positions on the CPU too, as it already does on CUDA.
+
+    TRL computes per-token log-probs over *every* position off Triton devices (fixed tile shapes for compilers such
+    as Neuron's); in the tiny main job only ~15 % of positions carry a label, and the head's forward and backward over
+    the rest were ~20 % of a CPU step. The labelled positions' values are the same either way. Patches one name in
+    `trl.trainer.utils` (TRL 1.x); returns False and changes nothing if that name is gone.
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        return False
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None or getattr(original, "_ghostvis_compact", False):
+        return original is not None
+
+    def use_compact(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    use_compact._ghostvis_compact = True
+    trl_utils._use_triton = use_compact
+    return True
+
+
 def load_model_and_processor(args: GhostVisArguments, model_args, training_args):
     """A GhostVis model + processor from a checkpoint (`model_name_or_path`), backbones, or a preset."""
     from transformers import AutoModelForImageTextToText, AutoProcessor

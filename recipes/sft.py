@@ -34,6 +34,7 @@ from ghostvis_hf.training import (
     load_train_and_eval_data,
     make_optimizer,
     peft_config_for,
+    score_labelled_positions_only,
     set_cpu_threads,
 )
 
@@ -48,6 +49,7 @@ def main(script_args, training_args, model_args, gv_args):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     set_cpu_threads(gv_args)
+    score_labelled_positions_only()
     ################
     # Model
     ################

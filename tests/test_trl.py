@@ -95,3 +95,33 @@ def test_sft_collator_never_labels_image_tokens_even_without_assistant_mask(tiny
                                                          processor.vision_end_token_id]))
     assert image.any() and (batch["labels"][image] == -100).all()
     assert (batch["labels"][~image & (batch["attention_mask"] == 1)] != -100).all()  # the text is still trained on
+
+
+def test_score_labelled_positions_only_keeps_loss_and_gradients(monkeypatch):
+    """The CPU speed-up patch of TRL's fused LM head changes which positions are scored, not the result."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ghostvis_hf import create
+    from ghostvis_hf.training import score_labelled_positions_only
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    torch.manual_seed(0)
+    model, processor = create("tiny")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    batch = processor(text=["<image> What color? red", "<image> Which shape is it? a small square"],
+                      images=[make_image(), make_image()], padding=True, return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[:, : labels.shape[1] // 2] = -100  # only the second half is supervised
+
+    def run():
+        model.zero_grad()
+        out = model(**batch, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out.loss.detach(), model.lm_head.weight.grad.clone()
+
+    full_loss, full_grad = run()
+    assert score_labelled_positions_only() is True
+    assert trl_utils._use_triton(torch.device("cpu")) is True
+    compact_loss, compact_grad = run()
+    torch.testing.assert_close(compact_loss, full_loss)
+    torch.testing.assert_close(compact_grad, full_grad)
