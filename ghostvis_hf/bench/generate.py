@@ -56,6 +56,21 @@ def _gpu_name() -> str:
         return "no nvidia-smi"
 
 
+def machine_name(device) -> str:
+    """The GPU's name and driver on CUDA, else the CPU's."""
+    return _gpu_name() if device.type == "cuda" else platform.processor() or platform.machine()
+
+
+def record_header(out: dict) -> list[str]:
+    """The first markdown lines of a benchmark record: title, machine, versions, command."""
+    return [
+        f"# `ghostvis bench {out['benchmark']}`", "",
+        f"- machine: {out['machine']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()),
+        f"- command: `{out['command']}`",
+    ]
+
+
 def measure_bandwidth(device, gib: float = 2.0) -> float | None:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (None off CUDA)."""
     if device.type != "cuda":
@@ -222,7 +237,7 @@ def main(argv=None) -> int:
     out = {
         "benchmark": "generate",
         "command": "ghostvis bench generate " + " ".join(sys.argv[2:] if argv is None else argv),
-        "machine": _gpu_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "machine": machine_name(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "ghostvis_hf": ghostvis_hf.__version__},
         "preset": args.preset, "dtype": str(dtype).replace("torch.", ""), "prompt_len": args.prompt_len,
@@ -314,11 +329,7 @@ def main(argv=None) -> int:
 
 def markdown(out: dict) -> str:
     roof = out.get("roofline_tok_s_batch1")
-    lines = [
-        "# `ghostvis bench generate`", "",
-        f"- machine: {out['machine']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()),
-        f"- command: `{out['command']}`",
+    lines = record_header(out) + [
         f"- preset `{out['preset']}` ({out['dtype']}, random weights), prompt {out['prompt_len']} tokens, "
         f"{out['new_tokens']} new tokens (EOS ignored), greedy; tok/s = batch x new tokens / wall time incl. prefill",
     ]

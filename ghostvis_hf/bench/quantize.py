@@ -23,7 +23,7 @@ import traceback
 
 import torch
 
-from .generate import _gpu_name, _prompts, _sync, run_engine, run_stock
+from .generate import _prompts, machine_name, record_header, run_engine, run_stock
 
 
 def _parser():
@@ -104,11 +104,12 @@ def main(argv=None) -> int:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = "not installed"
-    out = {"machine": _gpu_name() if device.type == "cuda" else platform.processor() or "cpu", "versions": versions,
+    out = {"benchmark": "quantize", "machine": machine_name(device), "versions": versions,
            "command": "ghostvis bench quantize " + " ".join(argv if argv is not None else sys.argv[2:]),
            "preset": args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "results": [],
            "errors": {}}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)  # the random weights too, so a run is repeatable
     with tempfile.TemporaryDirectory() as tmp:
         model, processor = ghostvis_hf.create(args.preset, dtype=dtype, device=device)
         model.save_pretrained(tmp)
@@ -136,11 +137,7 @@ def main(argv=None) -> int:
 
 def markdown(out: dict) -> str:
     base = next((r for r in out["results"] if r["mode"] == "none"), None)
-    lines = [
-        "# `ghostvis bench quantize`", "",
-        f"- machine: {out['machine']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()),
-        f"- command: `{out['command']}`",
+    lines = record_header(out) + [
         f"- preset `{out['preset']}` (random weights), loaded with `load_model(path, quantize=...)`; vision tower, "
         "resampler, projector and `lm_head` stay bf16. Logits compared with the unquantized model on one image + "
         f"{out['prompt_len']} text tokens; decode: batch 1, {out['new_tokens']} new tokens, greedy.", "",
