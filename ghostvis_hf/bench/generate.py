@@ -5,7 +5,10 @@ For a preset created with random weights (bf16 on the GPU): batch 1 and 32, a 12
 of the memory-bandwidth roofline = (HBM bandwidth measured with a large device copy) / (bytes of the weights one
 decode step reads: decoder + LM head). Then time to first token for a prompt with one image at the vision tower's
 resolution (384 px for `1.5b`), for new images and again for a repeated image (vision cache hit). Engine modes:
-`eager` (no graphs), `graphs` (decode steps in CUDA graphs), `compile` (`torch.compile`d step in CUDA graphs).
+`fused` (the engine's default on CUDA: Triton kernels, `FusedDecoder`, in CUDA graphs), `graphs` (the `transformers`
+decoder forward in CUDA graphs), `eager` (no graphs), `compile` / `compile-tuned` (`torch.compile`d forward in CUDA
+graphs). Stock baselines: `generate` (`stock`) and, with `--stock-cb`, `transformers`' continuous batching
+(`generate_batch`, paged cache, its own CUDA graphs) on the same decoder and weights.
 
     ghostvis bench generate                                                   # on the GPU, writes docs/benchmarks/
     ghostvis bench generate --preset tiny --device cpu --new-tokens 16 --out-dir /tmp/b   # CPU smoke test
@@ -31,9 +34,11 @@ def _parser():
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--modes", default="graphs,eager,compile",
-                   help="engine modes: eager, graphs, compile, compile-tuned (inductor coordinate-descent tuning)")
+    p.add_argument("--modes", default="fused,graphs,compile",
+                   help="engine modes: fused, graphs, eager, compile, compile-tuned (inductor coordinate-descent tuning)")
     p.add_argument("--no-stock", action="store_true", help="skip stock generate (experiments)")
+    p.add_argument("--stock-cb", action="store_true",
+                   help="also time transformers' continuous batching (generate_batch) on the same decoder")
     p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--check-fp32", action="store_true", help="finally: greedy engine vs generate in float32")
     p.add_argument("--ttft-repeats", type=int, default=3)
@@ -116,6 +121,48 @@ def run_stock(model, prompts, new_tokens, device) -> tuple[float, list[list[int]
         out = model.generate(input_ids=ids, **kwargs)
         _sync(device)
     return time.perf_counter() - t0, out[:, ids.shape[1] :].tolist()
+
+
+def causal_lm(model):
+    """The decoder + LM head of `model` as a stock `AutoModelForCausalLM`, sharing its weights (text-only baselines)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.text_config
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    lm.model = model.model.language_model
+    lm.lm_head = model.get_output_embeddings()
+    lm.generation_config = model.generation_config
+    return lm.eval()
+
+
+def run_stock_cb(model, prompts, new_tokens, device) -> tuple[float, list[list[int]]]:
+    """`transformers`' continuous batching (`generate_batch`): one warm-up call that keeps its manager (graphs,
+    paged cache), then the timed call."""
+    from transformers import GenerationConfig
+
+    lm = causal_lm(model)
+    original = lm.config._attn_implementation
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              eos_token_id=None, pad_token_id=0)
+    try:
+        with torch.no_grad():
+            lm.generate_batch(prompts, generation_config=config, persistent_manager=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            out = lm.generate_batch(prompts, generation_config=config, persistent_manager=True)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+        if hasattr(lm, "destroy_cached_continuous_batching_manager"):
+            lm.destroy_cached_continuous_batching_manager()
+    finally:  # continuous batching switches the decoder to a paged attention implementation
+        if lm.config._attn_implementation != original:
+            lm.set_attn_implementation(original)
+    ordered = [out[k] for k in sorted(out, key=lambda k: int("".join(c for c in k if c.isdigit()) or 0))]
+    tokens = [list(o.generated_tokens) for o in ordered]
+    if any(len(t) != new_tokens for t in tokens):
+        raise RuntimeError(f"continuous batching made {[len(t) for t in tokens]} tokens, not {new_tokens} each")
+    return seconds, tokens
 
 
 def run_engine(engine, prompts, new_tokens) -> tuple[float, list[list[int]]]:
@@ -201,8 +248,9 @@ def gpu_step_ms(engine, batch: int, length: int, n: int = 50) -> float | None:
     return start.elapsed_time(end) / n
 
 
-def check_fp32(model, processor, device, new_tokens: int = 32) -> dict:
-    """Greedy engine (CUDA graphs) vs stock `generate` in float32, 4 prompts of different lengths (left-padded)."""
+def check_fp32(model, processor, device, new_tokens: int = 32, fused: bool = False) -> dict:
+    """Greedy engine (CUDA graphs; `fused` decode step or not) vs stock `generate` in float32, 4 prompts of different
+    lengths (left-padded)."""
     from ghostvis_hf.inference import GenerationEngine, SamplingParams
 
     model.float()
@@ -214,12 +262,12 @@ def check_fp32(model, processor, device, new_tokens: int = 32) -> dict:
     with torch.no_grad():
         stock = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens)[:, width:].tolist()
-    engine = GenerationEngine(model, processor, max_batch_size=4, max_seq_len=width + new_tokens)
+    engine = GenerationEngine(model, processor, max_batch_size=4, max_seq_len=width + new_tokens, fused=fused)
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
     together = [r[0].token_ids for r in engine.generate_batch([dict(prompt_ids=p) for p in prompts], params)]
     alone = [engine.generate(prompt_ids=p, params=params)[0].token_ids for p in prompts]
     engine.close()
-    return {"dtype": "float32", "new_tokens": new_tokens, "batch_of_4": _match(together, stock),
+    return {"dtype": "float32", "new_tokens": new_tokens, "fused": fused, "batch_of_4": _match(together, stock),
             "one_at_a_time": _match(alone, stock)}
 
 
@@ -275,15 +323,25 @@ def main(argv=None) -> int:
         prompts = _prompts(batch, args.prompt_len, args.seed)
         seconds, stock_tokens[batch] = run_stock(model, prompts, args.new_tokens, device)
         record("stock", batch, seconds, stock_tokens[batch])
+    for batch in batch_sizes if args.stock_cb else []:
+        try:
+            seconds, tokens = run_stock_cb(model, _prompts(batch, args.prompt_len, args.seed), args.new_tokens, device)
+            row = record("stock-cb", batch, seconds, tokens)
+            if batch in stock_tokens:
+                row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
+            save()
+        except Exception as e:
+            out["errors"][f"stock-cb batch {batch}"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+            traceback.print_exc()
 
     max_seq = args.prompt_len + args.new_tokens
     for mode in [m for m in args.modes.split(",") if m]:
-        if device.type != "cuda" and mode in ("graphs",):
+        if device.type != "cuda" and mode in ("graphs", "fused"):
             continue
         try:
             engine = GenerationEngine(
                 model, processor, max_batch_size=max(batch_sizes), max_seq_len=max_seq,
-                cuda_graphs=mode != "eager" and device.type == "cuda",
+                cuda_graphs=mode != "eager" and device.type == "cuda", fused=mode == "fused",
                 compile={"coordinate_descent_tuning": True} if mode == "compile-tuned" else mode == "compile",
                 batch_buckets=batch_sizes, seq_buckets=[max_seq],
             )
@@ -315,12 +373,14 @@ def main(argv=None) -> int:
             out["errors"][mode] = "".join(traceback.format_exception_only(type(e), e)).strip()
             traceback.print_exc()
             save()
-    if args.check_fp32:
+    for fused in [False, True] if args.check_fp32 else []:
+        if fused and device.type != "cuda":
+            continue
         try:
-            out["check_fp32"] = check_fp32(model, processor, device)
-            print(f"fp32 check: {json.dumps(out['check_fp32'])}", flush=True)
+            out.setdefault("check_fp32", []).append(check_fp32(model, processor, device, fused=fused))
+            print(f"fp32 check: {json.dumps(out['check_fp32'][-1])}", flush=True)
         except Exception as e:
-            out["errors"]["check_fp32"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+            out["errors"][f"check_fp32 fused={fused}"] = "".join(traceback.format_exception_only(type(e), e)).strip()
             traceback.print_exc()
     save()
     print(markdown(out))
@@ -356,9 +416,9 @@ def markdown(out: dict) -> str:
         stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["ttft"].get("stages_new_image", {}).items())
         again = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["ttft"].get("stages_repeated_image", {}).items())
         lines += ["", f"Admission stages (cumulative, with syncs): new image: {stages}; repeated: {again}"]
-    if "check_fp32" in out:
-        c = out["check_fp32"]
-        lines += ["", f"Greedy check in float32 ({c['new_tokens']} tokens, prompts of 128/100/77/50 tokens): "
+    for c in out.get("check_fp32", []):
+        lines += ["", f"Greedy check in float32, engine {'`fused`' if c.get('fused') else '`graphs`'} "
+                  f"({c['new_tokens']} tokens, prompts of 128/100/77/50 tokens): "
                   f"batched {c['batch_of_4']['identical_rows']}/4 and one at a time "
                   f"{c['one_at_a_time']['identical_rows']}/4 rows identical to stock `generate`"]
     if out.get("warmup_s"):

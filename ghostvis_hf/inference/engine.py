@@ -76,11 +76,15 @@ class GenerationEngine:
         batch_buckets, seq_buckets (`list[int]`, *optional*): decode shapes captured as CUDA graphs (a step runs
             in the smallest bucket that fits); default powers of two up to `max_batch_size` / from 256 up to
             `max_seq_len`. Fewer buckets mean fewer captures (and compilations).
+        fused (`bool`, *optional*): decode with `FusedDecoder` (five Triton kernels per layer, stacked q|k|v and
+            gate|up weights) instead of the `transformers` forward; defaults to `True` on CUDA when the decoder is
+            supported, Triton is installed and neither `compile` nor quantization is asked for. `True` raises a
+            `ValueError` naming the reason when it cannot (off CUDA it runs in Triton's interpreter: tests only).
     """
 
     def __init__(self, model, processor, max_batch_size=None, max_seq_len=None, cuda_graphs=None, compile=False,
                  vision_cache_size=256, preprocess_workers=4, max_prefill_tokens=8192, batch_buckets=None,
-                 seq_buckets=None):
+                 seq_buckets=None, fused=None):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -108,6 +112,7 @@ class GenerationEngine:
         install_slot_attention(self.lm)
         self.cache = SlotKVCache.for_model(self.text_config, self.max_batch_size, self.max_seq_len, self.dtype,
                                            self.device)
+        self.fused = self._make_fused(fused, on_cuda and not quantized and not compile, quantized)
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
@@ -166,6 +171,32 @@ class GenerationEngine:
         self.profile = False  # time each admission's stages (with device syncs) into `last_admission`
         self.last_admission: dict = {}
         self.stats = {"steps": 0, "prefills": 0, "images_encoded": 0}
+
+    def _make_fused(self, fused, default: bool, quantized: bool):
+        if fused is False or (fused is None and not default):
+            return None
+        from .fused_decoder import FusedDecoder, unsupported_reason
+
+        reason = "quantized weights" if quantized else unsupported_reason(self.lm)
+        if reason is None:
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                reason = "Triton is not installed"
+        if reason is None and self.device.type != "cuda":
+            from .triton_decode import interpreting
+
+            if not interpreting():
+                reason = f"the model is on {self.device.type} (Triton kernels need CUDA, or TRITON_INTERPRET=1 for tests)"
+        if reason is None and self.compile:
+            reason = "compile=True (the fused step replaces torch.compile)"
+        if reason is not None:
+            if fused:
+                raise ValueError(f"fused=True cannot be used: {reason}")
+            logger.info("fused decoding off: %s", reason)
+            return None
+        with torch.no_grad():
+            return FusedDecoder(self.lm, self.lm_head, self.cache)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -450,6 +481,8 @@ class GenerationEngine:
     # ------------------------------------------------------------------ decode
     def _decode_forward(self, batch: int, length: int) -> torch.Tensor:
         positions = self._positions[:batch]
+        if self.fused is not None:  # reads each row's cache up to its own position: `length` is not needed
+            return self.fused(self._tokens[:batch], positions)
         self.cache.begin_step(self._rows[:batch], positions, batch, length)
         masks = {"full_attention": decode_mask(positions, length)}
         if self.sliding_window:
@@ -472,7 +505,7 @@ class GenerationEngine:
             return
         with torch.no_grad():
             for b in batch_sizes or self.batch_buckets:
-                for n in seq_lens or self.seq_buckets:
+                for n in [self.max_seq_len] if self.fused is not None else seq_lens or self.seq_buckets:
                     key = (self._bucket(self.batch_buckets, b), self._bucket(self.seq_buckets, n))
                     if key not in self._decode_graphs:
                         self._decode_graphs.graphs[key] = self._decode_graphs._capture(key)
@@ -490,7 +523,9 @@ class GenerationEngine:
         if not running:
             return None
         top, need = max(s.slot for s in running) + 1, max(s.pos for s in running) + 1
-        if self.cuda_graphs or self.compile:  # bucketed shapes: one graph / compilation each
+        if self.fused is not None:  # fused attention stops at each row's position: one graph per batch bucket
+            batch, length = (self._bucket(self.batch_buckets, top) if self.cuda_graphs else top), self.max_seq_len
+        elif self.cuda_graphs or self.compile:  # bucketed shapes: one graph / compilation each
             batch, length = self._bucket(self.batch_buckets, top), self._bucket(self.seq_buckets, need)
         else:
             batch, length = top, min(self.max_seq_len, -(-need // 16) * 16)

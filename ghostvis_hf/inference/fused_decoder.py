@@ -1,0 +1,130 @@
+"""`FusedDecoder`: the engine's decode step for Qwen2/Llama-style decoders, five Triton kernels per layer.
+
+It reads the model's own weights; q|k|v and gate|up are stacked once into one contiguous matrix each, and the
+model's `Linear` modules are pointed at row slices of it, so nothing is stored twice and the `transformers` forward
+(prefill, stock `generate`) keeps working on the same numbers. The KV cache is the engine's `SlotKVCache`: row `i`
+of a step is slot `i`, written at `positions[i]`.
+
+Supported: decoders whose layers have `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` with SiLU,
+`input_layernorm`/`post_attention_layernorm` RMSNorms, no sliding-window layers and no per-head q/k norms, a
+power-of-two head dimension, unquantized weights. `unsupported_reason` says why another decoder is not.
+"""
+
+import torch
+
+from .kv_cache import SlotKVCache
+
+
+def unsupported_reason(language_model) -> str | None:
+    """Why the fused decode step cannot run this decoder, or `None` if it can."""
+    config = language_model.config
+    layers = getattr(language_model, "layers", None)
+    if layers is None or not hasattr(language_model, "rotary_emb") or not hasattr(language_model, "norm"):
+        return f"{type(language_model).__name__} has no layers/rotary_emb/norm"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act={config.hidden_act!r} (only silu)"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return "sliding-window layers"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim & (head_dim - 1):
+        return f"head_dim={head_dim} is not a power of two"
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or any(
+            not isinstance(getattr(m, n, None), torch.nn.Linear) for m, n in
+            [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
+             (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
+        ):
+            return "a layer without plain Linear q/k/v/o and gate/up/down projections (quantized?)"
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return "per-head q/k norms"
+        if attn.o_proj.bias is not None or mlp.down_proj.bias is not None or mlp.gate_proj.bias is not None:
+            return "biases on o/gate/up/down projections"
+    if language_model.embed_tokens.weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {language_model.embed_tokens.weight.dtype}"
+    return None
+
+
+def _stack(modules: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
+    """Stacks the modules' `attr` (weight or bias) into one tensor and points each module at its slice."""
+    parts = [getattr(m, attr) for m in modules]
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise ValueError(f"some projections have a {attr} and some do not")
+    first, total = parts[0], sum(p.shape[0] for p in parts)
+    offsets = [first.storage_offset()]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + p.numel())
+    if all(p.is_contiguous() and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+           and p.storage_offset() == o for p, o in zip(parts, offsets)):  # stacked by an earlier engine
+        return first.as_strided((total, *first.shape[1:]), first.stride())
+    stacked = torch.cat([p.detach() for p in parts])
+    row = 0
+    for m, p in zip(modules, parts):
+        getattr(m, attr).data = stacked[row : row + p.shape[0]]
+        row += p.shape[0]
+    return stacked
+
+
+class FusedDecoder:
+    """One decode step of `language_model` + `lm_head` with the kernels of `triton_decode`.
+
+    Args:
+        language_model: the `transformers` decoder (`model.model.language_model`).
+        lm_head (`torch.nn.Linear`)
+        cache (`SlotKVCache`): the engine's KV cache (filled by prefill, written here at each step).
+    """
+
+    def __init__(self, language_model, lm_head, cache: SlotKVCache):
+        reason = unsupported_reason(language_model)
+        if reason:
+            raise ValueError(f"fused decoding does not support this decoder: {reason}")
+        from . import triton_decode
+
+        self.kernels = triton_decode
+        config = language_model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.embed = language_model.embed_tokens
+        self.cache = cache
+        self.lm_head_weight = lm_head.weight
+        if lm_head.bias is not None:
+            raise ValueError("fused decoding does not support an lm_head bias")
+        self.final_norm = (language_model.norm.weight, language_model.norm.variance_epsilon)
+        self.layers = []
+        with torch.no_grad():
+            for layer in language_model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                self.layers.append(dict(
+                    qkv=_stack([attn.q_proj, attn.k_proj, attn.v_proj], "weight"),
+                    qkv_bias=_stack([attn.q_proj, attn.k_proj, attn.v_proj], "bias"),
+                    o=attn.o_proj.weight.contiguous(),
+                    gate_up=_stack([mlp.gate_proj, mlp.up_proj], "weight"),
+                    down=mlp.down_proj.weight.contiguous(),
+                    ln1=layer.input_layernorm.weight, eps1=layer.input_layernorm.variance_epsilon,
+                    ln2=layer.post_attention_layernorm.weight, eps2=layer.post_attention_layernorm.variance_epsilon,
+                    scale=getattr(attn, "scaling", self.head_dim**-0.5),
+                ))
+            # cos/sin for every position, from the decoder's own rotary module (any rope scaling it implements)
+            weight = self.embed.weight
+            positions = torch.arange(cache.max_seq_len, device=weight.device)[None]
+            probe = torch.zeros(1, 1, 1, dtype=weight.dtype, device=weight.device)
+            cos, sin = language_model.rotary_emb(probe, positions)
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_seq, head_dim]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, V]` for `tokens` (`[B]`) at `positions` (`[B]`); row `i` reads and writes cache slot `i`."""
+        k = self.kernels
+        h = self.embed(tokens)  # [B, d]
+        for i, w in enumerate(self.layers):
+            qkv = k.linear(h, w["qkv"], norm_weight=w["ln1"], eps=w["eps1"], bias=w["qkv_bias"])
+            q = k.rope_and_cache(qkv, self.cos, self.sin, positions, self.cache.keys[i], self.cache.values[i],
+                                 self.num_heads, self.num_kv_heads)
+            attn = k.decode_attention(q, self.cache.keys[i], self.cache.values[i], positions, w["scale"])
+            h = k.linear(attn, w["o"], residual=h)
+            act = k.linear(h, w["gate_up"], norm_weight=w["ln2"], eps=w["eps2"], swiglu=True)
+            h = k.linear(act, w["down"], residual=h)
+        norm_weight, eps = self.final_norm
+        return k.linear(h, self.lm_head_weight, norm_weight=norm_weight, eps=eps)

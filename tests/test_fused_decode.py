@@ -1,0 +1,179 @@
+"""FusedDecoder and its Triton kernels against the `transformers` modules they replace.
+
+The kernel tests run on CUDA, or in Triton's interpreter (`TRITON_INTERPRET=1`, which must be set before Triton is
+imported): on a CPU machine `test_in_triton_interpreter` runs this file again in a subprocess with it set.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from ghostvis_hf.inference.triton_decode import interpreting  # noqa: E402
+
+RUNS = torch.cuda.is_available() or interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(not RUNS, reason="needs CUDA or TRITON_INTERPRET=1 (see test_in_triton_interpreter)")
+# Triton's interpreter truncates float32 -> bfloat16 conversions (the GPU rounds to nearest): bf16 on CUDA only.
+DTYPES = [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]
+
+
+def rmsnorm(x, weight, eps):  # transformers' Qwen2RMSNorm, step by step
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def close(actual, expected, dtype):
+    # Accumulation order differs (Triton vs BLAS): allow a couple of ulps of the output dtype, nothing more.
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actual, expected, **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_linear_norm_bias_residual_swiglu(dtype, m):
+    from ghostvis_hf.inference.triton_decode import linear
+
+    g = torch.Generator().manual_seed(m)
+    k, n = 96, 80  # not multiples of the block sizes: masking is exercised
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    x, w, b, nw, res = rand(m, k), rand(n, k, scale=0.1), rand(n), rand(k), rand(m, n)
+    close(linear(x, w, norm_weight=nw, eps=1e-6, bias=b), F.linear(rmsnorm(x, nw, 1e-6), w, b), dtype)
+    close(linear(x, w, residual=res), res + F.linear(x, w), dtype)
+    gate_up = rand(2 * n, k, scale=0.1)
+    expected = F.silu(F.linear(rmsnorm(x, nw, 1e-5), gate_up[:n])) * F.linear(rmsnorm(x, nw, 1e-5), gate_up[n:])
+    close(linear(x, gate_up, norm_weight=nw, eps=1e-5, swiglu=True), expected, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_cache_and_attention_match_transformers(dtype):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from ghostvis_hf.inference.triton_decode import decode_attention, rope_and_cache
+
+    g = torch.Generator().manual_seed(0)
+    m, h, h_kv, d, max_seq = 3, 6, 2, 32, 150
+    positions = torch.tensor([0, 70, 149], device=DEVICE)  # one-token, multi-block and last-column rows
+    k_cache = (torch.randn(4, h_kv, max_seq, d, generator=g)).to(dtype).to(DEVICE)
+    v_cache = (torch.randn(4, h_kv, max_seq, d, generator=g)).to(dtype).to(DEVICE)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(m, (h + 2 * h_kv) * d, generator=g).to(dtype).to(DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.arange(max_seq).float()[:, None] * inv_freq[None]
+    cos = torch.cat([angles, angles], -1).cos().to(dtype).to(DEVICE)
+    sin = torch.cat([angles, angles], -1).sin().to(dtype).to(DEVICE)
+
+    q = rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, h, h_kv)
+    out = decode_attention(q, k_cache, v_cache, positions, d**-0.5)
+
+    q_ref, k_ref, v_ref = qkv.view(m, h + 2 * h_kv, d).split([h, h_kv, h_kv], dim=1)
+    c, s = cos[positions][:, None], sin[positions][:, None]  # [m, 1, d]
+    q_ref, k_ref = apply_rotary_pos_emb(q_ref[:, :, None], k_ref[:, :, None], c, s, unsqueeze_dim=1)
+    close(q, q_ref[:, :, 0], dtype)
+    rows = torch.arange(m, device=DEVICE)
+    close(k_cache[rows, :, positions], k_ref[:, :, 0], dtype)
+    assert torch.equal(v_cache[rows, :, positions], v_ref)
+    untouched = torch.ones(4, max_seq, dtype=torch.bool, device=DEVICE)
+    untouched[rows, positions] = False
+    assert torch.equal(k_cache.transpose(1, 2)[untouched], k_before.transpose(1, 2)[untouched])
+    assert torch.equal(v_cache.transpose(1, 2)[untouched], v_before.transpose(1, 2)[untouched])
+    for i, p in enumerate(positions.tolist()):
+        keys = k_cache[i, :, : p + 1].repeat_interleave(h // h_kv, dim=0)  # [h, p+1, d]
+        values = v_cache[i, :, : p + 1].repeat_interleave(h // h_kv, dim=0)
+        ref = F.scaled_dot_product_attention(q[i][:, None].float(), keys.float(), values.float(), scale=d**-0.5)
+        close(out[i].view(h, d), ref[:, 0].to(dtype), dtype)
+
+
+@needs_kernels
+def test_engine_fused_greedy_equals_generate():
+    """float32: the fused step (prefill by transformers, decode by the kernels) gives stock generate's tokens."""
+    import ghostvis_hf
+    from ghostvis_hf.inference import GenerationEngine, SamplingParams
+
+    torch.manual_seed(0)
+    model, processor = ghostvis_hf.create("tiny", device=DEVICE)
+    with torch.no_grad():  # varied, prompt-dependent greedy outputs (see test_inference.tiny_model)
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    model.eval()
+    prompts = [list(range(100, 106)), [111, 112, 113], list(range(120, 160))]
+    new = 10
+    stock = []
+    for p in prompts:
+        ids = torch.tensor([p], device=DEVICE)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new)
+        stock.append(out[0, len(p) :].tolist())
+    assert len({tuple(s) for s in stock}) == len(stock), "outputs must differ for the check to mean something"
+    engine = GenerationEngine(model, processor, max_batch_size=4, max_seq_len=64, fused=True)
+    try:
+        assert engine.fused is not None
+        params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+        got = [r[0].token_ids for r in engine.generate_batch([dict(prompt_ids=p) for p in prompts], params)]
+        assert got == stock
+        # the model still runs its own forward on the stacked weights (prefill, generate): same tokens again
+        with torch.no_grad():
+            ids = torch.tensor([prompts[0]], device=DEVICE)
+            again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=new, min_new_tokens=new)[0, len(prompts[0]) :].tolist()
+        assert again == stock[0]
+    finally:
+        engine.close()
+
+
+@needs_kernels
+def test_stacked_weights_are_shared_not_copied(tiny):
+    from ghostvis_hf.inference.fused_decoder import FusedDecoder
+    from ghostvis_hf.inference.kv_cache import SlotKVCache
+
+    model, _ = tiny
+    model.to(DEVICE)
+    lm = model.model.language_model
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    cache = SlotKVCache.for_model(lm.config, 2, 32, torch.float32, torch.device(DEVICE))
+    first = FusedDecoder(lm, model.get_output_embeddings(), cache)
+    second = FusedDecoder(lm, model.get_output_embeddings(), cache)  # a second engine re-uses the stacking
+    attn = lm.layers[0].self_attn
+    qkv = first.layers[0]["qkv"]
+    assert qkv.data_ptr() == attn.q_proj.weight.data_ptr() == second.layers[0]["qkv"].data_ptr()
+    assert torch.equal(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    for n, p in lm.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with torch.no_grad():  # in-place weight updates (load_state_dict) reach the stacked matrix
+        attn.k_proj.weight.add_(1.0)
+    assert torch.equal(qkv[attn.q_proj.weight.shape[0] :][: attn.k_proj.weight.shape[0]], attn.k_proj.weight)
+
+
+def test_fused_true_off_cuda_names_the_reason(tiny):
+    from ghostvis_hf.inference import GenerationEngine
+
+    if RUNS:
+        pytest.skip("kernels can run here")
+    with pytest.raises(ValueError, match="fused=True cannot be used"):
+        GenerationEngine(*tiny, fused=True)
+
+
+@pytest.mark.skipif(RUNS, reason="kernels run directly here")
+def test_in_triton_interpreter():
+    """On a CPU machine: this file's kernel tests, run by Triton's interpreter in a subprocess."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x", "-k", "not interpreter and not names_the_reason"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "6 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-500:]
