@@ -2,9 +2,10 @@
 
 1. Matrix-vector products alone: each decoder projection (and fused q|k|v, gate|up) over 28 distinct weight copies,
    replayed as one CUDA graph, reported as achieved GB/s against the copy bandwidth.
-2. A kernel profile (torch.profiler) of the engine's captured decode step, eager kernels and compiled.
+2. A kernel profile (torch.profiler) of the engine's captured decode step (modes: fused, graphs, compile), with
+   every row at position 256 of a 384-column cache.
 
-Usage (GPU): python benchmarks/profile_decode.py [--out DIR] [--batch 1] [--compile]
+Usage (GPU): python benchmarks/profile_decode.py [--out DIR] [--batch 1] [--modes fused,graphs] [--no-gemv]
 """
 
 import argparse
@@ -62,10 +63,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--modes", default="graphs,compile")
+    parser.add_argument("--modes", default="fused,graphs")
+    parser.add_argument("--no-gemv", action="store_true", help="skip part 1")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    report: dict = {"gemv": gemv_table(args.batch)}
+    report: dict = {"gemv": [] if args.no_gemv else gemv_table(args.batch)}
     for row in report["gemv"]:
         print(f"{row['op']:>14} {str(row['shape']):>14} {row['us']:8.1f} us {row['GB_s']:8.0f} GB/s", flush=True)
     path = os.path.join(args.out, "profile_decode.json")
@@ -85,9 +87,12 @@ def main() -> None:
     model.eval()
     for mode in args.modes.split(","):
         engine = GenerationEngine(model, processor, max_batch_size=args.batch, max_seq_len=384,
-                                  compile=mode == "compile", batch_buckets=[args.batch], seq_buckets=[384])
+                                  compile=mode == "compile", batch_buckets=[args.batch], seq_buckets=[384],
+                                  fused=mode == "fused")
         t0 = time.perf_counter()
         engine.warmup()
+        engine._positions.fill_(256)
+        engine._active.zero_()  # replays leave positions where they are
         graph = engine._decode_graphs.graphs[(args.batch, 384)][0]
         warm = time.perf_counter() - t0
         step_ms = gpu_step_ms(engine, args.batch, 384)
@@ -96,8 +101,8 @@ def main() -> None:
                 graph.replay()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
-        print(f"== {mode}: {step_ms:.3f} ms per step (warm-up {warm:.1f} s)\n{table}", flush=True)
-        report[mode] = {"step_ms": step_ms, "warmup_s": warm, "kernels": table}
+        print(f"== {mode} batch {args.batch}: {step_ms:.3f} ms per step (warm-up {warm:.1f} s)\n{table}", flush=True)
+        report[f"{mode} batch {args.batch}"] = {"step_ms": step_ms, "warmup_s": warm, "kernels": table}
         save()
         engine.close()
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
+os.environ.setdefault("GHOSTVIS_AUTOTUNE", "0")  # one kernel config each: every autotuned config is a compilation
 
 from ghostvis_hf.inference.triton_decode import interpreting  # noqa: E402
 
@@ -57,16 +58,17 @@ def test_linear_norm_bias_residual_swiglu(dtype, m):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_cache_and_attention_match_transformers(dtype):
+@pytest.mark.parametrize("splits", [1, 4])
+def test_rope_attention_matches_transformers(dtype, splits):
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-    from ghostvis_hf.inference.triton_decode import decode_attention, rope_and_cache
+    from ghostvis_hf.inference.triton_decode import rope_attention
 
-    g = torch.Generator().manual_seed(0)
-    m, h, h_kv, d, max_seq = 3, 6, 2, 32, 150
-    positions = torch.tensor([0, 70, 149], device=DEVICE)  # one-token, multi-block and last-column rows
-    k_cache = (torch.randn(4, h_kv, max_seq, d, generator=g)).to(dtype).to(DEVICE)
-    v_cache = (torch.randn(4, h_kv, max_seq, d, generator=g)).to(dtype).to(DEVICE)
+    g = torch.Generator().manual_seed(splits)
+    m, h, h_kv, d, max_seq = 4, 6, 2, 32, 150
+    positions = torch.tensor([0, 70, 149, 33], device=DEVICE)  # first, multi-block, last column, one block
+    k_cache = (torch.randn(5, h_kv, max_seq, d, generator=g)).to(dtype).to(DEVICE)
+    v_cache = (torch.randn(5, h_kv, max_seq, d, generator=g)).to(dtype).to(DEVICE)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     qkv = torch.randn(m, (h + 2 * h_kv) * d, generator=g).to(dtype).to(DEVICE)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
@@ -74,25 +76,32 @@ def test_rope_cache_and_attention_match_transformers(dtype):
     cos = torch.cat([angles, angles], -1).cos().to(dtype).to(DEVICE)
     sin = torch.cat([angles, angles], -1).sin().to(dtype).to(DEVICE)
 
-    q = rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, h, h_kv)
-    out = decode_attention(q, k_cache, v_cache, positions, d**-0.5)
+    out = rope_attention(qkv, cos, sin, positions, k_cache, v_cache, h, d**-0.5, splits=splits)
 
     q_ref, k_ref, v_ref = qkv.view(m, h + 2 * h_kv, d).split([h, h_kv, h_kv], dim=1)
     c, s = cos[positions][:, None], sin[positions][:, None]  # [m, 1, d]
     q_ref, k_ref = apply_rotary_pos_emb(q_ref[:, :, None], k_ref[:, :, None], c, s, unsqueeze_dim=1)
-    close(q, q_ref[:, :, 0], dtype)
     rows = torch.arange(m, device=DEVICE)
-    close(k_cache[rows, :, positions], k_ref[:, :, 0], dtype)
+    close(k_cache[rows, :, positions], k_ref[:, :, 0], dtype)  # the new token's k and v are in the cache
     assert torch.equal(v_cache[rows, :, positions], v_ref)
-    untouched = torch.ones(4, max_seq, dtype=torch.bool, device=DEVICE)
+    untouched = torch.ones(5, max_seq, dtype=torch.bool, device=DEVICE)
     untouched[rows, positions] = False
     assert torch.equal(k_cache.transpose(1, 2)[untouched], k_before.transpose(1, 2)[untouched])
     assert torch.equal(v_cache.transpose(1, 2)[untouched], v_before.transpose(1, 2)[untouched])
-    for i, p in enumerate(positions.tolist()):
+    for i, p in enumerate(positions.tolist()):  # SDPA over columns 0..p of the (updated) cache row
         keys = k_cache[i, :, : p + 1].repeat_interleave(h // h_kv, dim=0)  # [h, p+1, d]
         values = v_cache[i, :, : p + 1].repeat_interleave(h // h_kv, dim=0)
-        ref = F.scaled_dot_product_attention(q[i][:, None].float(), keys.float(), values.float(), scale=d**-0.5)
+        ref = F.scaled_dot_product_attention(q_ref[i].float(), keys.float(), values.float(), scale=d**-0.5)
         close(out[i].view(h, d), ref[:, 0].to(dtype), dtype)
+
+
+def test_attention_splits_fill_the_gpu():
+    from ghostvis_hf.inference.triton_decode import attention_splits
+
+    assert attention_splits(1, 2, 4096) == 32  # one row: many programs per KV head
+    assert attention_splits(32, 2, 4096) == 4
+    assert attention_splits(128, 2, 4096) == 1  # enough rows already
+    assert attention_splits(1, 2, 32) == 1  # never more splits than column blocks
 
 
 @needs_kernels
@@ -176,4 +185,4 @@ def test_in_triton_interpreter():
     )
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "6 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-500:]
+    assert "8 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-500:]

@@ -76,7 +76,7 @@ class GenerationEngine:
         batch_buckets, seq_buckets (`list[int]`, *optional*): decode shapes captured as CUDA graphs (a step runs
             in the smallest bucket that fits); default powers of two up to `max_batch_size` / from 256 up to
             `max_seq_len`. Fewer buckets mean fewer captures (and compilations).
-        fused (`bool`, *optional*): decode with `FusedDecoder` (five Triton kernels per layer, stacked q|k|v and
+        fused (`bool`, *optional*): decode with `FusedDecoder` (4-5 Triton kernels per layer, stacked q|k|v and
             gate|up weights) instead of the `transformers` forward; defaults to `True` on CUDA when the decoder is
             supported, Triton is installed and neither `compile` nor quantization is asked for. `True` raises a
             `ValueError` naming the reason when it cannot (off CUDA it runs in Triton's interpreter: tests only).

@@ -1,4 +1,4 @@
-"""`FusedDecoder`: the engine's decode step for Qwen2/Llama-style decoders, five Triton kernels per layer.
+"""`FusedDecoder`: the engine's decode step for Qwen2/Llama-style decoders, 4-5 Triton kernels per layer.
 
 It reads the model's own weights; q|k|v and gate|up are stacked once into one contiguous matrix each, and the
 model's `Linear` modules are pointed at row slices of it, so nothing is stored twice and the `transformers` forward
@@ -118,11 +118,11 @@ class FusedDecoder:
         """Logits `[B, V]` for `tokens` (`[B]`) at `positions` (`[B]`); row `i` reads and writes cache slot `i`."""
         k = self.kernels
         h = self.embed(tokens)  # [B, d]
+        splits = k.attention_splits(tokens.shape[0], self.num_kv_heads, self.cache.max_seq_len)
         for i, w in enumerate(self.layers):
             qkv = k.linear(h, w["qkv"], norm_weight=w["ln1"], eps=w["eps1"], bias=w["qkv_bias"])
-            q = k.rope_and_cache(qkv, self.cos, self.sin, positions, self.cache.keys[i], self.cache.values[i],
-                                 self.num_heads, self.num_kv_heads)
-            attn = k.decode_attention(q, self.cache.keys[i], self.cache.values[i], positions, w["scale"])
+            attn = k.rope_attention(qkv, self.cos, self.sin, positions, self.cache.keys[i], self.cache.values[i],
+                                    self.num_heads, w["scale"], splits)
             h = k.linear(attn, w["o"], residual=h)
             act = k.linear(h, w["gate_up"], norm_weight=w["ln2"], eps=w["eps2"], swiglu=True)
             h = k.linear(act, w["down"], residual=h)

@@ -3,15 +3,17 @@
 A decode step moves every weight once for a handful of tokens, so its time is the weight bytes over the memory
 bandwidth plus a fixed cost per kernel launched (a few microseconds even inside a CUDA graph). Stock `transformers`
 runs ~15 kernels per layer (three separate q/k/v products, norms, RoPE, cache scatters, a masked SDPA call, ...);
-these kernels do a layer in five:
+these kernels do a layer in four or five:
 
-- `linear`: `epilogue(rmsnorm?(x) @ W.T)` for a few rows of `x` (M <= 64). The RMSNorm of the input is computed in
+- `linear`: `epilogue(rmsnorm?(x) @ W.T)` for a few rows of `x` (a matrix-vector kernel for one row, tensor-core
+  tiles for more). The RMSNorm of the input is computed in
   the prologue (x is tiny; every program recomputes it), the epilogue adds a bias, a residual, or applies SwiGLU to a
   stacked `[gate; up]` weight. Used for q|k|v (norm + bias), o (+ residual), gate|up (norm + SwiGLU), down
   (+ residual) and the LM head (final norm).
-- `rope_and_cache`: rotary embedding of q and k, and the write of k and v into the slot KV cache.
-- `decode_attention`: one query token per row against its own slot's cache, grouped-query heads sharing each K/V
-  load, online softmax, reading only columns `0..position` (no mask tensor).
+- `rope_attention`: rotary embedding of q and k, the write of k and v into the slot KV cache, and attention of one
+  query token per row against its own slot's columns `0..position` (no mask tensor): grouped-query heads share each
+  K/V load, online softmax, the columns split over several programs when rows x KV heads would not fill the GPU
+  (flash-decoding), merged by a small `_combine_kernel`.
 
 Rounding follows `transformers`' modules step by step (each bf16 intermediate is rounded where theirs is), so
 outputs differ from stock only by accumulation order. Off CUDA they run only in Triton's interpreter (`TRITON_INTERPRET=1` before
@@ -38,8 +40,9 @@ _jit = triton.jit
 
 
 def _autotune(configs, key):
-    """`triton.autotune` on CUDA; the interpreter takes the first config (timings would mean nothing there)."""
-    if INTERPRET:
+    """`triton.autotune` on CUDA; the interpreter takes the first config (timings would mean nothing there), and so
+    does `GHOSTVIS_AUTOTUNE=0` (tests: each config is a compilation)."""
+    if INTERPRET or os.environ.get("GHOSTVIS_AUTOTUNE", "1") == "0":
         first = configs[0]
 
         def wrap(fn):
@@ -57,16 +60,22 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
-_LINEAR_CONFIGS = [
+_DOT_CONFIGS = [  # M >= 2: tensor-core tiles, M padded to 16/32/64
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [
         (16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
         (16, 512, 8, 2), (32, 64, 4, 5),
     ]
 ]
+_GEMV_CONFIGS = [  # M == 1: a few weight rows per program, reduced on CUDA cores
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [
+        (8, 256, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (4, 1024, 4, 2),
+        (2, 1024, 4, 3), (32, 128, 4, 4),
+    ]
+]
 
 
-@_autotune(_LINEAR_CONFIGS, key=["M", "N", "K", "BLOCK_M", "NORM", "SWIGLU"])
 @_jit
 def _linear_kernel(
     x_ptr, w_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr,
@@ -102,14 +111,19 @@ def _linear_kernel(
             xt = (xt.to(tl.float32) * rstd[:, None]).to(dtype)
             xt = (g[None, :] * xt.to(tl.float32)).to(dtype)
         wt = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if F32_DOT:
+        if BLOCK_M == 1:  # matrix-vector: multiply-add on CUDA cores, no padding of x to a tensor-core tile
+            xv = tl.sum(xt.to(tl.float32), axis=0)
+            acc += tl.sum(wt.to(tl.float32) * xv[None, :], axis=1)[None, :]
+        elif F32_DOT:
             acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(xt, tl.trans(wt))
         if SWIGLU:  # the up rows sit N rows below the gate rows of the stacked weight
             ut = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
                          other=0.0)
-            if F32_DOT:
+            if BLOCK_M == 1:
+                acc_up += tl.sum(ut.to(tl.float32) * xv[None, :], axis=1)[None, :]
+            elif F32_DOT:
                 acc_up += tl.dot(xt.to(tl.float32), tl.trans(ut.to(tl.float32)), input_precision="ieee")
             else:
                 acc_up += tl.dot(xt, tl.trans(ut))
@@ -128,8 +142,13 @@ def _linear_kernel(
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=mask)
 
 
+_KEY = ["M", "N", "K", "NORM", "SWIGLU"]
+_linear_dot = _autotune(_DOT_CONFIGS, key=_KEY)(_linear_kernel)
+_linear_gemv = _autotune(_GEMV_CONFIGS, key=_KEY)(_linear_kernel)
+
+
 def _block_m(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swiglu=False):
@@ -154,7 +173,7 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
         assert residual.shape == (m, n) and residual.stride() == out.stride()
     bm = _block_m(m)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm))  # noqa: E731
-    _linear_kernel[grid](
+    (_linear_gemv if bm == 1 else _linear_dot)[grid](
         x, weight, norm_weight if norm_weight is not None else x, bias if bias is not None else x,
         residual if residual is not None else x, out, m, n, k, x.stride(0), out.stride(0), eps,
         BLOCK_M=bm, NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
@@ -164,75 +183,48 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
 
 
 @_jit
-def _rope_cache_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-    stride_qkv, stride_cs, stride_cb, stride_ch, stride_cs_pos, max_pos,
-    H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr,
-):
-    row, head = tl.program_id(0), tl.program_id(1)
-    dtype = q_out_ptr.dtype.element_ty
-    half = tl.arange(0, D // 2)
-    pos = tl.minimum(tl.maximum(tl.load(pos_ptr + row), 0), max_pos)
-    base = qkv_ptr + row * stride_qkv + head * D
-    x1 = tl.load(base + half).to(tl.float32)
-    x2 = tl.load(base + D // 2 + half).to(tl.float32)
-    if head < H + H_KV:  # q or k head: rotate. As transformers: q*cos + rotate_half(q)*sin, each product rounded
-        c1 = tl.load(cos_ptr + pos * stride_cs + half).to(tl.float32)
-        c2 = tl.load(cos_ptr + pos * stride_cs + D // 2 + half).to(tl.float32)
-        s1 = tl.load(sin_ptr + pos * stride_cs + half).to(tl.float32)
-        s2 = tl.load(sin_ptr + pos * stride_cs + D // 2 + half).to(tl.float32)
-        lo = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
-        hi = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
-        if head < H:
-            dst = q_out_ptr + (row * H + head) * D
-        else:
-            dst = k_cache_ptr + row * stride_cb + (head - H) * stride_ch + pos * stride_cs_pos
-        tl.store(dst + half, lo)
-        tl.store(dst + D // 2 + half, hi)
-    else:  # v head: copy into the cache
-        dst = v_cache_ptr + row * stride_cb + (head - H - H_KV) * stride_ch + pos * stride_cs_pos
-        tl.store(dst + half, x1.to(dtype))
-        tl.store(dst + D // 2 + half, x2.to(dtype))
-
-
-def rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, num_heads: int, num_kv_heads: int):
-    """Rotates q and k of `qkv` (`[M, (H + 2 H_kv) D]`) at `positions` (`[M]`), writes k and v into row `i` of the
-    caches (`[max_batch, H_kv, max_seq, D]`) at column `positions[i]`; returns the rotated q, `[M, H, D]`."""
-    m = qkv.shape[0]
-    d = k_cache.shape[-1]
-    q = torch.empty(m, num_heads, d, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(m, num_heads + 2 * num_kv_heads)](
-        qkv, cos, sin, positions, q, k_cache, v_cache,
-        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2] - 1,
-        H=num_heads, H_KV=num_kv_heads, D=d,
-    )
-    return q
-
-
-@_jit
-def _decode_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, scale,
-    stride_cb, stride_ch, stride_cs, max_pos,
+def _rope_attention_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, ml_ptr, scale,
+    stride_qkv, stride_cos, stride_cb, stride_ch, stride_cs, max_pos,
     H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    SPLITS: tl.constexpr, F32_DOT: tl.constexpr,
 ):
-    row, kv_head = tl.program_id(0), tl.program_id(1)
+    row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     group: tl.constexpr = H // H_KV
     dtype = out_ptr.dtype.element_ty
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     g_ok = g < group
     heads = kv_head * group + g
-    q = tl.load(q_ptr + (row * H + heads)[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
     pos = tl.minimum(tl.maximum(tl.load(pos_ptr + row), 0), max_pos)
+
+    # RoPE as transformers applies it: x*cos + rotate_half(x)*sin, each product rounded to the model dtype
+    cos = tl.load(cos_ptr + pos * stride_cos + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cos + d).to(tl.float32)
+    swap = (d + D // 2) % D  # rotate_half(x)[d] = -x[d + D/2] (first half), x[d - D/2] (second half)
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    base = qkv_ptr + row * stride_qkv
+    q = tl.load(base + heads[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q_sw = tl.load(base + heads[:, None] * D + swap[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q = ((q * cos[None, :]).to(dtype).to(tl.float32)
+         + (q_sw * sign[None, :] * sin[None, :]).to(dtype).to(tl.float32)).to(dtype)
+    k_cur = tl.load(base + (H + kv_head) * D + d).to(tl.float32)
+    k_sw = tl.load(base + (H + kv_head) * D + swap).to(tl.float32)
+    k_cur = ((k_cur * cos).to(dtype).to(tl.float32) + (k_sw * sign * sin).to(dtype).to(tl.float32)).to(dtype)
+    v_cur = tl.load(base + (H + H_KV + kv_head) * D + d)
+
+    # this program's share of the cached columns 0..pos-1 (column pos is the current token, held in registers)
+    chunk = tl.cdiv(tl.cdiv(pos + 1, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, pos + 1)
     kv_base = row * stride_cb + kv_head * stride_ch
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    for start in range(0, pos + 1, BLOCK_N):
-        n = start + cols
-        n_ok = n <= pos
+    for s0 in range(start, tl.minimum(end, pos), BLOCK_N):  # every block holds >= 1 cached column
+        n = s0 + cols
+        n_ok = n < tl.minimum(end, pos)
         offs = kv_base + n[:, None] * stride_cs + d[None, :]
         k = tl.load(k_cache_ptr + offs, mask=n_ok[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offs, mask=n_ok[:, None], other=0.0)
@@ -250,19 +242,70 @@ def _decode_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + (row * H + heads)[:, None] * D + d[None, :], out.to(dtype), mask=g_ok[:, None])
+    if (pos >= start) & (pos < end):  # the current token: attend to it and write it to the cache
+        s_cur = tl.sum(q.to(tl.float32) * k_cur.to(tl.float32)[None, :], axis=1) * scale
+        m_new = tl.maximum(m_i, s_cur)
+        alpha = tl.exp(m_i - m_new)
+        p_cur = tl.exp(s_cur - m_new)
+        l_i = l_i * alpha + p_cur
+        acc = acc * alpha[:, None] + p_cur.to(dtype).to(tl.float32)[:, None] * v_cur.to(tl.float32)[None, :]
+        m_i = m_new
+        tl.store(k_cache_ptr + kv_base + pos * stride_cs + d, k_cur)
+        tl.store(v_cache_ptr + kv_base + pos * stride_cs + d, v_cur)
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + (row * H + heads)[:, None] * D + d[None, :], out.to(dtype), mask=g_ok[:, None])
+    else:  # partial results; `_combine_kernel` merges the splits
+        idx = (row * H + heads) * SPLITS + split
+        tl.store(part_ptr + idx[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(ml_ptr + idx * 2, m_i, mask=g_ok)
+        tl.store(ml_ptr + idx * 2 + 1, l_i, mask=g_ok)
 
 
-def decode_attention(q, k_cache, v_cache, positions, scale: float):
-    """Row `i`'s query heads (`q`: `[M, H, D]`) attend to columns `0..positions[i]` of cache row `i`; `[M, H * D]`."""
-    m, h, d = q.shape
-    h_kv = k_cache.shape[1]
-    out = torch.empty(m, h * d, dtype=q.dtype, device=q.device)
-    block_g = max(16, triton.next_power_of_2(h // h_kv))
-    _decode_attention_kernel[(m, h_kv)](
-        q, k_cache, v_cache, positions, out, scale,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2] - 1,
-        H=h, H_KV=h_kv, D=d, BLOCK_G=block_g, BLOCK_N=64, F32_DOT=INTERPRET or q.dtype == torch.float32,
+@_jit
+def _combine_kernel(part_ptr, ml_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.constexpr):
+    head_row = tl.program_id(0)  # row * H + head
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    m = tl.load(ml_ptr + (head_row * SPLITS + sp) * 2)
+    l_s = tl.load(ml_ptr + (head_row * SPLITS + sp) * 2 + 1)
+    w = tl.exp(m - tl.max(m, axis=0))  # empty splits: m = -inf, weight 0
+    part = tl.load(part_ptr + (head_row * SPLITS + sp)[:, None] * D + d[None, :])
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
+    tl.store(out_ptr + head_row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def attention_splits(rows: int, num_kv_heads: int, max_seq_len: int, block_n: int = 32, target: int = 256) -> int:
+    """How many programs share one row's columns: enough programs in all to fill the GPU (a power of two)."""
+    want = max(1, min(target // max(1, rows * num_kv_heads), triton.cdiv(max_seq_len, block_n), 32))
+    return 1 << (want.bit_length() - 1)
+
+
+def rope_attention(qkv, cos, sin, positions, k_cache, v_cache, num_heads: int, scale: float, splits: int = 1):
+    """Decode attention for one new token per row, rotary embedding and cache write included.
+
+    Row `i` of `qkv` (`[M, (H + 2 H_kv) D]`, the output of the q|k|v projection) is at `positions[i]`: its q and k
+    are rotated with `cos`/`sin` (`[max_seq, D]`), its k and v written to row `i` of the caches
+    (`[max_batch, H_kv, max_seq, D]`) at that column, and its query heads attend to columns `0..positions[i]`
+    (grouped-query heads share each K/V load; `splits` programs share a row's columns, merged afterwards).
+
+    Returns:
+        `torch.Tensor` of shape `[M, H * D]`.
+    """
+    m = qkv.shape[0]
+    h_kv, d = k_cache.shape[1], k_cache.shape[-1]
+    out = torch.empty(m, num_heads * d, dtype=qkv.dtype, device=qkv.device)
+    part = ml = out
+    if splits > 1:
+        part = torch.empty(m * num_heads * splits, d, dtype=torch.float32, device=qkv.device)
+        ml = torch.empty(m * num_heads * splits, 2, dtype=torch.float32, device=qkv.device)
+    f32 = INTERPRET or qkv.dtype == torch.float32
+    _rope_attention_kernel[(m, h_kv, splits)](
+        qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, scale,
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2] - 1,
+        H=num_heads, H_KV=h_kv, D=d, BLOCK_G=max(16, triton.next_power_of_2(num_heads // h_kv)), BLOCK_N=32,
+        SPLITS=splits, F32_DOT=f32,
     )
+    if splits > 1:
+        _combine_kernel[(m * num_heads,)](part, ml, out, SPLITS=splits, D=d)
     return out
