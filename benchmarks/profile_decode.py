@@ -40,21 +40,40 @@ def graph_time_ms(fn, n_inner: int) -> float:
 
 
 def gemv_table(batch: int, layers: int = 28) -> list[dict]:
-    d, kv, ff = 1536, 256, 8960
+    """cuBLAS (`F.linear`) per projection, and the fused Triton `linear` (with its norm/bias/residual/SwiGLU) for
+    the products the fused decode step runs."""
+    from ghostvis_hf.inference.triton_decode import linear
+
+    d, kv, ff, vocab = 1536, 256, 8960, 151936
     shapes = {"q": (d, d), "k": (kv, d), "v": (kv, d), "qkv fused": (d + 2 * kv, d), "o": (d, d),
-              "gate": (ff, d), "up": (ff, d), "gate|up fused": (2 * ff, d), "down": (d, ff)}
+              "gate": (ff, d), "up": (ff, d), "gate|up fused": (2 * ff, d), "down": (d, ff), "lm_head": (vocab, d)}
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    norm, res = torch.ones(d, **bf16), torch.randn(batch, d, **bf16)
+    fused = {  # the Triton call for each product of the fused step
+        "qkv fused": lambda x, w: linear(x, w, norm_weight=norm, bias=w[:, 0]),
+        "o": lambda x, w: linear(x, w, residual=x),
+        "gate|up fused": lambda x, w: linear(x, w, norm_weight=norm, swiglu=True),
+        "down": lambda x, w: linear(x, w, residual=res),
+        "lm_head": lambda x, w: linear(x, w, norm_weight=norm),
+    }
     rows = []
     for name, (n_out, n_in) in shapes.items():
-        weights = [torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
-        x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
-        i = iter(range(10**9))
-
-        def call():
-            return F.linear(x, weights[next(i) % layers])
-
-        ms = graph_time_ms(call, layers)
+        copies = 2 if name == "lm_head" else layers
+        weights = [torch.randn(n_out, n_in, **bf16) * 0.02 for _ in range(copies)]
+        x = torch.randn(batch, n_in, **bf16)
         gbytes = n_out * n_in * 2 / 1e9
-        rows.append({"op": name, "shape": [n_out, n_in], "us": 1000 * ms, "GB_s": gbytes / (ms / 1000)})
+        row = {"op": name, "shape": [n_out, n_in]}
+        for impl, fn in [("cublas", F.linear), ("triton", fused.get(name))]:
+            if fn is None:
+                continue
+            i = iter(range(10**9))
+
+            def call(fn=fn):
+                return fn(x, weights[next(i) % copies])
+
+            ms = graph_time_ms(call, copies)
+            row[f"{impl}_us"], row[f"{impl}_GB_s"] = 1000 * ms, gbytes / (ms / 1000)
+        rows.append(row)
         del weights
     return rows
 
@@ -69,7 +88,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     report: dict = {"gemv": [] if args.no_gemv else gemv_table(args.batch)}
     for row in report["gemv"]:
-        print(f"{row['op']:>14} {str(row['shape']):>14} {row['us']:8.1f} us {row['GB_s']:8.0f} GB/s", flush=True)
+        triton_part = f"  triton {row['triton_us']:8.1f} us {row['triton_GB_s']:6.0f} GB/s" if "triton_us" in row else ""
+        print(f"{row['op']:>14} {str(row['shape']):>16} cublas {row['cublas_us']:8.1f} us {row['cublas_GB_s']:6.0f} GB/s"
+              f"{triton_part}", flush=True)
     path = os.path.join(args.out, "profile_decode.json")
 
     def save():
