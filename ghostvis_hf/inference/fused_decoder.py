@@ -1,4 +1,5 @@
-"""`FusedDecoder`: the engine's decode step for Qwen2/Llama-style decoders, 4-5 Triton kernels per layer.
+"""`FusedDecoder`: the engine's decode step for Qwen2/Llama-style decoders with Triton kernels: 4-5 per layer for
+one row, cuBLAS products with Triton norm / SwiGLU / attention kernels between them for several rows.
 
 It reads the model's own weights; q|k|v and gate|up are stacked once into one contiguous matrix each, and the
 model's `Linear` modules are pointed at row slices of it, so nothing is stored twice and the `transformers` forward
@@ -115,16 +116,34 @@ class FusedDecoder:
             self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_seq, head_dim]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, V]` for `tokens` (`[B]`) at `positions` (`[B]`); row `i` reads and writes cache slot `i`."""
+        """Logits `[B, V]` for `tokens` (`[B]`) at `positions` (`[B]`); row `i` reads and writes cache slot `i`.
+
+        One row: every product is a Triton matrix-vector kernel with the norm / bias / SwiGLU / residual fused in.
+        Several rows: the products are cuBLAS matrix multiplications (faster than Triton tiles there; bias and
+        residual ride in `addmm`), with Triton RMSNorm and SwiGLU kernels between them. (`addmm` adds the residual
+        before rounding the product, one rounding fewer than `transformers`' eager modules.)
+        """
         k = self.kernels
         h = self.embed(tokens)  # [B, d]
         splits = k.attention_splits(tokens.shape[0], self.num_kv_heads, self.cache.max_seq_len)
+        one_row = tokens.shape[0] == 1
         for i, w in enumerate(self.layers):
-            qkv = k.linear(h, w["qkv"], norm_weight=w["ln1"], eps=w["eps1"], bias=w["qkv_bias"])
+            if one_row:
+                qkv = k.linear(h, w["qkv"], norm_weight=w["ln1"], eps=w["eps1"], bias=w["qkv_bias"])
+            else:
+                x = k.rmsnorm(h, w["ln1"], w["eps1"])
+                qkv = x @ w["qkv"].t() if w["qkv_bias"] is None else torch.addmm(w["qkv_bias"], x, w["qkv"].t())
             attn = k.rope_attention(qkv, self.cos, self.sin, positions, self.cache.keys[i], self.cache.values[i],
                                     self.num_heads, w["scale"], splits)
-            h = k.linear(attn, w["o"], residual=h)
-            act = k.linear(h, w["gate_up"], norm_weight=w["ln2"], eps=w["eps2"], swiglu=True)
-            h = k.linear(act, w["down"], residual=h)
+            if one_row:
+                h = k.linear(attn, w["o"], residual=h)
+                act = k.linear(h, w["gate_up"], norm_weight=w["ln2"], eps=w["eps2"], swiglu=True)
+                h = k.linear(act, w["down"], residual=h)
+            else:
+                h = torch.addmm(h, attn, w["o"].t())
+                act = k.swiglu(k.rmsnorm(h, w["ln2"], w["eps2"]) @ w["gate_up"].t())
+                h = torch.addmm(h, act, w["down"].t())
         norm_weight, eps = self.final_norm
-        return k.linear(h, self.lm_head_weight, norm_weight=norm_weight, eps=eps)
+        if one_row:
+            return k.linear(h, self.lm_head_weight, norm_weight=norm_weight, eps=eps)
+        return k.rmsnorm(h, norm_weight, eps) @ self.lm_head_weight.t()

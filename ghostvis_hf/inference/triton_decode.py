@@ -310,3 +310,43 @@ def rope_attention(qkv, cos, sin, positions, k_cache, v_cache, num_heads: int, s
     if splits > 1:
         _combine_kernel[(m * num_heads,)](part, ml, out, SPLITS=splits, D=d)
     return out
+
+
+@_jit
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, stride_x, eps, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    dtype = out_ptr.dtype.element_ty
+    k = tl.arange(0, BLOCK_K)
+    ok = k < K
+    x = tl.load(x_ptr + row * stride_x + k, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+    w = tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * K + k, (w * (x * rstd).to(dtype).to(tl.float32)).to(dtype), mask=ok)
+
+
+def rmsnorm(x, weight, eps: float):
+    """`transformers`' RMSNorm of each row of `x` (`[M, K]`, K up to a few thousand), rounded as it rounds."""
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=x.dtype, device=x.device)
+    _rmsnorm_kernel[(m,)](x, weight, out, k, x.stride(0), eps, BLOCK_K=triton.next_power_of_2(k))
+    return out
+
+
+@_jit
+def _swiglu_kernel(gu_ptr, out_ptr, N, stride_gu, BLOCK: tl.constexpr):
+    row, block = tl.program_id(0), tl.program_id(1)
+    dtype = out_ptr.dtype.element_ty
+    n = block * BLOCK + tl.arange(0, BLOCK)
+    ok = n < N
+    gate = tl.load(gu_ptr + row * stride_gu + n, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptr + row * stride_gu + N + n, mask=ok, other=0.0).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(dtype)
+    tl.store(out_ptr + row * N + n, (act.to(tl.float32) * up).to(dtype), mask=ok)
+
+
+def swiglu(gate_up):
+    """`silu(gate) * up` for `gate_up = [gate | up]` (`[M, 2N]`), rounded as `transformers`' MLP rounds."""
+    m, n2 = gate_up.shape
+    out = torch.empty(m, n2 // 2, dtype=gate_up.dtype, device=gate_up.device)
+    _swiglu_kernel[(m, triton.cdiv(n2 // 2, 1024))](gate_up, out, n2 // 2, gate_up.stride(0), BLOCK=1024)
+    return out
