@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="bfloat16, float16 or float32")
     p.add_argument("--max-batch-size", type=int, help="sequences decoded together")
     p.add_argument("--max-seq-len", type=int, help="context per sequence")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
+    p.add_argument("--compile", action="store_true", help="decode with the torch.compiled transformers forward instead of the fused Triton step (CUDA)")
     p.add_argument("--log-level", default="info")
     return p
 
