@@ -5,6 +5,7 @@ imported): on a CPU machine `test_in_triton_interpreter` runs this file again in
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -199,4 +200,27 @@ def test_in_triton_interpreter():
     )
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "9 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-500:]
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 9 and "skipped" not in proc.stdout, proc.stdout[-500:]
+
+
+def test_checkpoint_saved_after_stacking_reloads_equal(tiny, tmp_path):
+    """An engine points the model's q/k/v and gate/up weights at slices of stacked matrices; saving the model
+    afterwards must still write every tensor in full."""
+    from transformers import AutoModelForImageTextToText
+
+    from ghostvis_hf.inference.fused_decoder import _stack
+
+    model, _ = tiny
+    for layer in model.model.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _stack([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
+        _stack([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
+        _stack([mlp.gate_proj, mlp.up_proj], "weight")
+        assert attn.k_proj.weight.data_ptr() > qkv.data_ptr()  # really a view into the stacked matrix
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True).state_dict()
+    assert reloaded.keys() == expected.keys()
+    for key, value in reloaded.items():
+        assert torch.equal(value, expected[key]), key
