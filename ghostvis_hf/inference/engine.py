@@ -112,7 +112,7 @@ class GenerationEngine:
         install_slot_attention(self.lm)
         self.cache = SlotKVCache.for_model(self.text_config, self.max_batch_size, self.max_seq_len, self.dtype,
                                            self.device)
-        self.fused = self._make_fused(fused, on_cuda and not quantized and not compile, quantized)
+        self.fused = self._make_fused(fused, quantized)
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
@@ -172,8 +172,9 @@ class GenerationEngine:
         self.last_admission: dict = {}
         self.stats = {"steps": 0, "prefills": 0, "images_encoded": 0}
 
-    def _make_fused(self, fused, default: bool, quantized: bool):
-        if fused is False or (fused is None and not default):
+    def _make_fused(self, fused, quantized: bool):
+        """A `FusedDecoder`, or None. `fused=None` means: on CUDA where it can run, unless `compile` is asked for."""
+        if fused is False or (fused is None and (self.compile or self.device.type != "cuda")):
             return None
         from .fused_decoder import FusedDecoder, unsupported_reason
 
