@@ -84,10 +84,8 @@ class FusedDecoder:
         from . import triton_decode
 
         self.kernels = triton_decode
-        config = language_model.config
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_heads = language_model.config.num_attention_heads
+        self.num_kv_heads, self.head_dim = cache.keys[0].shape[1], cache.keys[0].shape[-1]  # as the cache was sized
         self.embed = language_model.embed_tokens
         self.cache = cache
         self.lm_head_weight = lm_head.weight
