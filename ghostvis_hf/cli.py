@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "init": ("ghostvis_hf.hub", "main_init", "write a randomly initialised checkpoint from a preset"),
+    "upgrade": ("ghostvis_hf.hub", "main_upgrade", "refresh a checkpoint's code files (after a transformers upgrade)"),
     "compose": ("ghostvis_hf.compose", "main", "build GhostVis from a pretrained LM and vision encoder"),
     "eval": ("ghostvis_hf.evaluation.run", "main", "evaluate a checkpoint on shapes/vqav2/textvqa/chartqa/coco"),
     "chat": ("ghostvis_hf.inference.chat", "main", "interactive or one-shot chat with a checkpoint"),

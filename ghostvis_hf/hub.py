@@ -1,4 +1,5 @@
-"""Writing complete checkpoint folders (weights, config, processor, code files, model card) and `ghostvis init`.
+"""Writing complete checkpoint folders (weights, config, processor, code files, model card), `ghostvis init` and
+`ghostvis upgrade` (refreshes the code files of a folder saved by an older GhostVis).
 
 A folder written here is what `push_to_hub` uploads and what `from_pretrained(..., trust_remote_code=True)` reads:
 `save_pretrained` already copies the modeling/configuration/processing files (the classes are registered for the
@@ -7,6 +8,8 @@ Auto classes in `ghostvis_hf/__init__.py`); this module adds the model card.
 
 import argparse
 import os
+import shutil
+import tempfile
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -87,4 +90,53 @@ def main_init(argv=None) -> int:
     model, processor = create(args.preset)
     save_checkpoint(model, processor, args.out, origin=f"Randomly initialised from the `{args.preset}` preset.")
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+    return 0
+
+
+# The files `save_pretrained` copies next to the weights for `trust_remote_code` (the Auto classes' modules).
+CODE_FILES = ("configuration_ghostvis.py", "modeling_ghostvis.py", "processing_ghostvis.py")
+
+
+def upgrade_code_files(folder: str) -> list[str]:
+    """Replaces a checkpoint folder's GhostVis code files with this package's, leaving weights and configs alone.
+
+    A folder saved before GhostVis followed transformers' renames (e.g. 5.24's `past_key_values` -> `cache`) carries
+    code that newer transformers releases cannot run; this is the one-step fix. Each file is written to a temporary
+    name and moved into place, so an interrupted upgrade leaves every file either old or new, never half-written.
+
+    Args:
+        folder: a local checkpoint folder (one with `config.json` and GhostVis's code files).
+
+    Returns:
+        The names of the files that changed.
+    """
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder!r} is not a checkpoint folder (no config.json)")
+    present = [name for name in CODE_FILES if os.path.isfile(os.path.join(folder, name))]
+    if not present:
+        raise ValueError(f"{folder!r} has none of GhostVis's code files {CODE_FILES}: not a GhostVis checkpoint")
+    here = os.path.dirname(os.path.abspath(__file__))
+    changed = []
+    for name in present:
+        new = open(os.path.join(here, name), "rb").read()
+        target = os.path.join(folder, name)
+        if open(target, "rb").read() == new:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(new)
+        shutil.copymode(target, tmp)
+        os.replace(tmp, target)
+        changed.append(name)
+    return changed
+
+
+def main_upgrade(argv=None) -> int:
+    """`ghostvis upgrade DIR [DIR ...]`: refresh the code files of checkpoint folders saved by an older GhostVis."""
+    parser = argparse.ArgumentParser(prog="ghostvis upgrade", description=main_upgrade.__doc__)
+    parser.add_argument("folders", nargs="+", help="checkpoint folders (local)")
+    args = parser.parse_args(argv)
+    for folder in args.folders:
+        changed = upgrade_code_files(folder)
+        print(f"{folder}: " + (f"updated {', '.join(changed)}" if changed else "already current"))
     return 0

@@ -15,7 +15,7 @@ Training speed hooks (filled by `ghostvis_hf.kernels`, which this file never imp
   `cu_seq_lens_q/k`, `max_length_q/k` (as TRL's padding-free collator writes them) pass through to the attention.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,18 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
 
 from .configuration_ghostvis import GhostVisConfig
+
+# Version tolerance (this file travels with every checkpoint and must run on each transformers release it meets):
+# the output classes below extend transformers' own, so they carry the library's field names, and the forwards never
+# name the KV cache: it travels in `**kwargs` to the decoder and comes back in the decoder's output, whatever the
+# installed release calls it. NOTE: transformers 5.24 renamed the cache from `past_key_values` to `cache` (forward
+# argument and output field; 5.17-5.23 say `past_key_values`). `CACHE_KWARG` is the one place that knows that, read
+# off the library's output class rather than written down, for callers that must pass a cache by keyword.
+CACHE_KWARG = next(iter({f.name for f in fields(BaseModelOutputWithPast)} - {f.name for f in fields(BaseModelOutput)}))
 
 
 @dataclass
@@ -36,12 +45,9 @@ class GhostVisModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class GhostVisCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class GhostVisCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the projected image features (`[n_images, n_img_tokens, d_text]`)."""
+
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -124,7 +130,7 @@ class GhostVisPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _no_split_modules = ["GhostVisPerceiverBlock"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -242,17 +248,24 @@ class GhostVisModel(GhostVisPreTrainedModel):
             )
         return mask.unsqueeze(-1).expand_as(inputs_embeds)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
         **kwargs,
     ) -> GhostVisModelOutputWithPast:
+        r"""
+        The KV cache (`cache` on transformers >= 5.24, `past_key_values` before) and the attention kwargs pass
+        through `**kwargs` to the decoder unchanged.
+
+        Like LLaVA, a forward with placeholder ids but no `pixel_values` embeds them as ordinary tokens (text-only
+        prefills, assisted decoding's assistant prefill); with `pixel_values` the counts must match.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -262,28 +275,16 @@ class GhostVisModel(GhostVisPreTrainedModel):
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)  # [n, N, d_t]
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
-            # A prefill with placeholders but no images would silently train/generate on meaningless embeddings.
-            if n := int((input_ids == self.config.image_token_id).sum()):
-                raise ValueError(
-                    f"Image features and image placeholder tokens do not match: {n} placeholder tokens "
-                    f"(id {self.config.image_token_id}) in the text but 0 image features (no pixel_values)"
-                )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
-        return GhostVisModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
-        )
+        # `**outputs`: the decoder's own field names (whatever this release calls the cache), non-None ones only.
+        return GhostVisModelOutputWithPast(**outputs, image_hidden_states=image_features)
 
 
 class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin):
@@ -334,13 +335,13 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
         drop = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
         return labels.masked_fill(drop, -100) if drop.any() else labels
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -363,9 +364,9 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # [B, T, d_t]
@@ -388,14 +389,8 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
                 loss = self.loss_function(
                     logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
                 )
-        return GhostVisCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-        )
+        rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}  # cache, hidden states, image features
+        return GhostVisCausalLMOutputWithPast(loss=loss, logits=logits, **rest)
 
 
 __all__ = ["GhostVisPreTrainedModel", "GhostVisModel", "GhostVisForConditionalGeneration"]

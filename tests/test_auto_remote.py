@@ -40,9 +40,9 @@ LOAD_SCRIPT = textwrap.dedent(
 )
 
 
-def _load_in_fresh_process(src, env=None):
+def _load_in_fresh_process(src, env=None, python=sys.executable):
     env = {**os.environ, **(env or {})}
-    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, src], capture_output=True, text=True, env=env,
+    out = subprocess.run([python, "-c", LOAD_SCRIPT, src], capture_output=True, text=True, env=env,
                          timeout=300, cwd=os.path.dirname(__file__) + "/..")
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -64,8 +64,38 @@ def test_placeholder_feature_mismatch_raises(tiny):
     ids[0, 2] = 100  # one placeholder becomes a text token
     with pytest.raises(ValueError, match=r"15 placeholder tokens .* but 16 image features"):
         model(input_ids=ids, pixel_values=batch["pixel_values"])
-    with pytest.raises(ValueError, match=r"16 placeholder tokens .* but 0 image features"):
-        model(input_ids=batch["input_ids"])
+
+
+def test_placeholders_without_pixel_values_run_as_text(tiny):
+    # LLaVA's rule: with no pixel_values the placeholders are ordinary token embeddings (assisted decoding runs the
+    # assistant's prefill this way); the count check applies to real multimodal prefills only.
+    model, processor = tiny
+    batch = _batch(processor, ["<image> hi"], [make_image()])
+    with torch.no_grad():
+        text_only = model(input_ids=batch["input_ids"]).logits
+        with_image = model(**batch).logits
+    assert text_only.shape == with_image.shape
+    assert not torch.allclose(text_only[0, -1], with_image[0, -1])
+
+
+@pytest.mark.parametrize("cls_name", ["GhostVisModel", "GhostVisForConditionalGeneration"])
+def test_return_dict_false_gives_tuples(tiny, cls_name):
+    import ghostvis_hf.modeling_ghostvis as modeling
+
+    model, processor = tiny
+    if cls_name == "GhostVisModel":
+        model = model.model
+    batch = _batch(processor, ["<image> hi"], [make_image()])
+    with torch.no_grad():
+        as_dict = model(**batch)
+        as_tuple = model(**batch, return_dict=False)
+        model.config.return_dict = False
+        from_config = model(**batch)
+        model.config.return_dict = True
+    assert isinstance(as_tuple, tuple) and isinstance(from_config, tuple)
+    assert len(as_tuple) == len(as_dict.to_tuple())
+    torch.testing.assert_close(as_tuple[0], as_dict.to_tuple()[0])
+    assert getattr(modeling, cls_name) is type(model)
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -37,11 +37,16 @@ def test_chat_template_generation_prompt_and_assistant_mask(tiny):
                         "<|im_start|>assistant\nblue<|im_end|>\n")
     prompt = processor.apply_chat_template(conv[:1], add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
+    # Images sit in their content parts (TRL's `prepare_multimodal_messages` layout): an `images=` argument beside
+    # the conversations is read by transformers >= 5.19 only, and 5.18 passes it twice to the processor.
+    with_image = [{"role": "user", "content": [{"type": "image", "image": make_image()},
+                                               {"type": "text", "text": "What color is the square?"}]}, conv[1]]
     batch = processor.apply_chat_template(
-        [conv, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]],
+        [with_image, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]],
         tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
-        images=[[make_image()], []], processor_kwargs={"padding": True, "padding_side": "right"},
+        processor_kwargs={"padding": True, "padding_side": "right"},
     )
+    assert batch["pixel_values"].shape[0] == 1
     masks = batch["assistant_masks"]
     decoded = [processor.decode(batch["input_ids"][i][masks[i].bool()]) for i in range(2)]
     assert decoded == ["blue<|im_end|>", "hello there<|im_end|>"]

@@ -21,6 +21,7 @@ from collections import deque
 
 import torch
 
+from ..modeling_ghostvis import CACHE_KWARG
 from .cuda_graphs import GraphCache
 from .detokenizer import IncrementalDetokenizer, TokenTable
 from .kv_cache import SlotKVCache, decode_mask, install_slot_attention
@@ -378,7 +379,7 @@ class GenerationEngine:
         recorder = _KVRecorder()
         # Right-padded single prompt: causal attention keeps the padding out of the real positions.
         out = self.lm(inputs_embeds=self._pf_embeds[:, :length], position_ids=self._pf_positions[:, :length],
-                      attention_mask={"full_attention": None}, past_key_values=recorder, use_cache=True)
+                      attention_mask={"full_attention": None}, use_cache=True, **{CACHE_KWARG: recorder})
         logits = self.lm_head(out.last_hidden_state.index_select(1, self._pf_last)[:, 0])  # [1, V]
         layers = range(self.text_config.num_hidden_layers)
         return logits, [recorder.keys[i] for i in layers], [recorder.values[i] for i in layers]
@@ -412,8 +413,8 @@ class GenerationEngine:
 
         cache = DynamicCache(config=self.text_config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                      use_cache=True)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **{CACHE_KWARG: cache})
         logits = self.lm_head(out.last_hidden_state[:, -1]).float()  # [k, V]
         layers = [cache.layers[i] for i in range(self.text_config.num_hidden_layers)]  # transformers >= 4.56 API
         return logits, [layer.keys for layer in layers], [layer.values for layer in layers], starts
@@ -489,7 +490,7 @@ class GenerationEngine:
         if self.sliding_window:
             masks["sliding_attention"] = decode_mask(positions, length, self.sliding_window)
         out = self.lm(input_ids=self._tokens[:batch, None], attention_mask=masks, position_ids=positions[:, None],
-                      past_key_values=self.cache, use_cache=True, ghostvis_decode=True)
+                      use_cache=True, ghostvis_decode=True, **{CACHE_KWARG: self.cache})
         return self.lm_head(out.last_hidden_state[:, -1])  # [B, V]
 
     def _decode_and_advance(self, batch: int, length: int) -> torch.Tensor:
