@@ -9,6 +9,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .compose import compose
 from .configuration_ghostvis import GhostVisConfig
 from .modeling_ghostvis import GhostVisForConditionalGeneration, GhostVisModel, GhostVisPreTrainedModel
 from .processing_ghostvis import GhostVisProcessor
@@ -26,13 +27,6 @@ GhostVisConfig.register_for_auto_class()
 GhostVisModel.register_for_auto_class("AutoModel")
 GhostVisForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 GhostVisProcessor.register_for_auto_class("AutoProcessor")
-
-
-def compose(*args, **kwargs):
-    """See `ghostvis_hf.compose.compose` (imported lazily: it pulls in the Hub client)."""
-    from .compose import compose as _compose
-
-    return _compose(*args, **kwargs)
 
 
 __all__ = [

@@ -6,6 +6,8 @@ Each target module exposes `main(argv: list[str] | None) -> int | None` with its
 import importlib
 import sys
 
+from ghostvis_hf.bench import BENCHMARKS  # only a dict of names: the benchmarks' own modules load when run
+
 COMMANDS = {
     "init": ("ghostvis_hf.hub", "main_init", "write a randomly initialised checkpoint from a preset"),
     "upgrade": ("ghostvis_hf.hub", "main_upgrade", "refresh a checkpoint's code files (after a transformers upgrade)"),
@@ -13,7 +15,7 @@ COMMANDS = {
     "eval": ("ghostvis_hf.evaluation.run", "main", "evaluate a checkpoint on shapes/vqav2/textvqa/chartqa/coco"),
     "chat": ("ghostvis_hf.inference.chat", "main", "interactive or one-shot chat with a checkpoint"),
     "serve": ("ghostvis_hf.serve.server", "main", "OpenAI-compatible HTTP server + web page"),
-    "bench": ("ghostvis_hf.bench", "main", "GPU benchmarks: `ghostvis bench train|generate`"),
+    "bench": ("ghostvis_hf.bench", "main", f"GPU benchmarks: `ghostvis bench {'|'.join(BENCHMARKS)}`"),
 }
 
 

@@ -58,6 +58,24 @@ _TEXT_KWARGS = {
 }
 
 
+def image_placeholder_run(image_token_id: int, num_image_tokens: int, vision_start_token_id: int,
+                          vision_end_token_id: int) -> list[int]:
+    """The token ids one `<image>` marker expands to: `<|vision_start|>`, `<|image_pad|>` x N, `<|vision_end|>`.
+
+    The processor, the inference engine's prompt encoding and synthetic benchmark samples all build the run here.
+
+    Args:
+        image_token_id (`int`): the placeholder (`<|image_pad|>`) the image features replace.
+        num_image_tokens (`int`): placeholders per image (`config.image_seq_length`).
+        vision_start_token_id, vision_end_token_id (`int`): the ids framing the run.
+
+    Example:
+    >>> image_placeholder_run(image_token_id=9, num_image_tokens=3, vision_start_token_id=7, vision_end_token_id=8)
+    [7, 9, 9, 9, 8]
+    """
+    return [vision_start_token_id] + [image_token_id] * num_image_tokens + [vision_end_token_id]
+
+
 def _image_error(where: str, problem: str) -> ValueError:
     return ValueError(f"{where}: {problem}")
 
@@ -67,7 +85,21 @@ def to_rgb_image(image, where: str = "image") -> Image.Image:
 
     Accepts a `PIL.Image`, a numpy array or torch tensor (HWC or CHW, uint8 or float in [0, 1]), raw bytes, a
     `{"bytes": …}`/`{"path": …}` dict (the `datasets` layout), a local path, a `data:` base64 URL or an http(s) URL.
-    Grayscale, RGBA/LA (composited on white), CMYK and palette images become RGB.
+    Grayscale, CMYK, 16-bit and palette images become RGB; images with transparency (an alpha channel, or a palette
+    or colour-key `transparency` entry) are composited onto white. An RGB `PIL.Image` is returned as it is.
+
+    Example:
+    ```python
+    >>> from PIL import Image
+    >>> palette = Image.new("P", (2, 1))
+    >>> palette.putpalette([0, 0, 0, 255, 0, 0])
+    >>> palette.putpixel((1, 0), 1)
+    >>> palette.info["transparency"] = 0  # palette entry 0 (black) is transparent
+    >>> to_rgb_image(palette).getpixel((0, 0)), to_rgb_image(palette).getpixel((1, 0))
+    ((255, 255, 255), (255, 0, 0))
+    >>> to_rgb_image(Image.new("RGBA", (1, 1), (0, 0, 255, 0))).getpixel((0, 0))
+    (255, 255, 255)
+    ```
     """
     if isinstance(image, dict):
         if image.get("bytes") is not None:
@@ -120,13 +152,16 @@ def to_rgb_image(image, where: str = "image") -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise _image_error(where, f"zero-size image ({image.width}x{image.height})")
     try:
-        if image.mode == "P":
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA"):
-            background = Image.new("RGB", image.size, (255, 255, 255))
-            background.paste(image, mask=image.getchannel("A"))
+        if image.mode == "RGB":
+            return image
+        # NOTE: a plain .convert("RGB") shows transparent pixels in their stored colour (often black): it ruins charts
+        # and logos. Same test as Pillow >= 10.1's `has_transparency_data`, spelled out for older Pillows.
+        if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
             return background
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return image.convert("RGB")
     except OSError as e:  # truncated files fail only when decoded
         raise _image_error(where, f"image data could not be decoded ({e})") from None
 
@@ -201,7 +236,8 @@ class GhostVisProcessor(ProcessorMixin):
     # ------------------------------------------------------------------ text
     def _expand(self, ids: list[int], offsets: list | None):
         """Replaces each `<image>` id with its framed placeholder run; offsets repeat the marker's span."""
-        run = [self.vision_start_token_id] + [self.image_token_id] * self.num_image_tokens + [self.vision_end_token_id]
+        run = image_placeholder_run(self.image_token_id, self.num_image_tokens, self.vision_start_token_id,
+                                    self.vision_end_token_id)
         out_ids, out_offsets = [], [] if offsets is not None else None
         for pos, tok in enumerate(ids):
             if tok == self.image_marker_id:
@@ -342,4 +378,4 @@ class GhostVisProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["GhostVisProcessor", "to_rgb_image"]
+__all__ = ["GhostVisProcessor", "image_placeholder_run", "to_rgb_image"]

@@ -21,3 +21,12 @@ def test_bench_quantize_on_cpu_measures_unquantized_and_reports_why_int8_cannot_
 def test_bench_unknown_benchmark_is_refused(capsys):
     assert bench_main(["nope"]) == 2
     assert "usage: ghostvis bench" in capsys.readouterr().err
+
+
+def test_ghostvis_help_lists_every_benchmark(capsys):
+    from ghostvis_hf.bench import BENCHMARKS
+    from ghostvis_hf.cli import main as cli_main
+
+    assert cli_main(["--help"]) == 0
+    bench_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("bench "))
+    assert all(name in bench_line for name in BENCHMARKS) and "quantize" in bench_line

@@ -82,6 +82,16 @@ def test_clip_encoder_drops_cls(backbones):
     assert model(**batch).image_hidden_states.shape[1] == 16
 
 
+def test_package_level_compose_can_be_called_twice(backbones):
+    # The package attribute once was a lazy wrapper that the submodule import replaced: the second call failed.
+    import ghostvis_hf
+
+    root, _, _, _ = backbones
+    for _ in range(2):
+        model, _ = ghostvis_hf.compose(str(root / "lm"), str(root / "siglip"), num_image_tokens=4, resampler_heads=4)
+        assert isinstance(model, ghostvis_hf.GhostVisForConditionalGeneration)
+
+
 def test_compose_cli_writes_a_loadable_checkpoint(backbones, tmp_path):
     root, _, _, _ = backbones
     out = tmp_path / "composed"

@@ -74,3 +74,11 @@ def test_unknown_task_is_refused():
 
     with pytest.raises(ValueError, match="allowed"):
         load_task("mmmu", None, None, None)
+
+
+def test_every_task_is_a_registered_dataset():
+    from ghostvis_hf.data import DATASETS
+    from ghostvis_hf.evaluation.run import TASKS
+
+    assert set(TASKS) <= set(DATASETS)
+    assert all(isinstance(metric, str) for metric in TASKS.values())

@@ -123,6 +123,43 @@ def test_modes_become_rgb(tiny, mode):
     assert torch.isfinite(out["pixel_values"]).all()
 
 
+def _png_bytes(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_transparency_is_composited_onto_white_and_rgb_is_untouched():
+    from ghostvis_hf.data.common import encode_png
+    from ghostvis_hf.processing_ghostvis import to_rgb_image
+
+    # Palette PNG whose entry 0 is transparent (a tRNS chunk): transparent pixels turn white, not the stored black.
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 200, 30, 30])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    decoded = Image.open(io.BytesIO(_png_bytes(palette)))
+    assert decoded.mode == "P" and "transparency" in decoded.info
+    # RGBA: fully transparent -> white, half transparent -> halfway to white, opaque -> its colour.
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(0, 0, 255, 0), (0, 0, 255, 128), (0, 0, 255, 255)])
+    cases = [
+        (decoded, [(255, 255, 255), (200, 30, 30)]),
+        (rgba, [(255, 255, 255), (127, 127, 255), (0, 0, 255)]),
+        (rgba.convert("LA"), [(255, 255, 255), (142, 142, 142), (29, 29, 29)]),
+        (Image.new("P", (1, 1)), [(0, 0, 0)]),  # a palette without transparency is a plain conversion
+    ]
+    for image, pixels in cases:
+        for source in (image, _png_bytes(image)):
+            rgb = to_rgb_image(source)
+            assert rgb.mode == "RGB" and list(rgb.getdata()) == pixels, (image.mode, type(source))
+        # The data side (`encode_png`) converts with the same function as the processor.
+        stored = Image.open(io.BytesIO(encode_png(image)["bytes"]))
+        assert list(stored.convert("RGB").getdata()) == pixels, image.mode
+    rgb = make_image()
+    assert to_rgb_image(rgb) is rgb
+
+
 def test_image_sources_agree(tiny, tmp_path):
     import base64
 

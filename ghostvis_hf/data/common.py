@@ -1,4 +1,4 @@
-"""Shared pieces of every GhostVis data source: the Arrow schema, row building and image loading.
+"""Shared pieces of every GhostVis data source: the Arrow schema, row building and image-path checks.
 
 Every loader in `ghostvis_hf.data` returns a `datasets.Dataset` with exactly the columns of `FEATURES`, in TRL's
 conversational vision format (`images` + `messages` whose `content` is always a list of `{"type", "text"}` parts),
@@ -10,7 +10,8 @@ Adapters for real datasets keep images as *paths* (the `Image` feature decodes t
 COCO's 118k images costs a directory walk, not a decode + re-encode of every file. `Image(mode="RGB")` converts
 grayscale / palette / RGBA files to RGB when they are decoded. NOTE: for RGBA that is PIL's `convert("RGB")`, which
 drops alpha (as LLaVA's loaders do), so fully transparent pixels show their stored colour; flattening onto white
-(`to_rgb`) would need a decode + re-encode of every such image at load time.
+(`to_rgb_image`, what the processor does at inference) would need a decode + re-encode of every such image at load
+time.
 
 Missing or unreadable images: rows whose image file does not exist, or whose header PIL cannot parse, are
 skipped, and one warning with the number skipped is logged per load (see `RowCollector`).
@@ -30,6 +31,8 @@ import numpy as np
 from datasets import Features, Image, List, Value
 from datasets.table import InMemoryTable
 from PIL import Image as PILImage
+
+from ..processing_ghostvis import to_rgb_image  # the one RGB conversion; the processor file must stay self-contained
 
 
 logger = logging.getLogger(__name__)
@@ -51,44 +54,6 @@ FEATURES = Features(
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
-
-
-def to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """Convert a PIL image of any mode to RGB, compositing transparent ones onto white (same object if already RGB)."""
-    if image.mode == "RGB":
-        return image
-    # NOTE: a plain .convert("RGB") shows transparent pixels in their stored colour (often black): ruins charts/logos.
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = PILImage.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def load_image(path: str) -> PILImage.Image:
-    """
-    Load an image file as an RGB PIL image, with an error that names the file.
-
-    Args:
-        path (`str`):
-            Path to the image file.
-
-    Returns:
-        `PIL.Image.Image`: The decoded image in `RGB` mode.
-
-    Raises:
-        `FileNotFoundError`: If `path` does not exist.
-        `ValueError`: If the file exists but PIL cannot decode it.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image file not found: {path!r}")
-    try:
-        with PILImage.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for truncated / bogus files
-        raise ValueError(f"Cannot decode image file {path!r}: {err}") from err
 
 
 def is_readable_image(path: str) -> bool:
@@ -260,7 +225,7 @@ def encode_png(image: "PILImage.Image | np.ndarray", compress_level: int = 1) ->
     Returns:
         `dict[str, Any]`: `{"bytes": <png bytes>, "path": None}`.
     """
-    pixels = np.asarray(to_rgb(image) if isinstance(image, PILImage.Image) else image, dtype=np.uint8)
+    pixels = np.asarray(to_rgb_image(image) if isinstance(image, PILImage.Image) else image, dtype=np.uint8)
     height, width, _ = pixels.shape
     raw = np.zeros((height, 1 + width * 3), dtype=np.uint8)  # a leading 0 per row = PNG filter type "None"
     raw[:, 1:] = pixels.reshape(height, -1)

@@ -74,8 +74,18 @@ def mix_datasets(
 
     Example:
     ```python
+    >>> import json
+    >>> from collections import Counter
     >>> from ghostvis_hf.data import load_shapes, load_text_chat, mix_datasets
-    >>> mixed = mix_datasets([(load_shapes("train"), 0.8), (load_text_chat("chat.jsonl"), 0.2)], num_samples=10_000)
+    >>> with open("chat.jsonl", "w") as f:  # a tiny text-only chat set
+    ...     for i in range(20):
+    ...         turns = [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}]
+    ...         _ = f.write(json.dumps({"messages": turns}) + "\\n")
+    >>> mixed = mix_datasets(
+    ...     [(load_shapes("train", num_samples=100), 0.8), (load_text_chat("chat.jsonl"), 0.2)], num_samples=50
+    ... )
+    >>> sorted(Counter(mixed["source"]).items())
+    [('shapes', 40), ('text_chat', 10)]
     ```
     """
     if not datasets_and_weights:

@@ -13,15 +13,17 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
+from .. import data
 from . import metrics
 
+# A task is a dataset of the data registry (`ghostvis_hf.data.DATASETS`, loaded through `get_dataset`) and the metric
+# that scores the whole set ("captions" = CIDEr + BLEU-4).
 TASKS = {
-    # task: (metric over the whole set, answer-prompt suffix)
-    "shapes": ("exact_match", None),
-    "vqav2": ("vqa_accuracy", None),
-    "textvqa": ("vqa_accuracy", None),
-    "chartqa": ("relaxed_accuracy", None),
-    "coco_captions": ("captions", None),
+    "shapes": "exact_match",
+    "vqav2": "vqa_accuracy",
+    "textvqa": "vqa_accuracy",
+    "chartqa": "relaxed_accuracy",
+    "coco_captions": "captions",
 }
 
 
@@ -60,7 +62,7 @@ def generate_answers(model, processor, rows, batch_size: int = 32, max_new_token
 def score(task: str, predictions: list[str], rows) -> dict:
     """Metrics for a task; shapes also reports per question type, with chance levels."""
     references = [list(r["answers"]) for r in rows]
-    kind = TASKS[task][0]
+    kind = TASKS[task]
     if kind == "captions":
         result = metrics.caption_scores(predictions, references)
     else:
@@ -73,10 +75,8 @@ def score(task: str, predictions: list[str], rows) -> dict:
         result["by_question_type"] = {
             q: {"exact_match": metrics.exact_match(p, r), "n": len(p)} for q, (p, r) in sorted(by_type.items())
         }
-        from ..data.shapes import chance_accuracy, load_shapes
-
         # The best a text-only model can do: the most common *training* answer for each exact question.
-        chance = chance_accuracy(rows, train_data=load_shapes("train", num_samples=4000))
+        chance = data.chance_accuracy(rows, train_data=data.load_shapes("train", num_samples=4000))
         for q, entry in result["by_question_type"].items():
             entry["chance"] = chance.get(q)
         target = [p for q in ("color", "shape") for p in zip(*by_type[q])] if by_type else []
@@ -87,18 +87,14 @@ def score(task: str, predictions: list[str], rows) -> dict:
 
 
 def load_task(task: str, path: str | None, split: str, limit: int | None, seed: int = 0):
-    from .. import data
-
+    """The rows of a task's dataset: shapes is generated (its test split by default), the others read from `path`."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; allowed: {sorted(TASKS)}")
     if task == "shapes":
-        from ..data.shapes import load_shapes
-
-        return load_shapes(split="test" if split in (None, "test") else split, num_samples=limit, seed=seed)
+        return data.get_dataset(task, split=split or "test", limit=limit, seed=seed)
     if path is None:
         raise ValueError(f"--data PATH (local folder/file or Hub id) is required for task {task!r}")
-    ds = data.get_dataset(task, path_or_hub_id=path, split=split or "validation", limit=limit)
-    return ds
+    return data.get_dataset(task, path_or_hub_id=path, split=split or "validation", limit=limit)
 
 
 def format_report(task: str, result: dict) -> str:

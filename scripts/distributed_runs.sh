@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs recipes/sft.py (and recipes/grpo.py under ZeRO-3) briefly under every multi-GPU accelerate config and checks
 # each saved checkpoint loads with trust_remote_code in a fresh process. Used on a 2-GPU machine; writes a markdown
-# report to $OUT (default docs/benchmarks). Usage: bash benchmarks/distributed_runs.sh [NUM_GPUS]
+# report to $OUT (default docs/benchmarks). Usage: bash scripts/distributed_runs.sh [NUM_GPUS]
 set -u
 N=${1:-2}
 OUT=${OUT:-docs/benchmarks}
@@ -17,7 +17,7 @@ COMMON="--preset small --resampler_type perceiver --config_overrides= --max_step
   echo
   echo "- machine: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)"
   echo "- versions: $(python3 -c 'import torch, transformers, trl, accelerate, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, accelerate {accelerate.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null)"
-  echo "- command: \`bash benchmarks/distributed_runs.sh $N\` (each run: \`accelerate launch --config_file accelerate_configs/<config>.yaml --num_processes $N recipes/sft.py $(echo $COMMON)\`)"
+  echo "- command: \`bash scripts/distributed_runs.sh $N\` (each run: \`accelerate launch --config_file accelerate_configs/<config>.yaml --num_processes $N recipes/sft.py $(echo $COMMON)\`)"
   echo
   echo "| run | config | exit | steps | final loss | train s | checkpoint reloads (trust_remote_code) |"
   echo "|---|---|---|---|---|---|---|"

@@ -2,7 +2,7 @@
 # Sweeps variants of the main job (recipes/sft.py with recipes/configs/sft_tiny.yaml) side by side and tabulates the
 # held-out accuracy of each. The tiny model is the same fp32 computation on any device, so a GPU machine with many
 # cores runs a dozen variants at once where the 2-core CPU runs one; the chosen variant is then re-timed on the CPU.
-# Usage: bash benchmarks/shapes_sweep.sh [EXTRA ARGS FOR EVERY RUN...]   (writes $OUT/shapes_sweep.md)
+# Usage: bash scripts/shapes_sweep.sh [EXTRA ARGS FOR EVERY RUN...]   (writes $OUT/shapes_sweep.md)
 set -u
 OUT=${OUT:-docs/benchmarks}
 RUNS=${RUNS_DIR:-/tmp/ghostvis_sweep}
@@ -97,7 +97,7 @@ wait
   echo
   echo "- machine: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu), $(nproc) cores"
   echo "- versions: $(python3 -c 'import torch, transformers, trl; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")')"
-  echo "- command: \`bash benchmarks/shapes_sweep.sh $*\` (each: \`recipes/sft.py\` with sft_tiny.yaml + the variant's flags)"
+  echo "- command: \`bash scripts/shapes_sweep.sh $*\` (each: \`recipes/sft.py\` with sft_tiny.yaml + the variant's flags)"
   echo
   echo "| variant | flags | steps | train s | colour+shape | colour | shape | count | position | caption |"
   echo "|---|---|---|---|---|---|---|---|---|---|"

@@ -5,7 +5,7 @@
 2. A kernel profile (torch.profiler) of the engine's captured decode step (modes: fused, graphs, compile), with
    every row at position 256 of a 384-column cache.
 
-Usage (GPU): python benchmarks/profile_decode.py [--out DIR] [--batch 1] [--modes fused,graphs] [--no-gemv]
+Usage (GPU): python scripts/profile_decode.py [--out DIR] [--batch 1] [--modes fused,graphs] [--no-gemv]
 """
 
 import argparse
@@ -112,9 +112,9 @@ def main() -> None:
                                   fused=mode == "fused")
         t0 = time.perf_counter()
         engine.warmup()
-        engine._positions.fill_(256)
-        engine._active.zero_()  # replays leave positions where they are
-        graph = engine._decode_graphs.graphs[(args.batch, 384)][0]
+        engine.runner._positions.fill_(256)
+        engine.runner._active.zero_()  # replays leave positions where they are
+        graph = engine.runner.decode_graphs.graphs[(args.batch, 384)][0]
         warm = time.perf_counter() - t0
         step_ms = gpu_step_ms(engine, args.batch, 384)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
