@@ -70,8 +70,10 @@ def image_placeholder_run(image_token_id: int, num_image_tokens: int, vision_sta
         vision_start_token_id, vision_end_token_id (`int`): the ids framing the run.
 
     Example:
+    ```python
     >>> image_placeholder_run(image_token_id=9, num_image_tokens=3, vision_start_token_id=7, vision_end_token_id=8)
     [7, 9, 9, 9, 8]
+    ```
     """
     return [vision_start_token_id] + [image_token_id] * num_image_tokens + [vision_end_token_id]
 

@@ -42,3 +42,15 @@ def make_image(color=(255, 0, 0), size=(40, 30), mode="RGB"):
 
 def user_turn(text, n_images=1):
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny CPU models: one intra-op thread is ~40x faster than two on a busy CI machine (thread contention).
+
+    Opt-in: a test module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -14,14 +14,7 @@ import ghostvis_hf
 from ghostvis_hf import kernels
 from ghostvis_hf.kernels import ACTIVE, apply_kernels, enable_gradient_checkpointing, forced, reset_kernels
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU models: one intra-op thread is ~40x faster than two on a busy CI machine (thread contention)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 gpu = [pytest.mark.gpu, cuda]
@@ -245,7 +238,7 @@ def test_gpu_all_swaps_match_stock(gpu_pair):
 @pytest.mark.gpu
 @cuda
 def test_gpu_varlen_packed_matches_unpacked(gpu_pair):
-    from ghostvis_hf.packing import pack_samples
+    from ghostvis_hf.training.packing import pack_samples
 
     stock, fast, processor = gpu_pair
     apply_kernels(fast, rms_norm=False, swiglu=False, rope=False, fused_ce=False)
@@ -291,7 +284,7 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
 def test_attention_fast_paths_plumbing_on_cpu(tiny, monkeypatch):
     """The dense (cuDNN-first SDPA) and packed (varlen) paths give the stock SDPA logits; CPU stands in for CUDA."""
     from ghostvis_hf.kernels import _compat, attention
-    from ghostvis_hf.packing import pack_samples
+    from ghostvis_hf.training.packing import pack_samples
 
     model, processor = tiny
     g = torch.Generator().manual_seed(0)

@@ -7,16 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ghostvis_hf.packing import GhostVisPackingCollator, best_fit_decreasing, pack_samples, prepare_packing
+from ghostvis_hf.training.packing import GhostVisPackingCollator, best_fit_decreasing, pack_samples, prepare_packing
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU models: one intra-op thread is ~40x faster than two on a busy CI machine (thread contention)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _example(i, n_images, rng):

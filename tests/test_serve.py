@@ -205,3 +205,19 @@ def test_web_page_is_self_contained(served):
     html = httpx.get(served["url"] + "/").text
     assert "/v1/chat/completions" in html and "<script" in html
     assert "http://" not in html and "https://" not in html  # no CDN, nothing external
+
+
+def test_one_tokenization_per_request(served, client, monkeypatch):
+    """Without max_tokens the server sizes the answer from the prompt's length; the engine reuses those ids."""
+    engine, calls = served["engine"], []
+    tokenizer = engine.intake.tokenizer
+
+    def counting_tokenizer(*args, **kwargs):
+        calls.append(args)
+        return tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(engine.intake, "tokenizer", counting_tokenizer)
+    reply = client.chat.completions.create(model=MODEL, messages=user("What color?", data_url(png_bytes())),
+                                           temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert len(calls) == 1

@@ -234,10 +234,12 @@ def run_ttft(engine, model, processor, size: int, repeats: int, device) -> dict:
 
 def gpu_step_ms(engine, batch: int, length: int, n: int = 50) -> float | None:
     """Device time of one captured decode step (graph replays back to back, no host work in between)."""
-    key = (engine._bucket(engine.batch_buckets, batch), engine._bucket(engine.seq_buckets, length))
-    if not engine.cuda_graphs or key not in engine._decode_graphs:
+    from ghostvis_hf.inference.model_runner import bucket
+
+    key = (bucket(engine.batch_buckets, batch), bucket(engine.seq_buckets, length))
+    if not engine.cuda_graphs or key not in engine.runner.decode_graphs:
         return None
-    graph = engine._decode_graphs.graphs[key][0]
+    graph = engine.runner.decode_graphs.graphs[key][0]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()

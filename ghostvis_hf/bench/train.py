@@ -109,9 +109,12 @@ def _ids(rng, n, vocab):
 
 def _sample(kind, cfg, length, rng, n_patches):
     """One conversation of `length` tokens (this model's own length) with one image near the start."""
+    from ghostvis_hf.processing_ghostvis import image_placeholder_run
+
     ids = _ids(rng, length, cfg.text_config.vocab_size)
     if kind == "ghostvis":
-        run = [cfg.vision_start_token_id] + [cfg.image_token_id] * cfg.image_seq_length + [cfg.vision_end_token_id]
+        run = image_placeholder_run(cfg.image_token_id, cfg.image_seq_length, cfg.vision_start_token_id,
+                                    cfg.vision_end_token_id)
     else:
         run = [cfg.image_token_id] * n_patches
     ids[1 : 1 + len(run)] = torch.tensor(run)
@@ -135,7 +138,7 @@ def _padded(samples, pixel, pad_id):
 
 
 def _packed(samples, pixel, pad_id, max_length, padding_free=False):
-    from ghostvis_hf.packing import pack_samples
+    from ghostvis_hf.training.packing import pack_samples
 
     batch = pack_samples(samples, max_length, pad_id, padding_free=padding_free)
     batch["pixel_values"] = pixel.expand(len(samples), -1, -1, -1).clone()
@@ -273,7 +276,7 @@ def _mix_runs(kind, cfg, args, n_patches, pixel, pad_id):
     groups = [samples[i * args.batch : (i + 1) * args.batch] for i in range(n_steps)]
     runs = {"padded": [_padded(g, pixel, pad_id) for g in groups]}
     if kind == "ghostvis":
-        from ghostvis_hf.packing import best_fit_decreasing
+        from ghostvis_hf.training.packing import best_fit_decreasing
 
         runs["packed_b"] = [_packed(g, pixel, pad_id, args.seq, padding_free=True) for g in groups]
         # token budget per step = batch rows x seq: BFD over a long stream, bins shuffled (BFD emits long bins first)

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from ..processing_ghostvis import image_placeholder_run
 from .sampling import SamplingParams
 from .vision_cache import ImagePreparer, PreparedImage
 
@@ -152,7 +153,8 @@ class RequestIntake:
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a rendered prompt, each `<image>` expanded to its placeholder run (as the processor does)."""
         p = self.processor
-        run = [p.vision_start_token_id] + [p.image_token_id] * p.num_image_tokens + [p.vision_end_token_id]
+        run = image_placeholder_run(p.image_token_id, p.num_image_tokens, p.vision_start_token_id,
+                                    p.vision_end_token_id)
         out: list[int] = []
         for tok in self.tokenizer(prompt)["input_ids"]:
             out.extend(run if tok == p.image_marker_id else [tok])

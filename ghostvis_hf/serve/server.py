@@ -10,6 +10,8 @@
 
 Every request goes to one shared `GenerationEngine`, which batches concurrent requests continuously. Every bad
 request is answered with a 4xx and an OpenAI-style `{"error": {...}}` body; nothing a client sends stops the server.
+The handlers are plain functions on an `APIRouter`: they find the engine and the `ServerSettings` on
+`request.app.state`, so several apps (say, one with an API key and one without) can share the routes and one engine.
 """
 
 import argparse
@@ -17,8 +19,9 @@ import asyncio
 import json
 import os
 import time
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -32,9 +35,157 @@ STATIC = os.path.join(os.path.dirname(__file__), "static")
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
+@dataclass
+class ServerSettings:
+    """What the handlers need besides the engine; `create_app` puts both on `app.state`."""
+
+    model_name: str
+    api_key: str | None
+    allowed_image_dir: str | None
+    max_image_bytes: int
+    max_tokens_limit: int
+    max_request_bytes: int
+    created: int  # the `created` time `/v1/models` reports
+
+
+# ------------------------------------------------------------------ errors
+
+
 def _error_response(error: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def _api_error(request, exc: APIError):
+    return _error_response(exc)
+
+
+async def _validation(request, exc: RequestValidationError):
+    return _error_response(validation_error(exc.errors()))
+
+
+async def _http(request, exc: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+
+async def _unexpected(request, exc: Exception):
+    return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+
+EXCEPTION_HANDLERS = {APIError: _api_error, RequestValidationError: _validation,
+                      StarletteHTTPException: _http, Exception: _unexpected}
+
+
+# ------------------------------------------------------------------ request helpers
+
+
+async def check_auth(request: Request) -> None:
+    """Every `/v1` route depends on this: with an API key set, `Authorization: Bearer <key>` is required."""
+    api_key = request.app.state.settings.api_key
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or token.strip() != api_key:
+        raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
+async def read_json(request: Request) -> dict:
+    """The request's JSON object body, refused with 413 past the size limit (also for chunked uploads)."""
+    limit = request.app.state.settings.max_request_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"request body is over the server's limit of {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for piece in request.stream():  # a chunked upload has no Content-Length: count as we go
+        body += piece
+        if len(body) > limit:
+            raise APIError(413, f"request body is over the server's limit of {limit} bytes",
+                           code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+async def _chat_request(request: Request, settings: ServerSettings) -> tuple[ChatCompletionRequest, int | None]:
+    """The validated request and its `max_tokens` (None when the client asked for none)."""
+    try:
+        req = ChatCompletionRequest.model_validate(await read_json(request))
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+    if req.model != settings.model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{settings.model_name}'",
+                       param="model", code="model_not_found")
+    if (err := req.unsupported()) is not None:
+        raise err
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is not None and max_tokens > settings.max_tokens_limit:
+        raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {settings.max_tokens_limit}",
+                       param="max_tokens", code="invalid_value")
+    return req, max_tokens
+
+
+# ------------------------------------------------------------------ routes
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_auth)])
+
+
+@router.get("/health")
+async def health(request: Request):
+    return {"status": "ok", "model": request.app.state.settings.model_name}
+
+
+@router.get("/")
+async def index():
+    return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
+
+
+@v1.get("/models")
+async def models(request: Request):
+    settings = request.app.state.settings
+    return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": settings.created,
+                                        "owned_by": "ghostvis"}]}
+
+
+@v1.get("/models/{name:path}")
+async def model_info(name: str, request: Request):
+    settings = request.app.state.settings
+    if name != settings.model_name:
+        raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+    return {"id": settings.model_name, "object": "model", "created": settings.created, "owned_by": "ghostvis"}
+
+
+@v1.post("/chat/completions")
+async def chat_completions(request: Request):
+    settings, engine = request.app.state.settings, request.app.state.engine
+    req, max_tokens = await _chat_request(request, settings)
+    handle = await asyncio.to_thread(_submit, engine, req, max_tokens, settings)
+    cid = completion_id()
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_sse(handle, cid, settings.model_name, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:  # NOTE: a non-streaming client that disconnects is noticed only when its answer is done
+        async for _ in handle.events_async():
+            pass
+    finally:  # cancelled by the server shutting down
+        if not handle.done:
+            handle.cancel()
+    results = handle.results
+    if any(r.finish_reason == "error" for r in results):
+        raise APIError(500, next(r.error for r in results if r.error) or "generation failed", type="server_error")
+    return completion(cid, settings.model_name, results, handle.prompt_tokens)
+
+
+router.include_router(v1)
 
 
 def create_app(engine, model_name: str, api_key: str | None = None, allowed_image_dir: str | None = None,
@@ -54,122 +205,23 @@ def create_app(engine, model_name: str, api_key: str | None = None, allowed_imag
         max_request_bytes (`int`, *optional*): larger request bodies are refused with 413; defaults to
             8 images' worth of base64 plus 1 MiB of text.
     """
-    app = FastAPI(title="GhostVis", version="0.1.0")
-    created = int(time.time())
-    max_tokens_limit = max_tokens_limit or engine.max_seq_len
-    max_request_bytes = max_request_bytes or 8 * (max_image_bytes * 4 // 3 + 4) + (1 << 20)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, exc: RequestValidationError):
-        return _error_response(validation_error(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc: Exception):
-        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
-
-    def check_auth(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != api_key:
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    async def read_json(request: Request) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_request_bytes:
-            raise APIError(413, f"request body is over the server's limit of {max_request_bytes} bytes",
-                           code="request_too_large")
-        body = bytearray()
-        async for piece in request.stream():  # a chunked upload has no Content-Length: count as we go
-            body += piece
-            if len(body) > max_request_bytes:
-                raise APIError(413, f"request body is over the server's limit of {max_request_bytes} bytes",
-                               code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"We could not parse the JSON body of your request ({e})",
-                           code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return data
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name}
-
-    @app.get("/")
-    async def index():
-        return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_auth(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "ghostvis"}]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model_info(name: str, request: Request):
-        check_auth(request)
-        if name != model_name:
-            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "ghostvis"}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_auth(request)
-        try:
-            req = ChatCompletionRequest.model_validate(await read_json(request))
-        except ValidationError as e:
-            raise validation_error(e.errors()) from None
-        if req.model != model_name:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
-        if (err := req.unsupported()) is not None:
-            raise err
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is not None and max_tokens > max_tokens_limit:
-            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {max_tokens_limit}",
-                           param="max_tokens", code="invalid_value")
-        handle = await asyncio.to_thread(_submit, engine, req, max_tokens, max_tokens_limit, allowed_image_dir,
-                                         max_image_bytes)
-        cid = completion_id()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(handle, cid, model_name, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:  # NOTE: a non-streaming client that disconnects is noticed only when its answer is done
-            async for _ in handle.events_async():
-                pass
-        finally:  # cancelled by the server shutting down
-            if not handle.done:
-                handle.cancel()
-        results = handle.results
-        if any(r.finish_reason == "error" for r in results):
-            raise APIError(500, next(r.error for r in results if r.error) or "generation failed", type="server_error")
-        return completion(cid, model_name, results, handle.prompt_tokens)
-
+    app = FastAPI(title="GhostVis", version="0.1.0", exception_handlers=EXCEPTION_HANDLERS)
+    app.state.engine = engine
+    app.state.settings = ServerSettings(
+        model_name=model_name, api_key=api_key, allowed_image_dir=allowed_image_dir, max_image_bytes=max_image_bytes,
+        max_tokens_limit=max_tokens_limit or engine.max_seq_len,
+        max_request_bytes=max_request_bytes or 8 * (max_image_bytes * 4 // 3 + 4) + (1 << 20),
+        created=int(time.time()),
+    )
+    app.include_router(router)
     return app
 
 
-def _submit(engine, req: ChatCompletionRequest, max_tokens, max_tokens_limit, allowed_dir, max_image_bytes):
-    """Validates images and sampling options and queues the request (in a worker thread: it decodes images)."""
-    from ghostvis_hf.inference import ContextLengthError, SamplingParams
+def _sampling_params(req: ChatCompletionRequest, max_tokens: int | None):
+    from ghostvis_hf.inference import SamplingParams
 
-    messages = to_engine_messages(req, allowed_dir, max_image_bytes)
     try:
-        params = SamplingParams(
+        return SamplingParams(
             max_new_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
@@ -181,12 +233,21 @@ def _submit(engine, req: ChatCompletionRequest, max_tokens, max_tokens_limit, al
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
+
+
+def _submit(engine, req: ChatCompletionRequest, max_tokens: int | None, settings: ServerSettings):
+    """Validates images and sampling options, tokenizes once and queues the request (in a worker thread)."""
+    from ghostvis_hf.inference import ContextLengthError
+
+    messages = to_engine_messages(req, settings.allowed_image_dir, settings.max_image_bytes)
+    params = _sampling_params(req, max_tokens)
     try:
+        prompt, images = engine.render_messages(messages)
+        prompt_ids = engine.encode_prompt(prompt)  # the engine takes these ids: the prompt is tokenized once
         if max_tokens is None:  # as much as fits, up to the server's limit
-            prompt, images = engine.render_messages(messages)
-            room = engine.max_seq_len - len(engine.encode_prompt(prompt))
-            params.max_new_tokens = max(1, min(max_tokens_limit, room))
-        return engine.submit(messages=messages, params=params)
+            room = engine.max_seq_len - len(prompt_ids)
+            params.max_new_tokens = max(1, min(settings.max_tokens_limit, room))
+        return engine.submit(prompt_ids=prompt_ids, images=images, params=params)
     except ContextLengthError as e:
         raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} tokens: {e}",
                        param="messages", code="context_length_exceeded") from None
