@@ -176,6 +176,23 @@ def sincos_2d_positions(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
+def image_label_mask(input_ids: torch.Tensor, tokens) -> torch.Tensor:
+    """True at image placeholders and their frame tokens: inputs, never text to predict (labels there become -100).
+
+    Args:
+        input_ids (`torch.Tensor`): token ids, any shape.
+        tokens: anything with `image_token_id`, `vision_start_token_id` and `vision_end_token_id` (a `GhostVisConfig`
+            or a `GhostVisProcessor`); unset ids are ignored.
+
+    Returns:
+        `torch.BoolTensor` of the shape of `input_ids`. The model, the SFT collator and the packing collator all mask
+        with this one function (TRL's fused LM head skips the model's own masking, so the collators must do it too).
+    """
+    ids = [tokens.image_token_id, tokens.vision_start_token_id, tokens.vision_end_token_id]
+    ids = [i for i in ids if i is not None]
+    return torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
+
+
 class GhostVisModel(GhostVisPreTrainedModel):
     """Vision tower + resampler + projector + bare decoder; returns hidden states (no LM head)."""
 
@@ -328,11 +345,7 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
         """Never train on image placeholders or their frame tokens: they are inputs, not text to predict."""
         if input_ids is None:
             return labels
-        ids = [i for i in (self.config.image_token_id, self.config.vision_start_token_id,
-                           self.config.vision_end_token_id) if i is not None]
-        if not ids:
-            return labels
-        drop = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+        drop = image_label_mask(input_ids, self.config)
         return labels.masked_fill(drop, -100) if drop.any() else labels
 
     @can_return_tuple

@@ -66,6 +66,67 @@ def preset_config_kwargs(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
+# Set by `create` from the tokenizer, so not overridable.
+_TOKEN_ID_FIELDS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def check_config_overrides(overrides: dict, base: dict) -> None:
+    """Refuses override keys the configs do not have, naming the key and what is allowed.
+
+    Args:
+        overrides (`dict`): `GhostVisConfig` fields; `text_config` / `vision_config` dicts of sub-config fields.
+        base (`dict`): the preset's keyword arguments (from `preset_config_kwargs`).
+
+    Example:
+    ```python
+    >>> from ghostvis_hf.presets import check_config_overrides, preset_config_kwargs
+
+    >>> check_config_overrides({"text_config": {"num_hiden_layers": 2}}, preset_config_kwargs("tiny"))
+    Traceback (most recent call last):
+    ...
+    ValueError: text_config (qwen2) has no field(s) ['num_hiden_layers']; see transformers' Qwen2Config
+
+    ```
+    """
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    from .configuration_ghostvis import GhostVisConfig
+
+    params = inspect.signature(GhostVisConfig.__init__).parameters
+    allowed = [k for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+               and k not in _TOKEN_ID_FIELDS]
+    for key, value in overrides.items():
+        if key not in allowed:
+            raise ValueError(f"GhostVisConfig has no overridable field {key!r}; allowed: {allowed}")
+        if key in ("text_config", "vision_config") and isinstance(value, dict):
+            model_type = value.get("model_type", base[key]["model_type"])
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(f"{key}: unknown model_type {model_type!r}")
+            unknown = _unknown_fields(CONFIG_MAPPING[model_type], value)
+            if unknown:
+                raise ValueError(f"{key} ({model_type}) has no field(s) {unknown}; see transformers' "
+                                 f"{CONFIG_MAPPING[model_type].__name__}")
+
+
+def _unknown_fields(config_class, fields: dict) -> list[str]:
+    # A key is known if the default config has it, or if the config consumes it (transformers 5 turns the legacy
+    # `rope_theta` into `rope_parameters`); a config keeps an unknown key as a stray attribute.
+    default = config_class()
+    unknown = []
+    for key, value in fields.items():
+        if key == "model_type" or hasattr(default, key):
+            continue
+        try:
+            stray = hasattr(config_class(**{key: value}), key)
+        except Exception:  # the value is refused: the real construction reports it with the config's own message
+            stray = False
+        if stray:
+            unknown.append(key)
+    return unknown
+
+
 def load_tiny_tokenizer():
     """The byte-level BPE tokenizer shipped in the package (1,024 tokens, ChatML + GhostVis special tokens)."""
     import os
@@ -101,10 +162,14 @@ def create(preset: str = "tiny", tokenizer=None, dtype=None, device=None, **conf
         tokenizer (*optional*): defaults to the shipped tiny byte-level BPE tokenizer (ids fit every preset's vocab).
         dtype (`torch.dtype`, *optional*): parameter dtype (e.g. `torch.bfloat16` for the big presets).
         device (*optional*): where to allocate the parameters (e.g. `"cuda"`).
-        **config_overrides: any `GhostVisConfig` field (e.g. `resampler_type="avgpool"`).
+        **config_overrides: any `GhostVisConfig` field (e.g. `resampler_type="avgpool"`); `text_config` and
+            `vision_config` dicts update only the keys they name (e.g. `text_config={"num_hidden_layers": 4}`).
 
     Returns:
         `(GhostVisForConditionalGeneration, GhostVisProcessor)`
+
+    Raises:
+        `ValueError`: for a key the configs do not have (a typo must not silently build the default model).
     """
     import torch
 
@@ -113,6 +178,7 @@ def create(preset: str = "tiny", tokenizer=None, dtype=None, device=None, **conf
     from .processing_ghostvis import GhostVisProcessor, SPECIAL_TOKENS
 
     kwargs = preset_config_kwargs(preset)
+    check_config_overrides(config_overrides, kwargs)
     for key in ("vision_config", "text_config"):
         if isinstance(config_overrides.get(key), dict):
             kwargs[key].update(config_overrides.pop(key))

@@ -8,25 +8,28 @@ resampler + projector learn to map image features into the LLM's embedding space
 Then run `recipes/sft.py --model_name_or_path <output_dir>` for multimodal SFT.
 """
 
-import json
 import logging
 import os
 import sys
 
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
-from ghostvis_hf.training import GhostVisArguments, freeze, load_model_and_processor, load_train_and_eval_data
+from ghostvis_hf.data.validate import validate_rows
+from ghostvis_hf.training import (
+    GhostVisArguments,
+    finish,
+    freeze,
+    load_model_and_processor,
+    load_train_and_eval_data,
+    setup_logging,
+)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "align_tiny.yaml")
 logger = logging.getLogger("ghostvis")
 
 
 def main(script_args, training_args, model_args, gv_args):
-    from ghostvis_hf.data.validate import validate_rows
-    from ghostvis_hf.hub import model_card
-    from ghostvis_hf.plotting import plot_learning_curve
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     ################
     # Model
     ################
@@ -49,17 +52,9 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=processor)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        out = training_args.output_dir
-        processor.save_pretrained(out)
-        with open(os.path.join(out, "README.md"), "w") as f:
-            f.write(model_card(trainer.model, repo=out, origin="Aligned with `recipes/align.py` (towers frozen)."))
-        if gv_args.plot:
-            plot_learning_curve(trainer.state.log_history, os.path.join(out, "learning_curve.png"),
-                                title="GhostVis alignment")
-        with open(os.path.join(out, "align_summary.json"), "w") as f:
-            json.dump({"parameters": counts, "data": report, "steps": trainer.state.global_step}, f, indent=2)
+    finish(trainer, processor, training_args.output_dir, origin="Aligned with `recipes/align.py` (towers frozen).",
+           summary={"parameters": counts, "data": report}, summary_file="align_summary.json",
+           plot=gv_args.plot, title="GhostVis alignment")
 
 
 if __name__ == "__main__":

@@ -6,23 +6,63 @@ loaded through `trust_remote_code` like the policy.
         --config recipes/configs/grpo_1.5b.yaml           # ZeRO-3: keep ds3_gather_for_generation: true
     accelerate launch recipes/grpo.py --model_name_or_path outputs/ghostvis-tiny-sft --use_peft --lora_r 8
 
-Rewards are named in YAML (`reward_funcs: [exact_match, format]` with `reward_weights: [1.0, 0.2]`); the registry is
-`ghostvis_hf.rewards.REWARD_FUNCS`. The mean reward is logged every step, plotted (`reward_curve.png`) and summarised.
+Rewards are named in YAML (`reward_funcs: [exact_match, format]` with `reward_weights: [1.0, 0.2]`), the arguments of
+their factories too (`reward_kwargs: {length_penalty: {budget: 16}}`); the registry is `ghostvis_hf.rewards`. The mean
+reward is logged every step, plotted (`reward_curve.png`) and summarised.
 """
 
 import os
 import sys
 
+from transformers import AutoProcessor
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
-from ghostvis_hf.rl import RLArguments, run
+from ghostvis_hf.training import (
+    RLArguments,
+    finish_rl,
+    held_out_before,
+    peft_config_for,
+    prompt_dataset,
+    reward_funcs_for,
+    setup_logging,
+    starting_checkpoint,
+)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grpo_tiny.yaml")
+SFT_RECIPE = os.path.join(os.path.dirname(__file__), "sft.py")
+
+
+def main(rl_args, training_args, model_args):
+    setup_logging()
+    ################
+    # Rewards and dataset (first: a misspelt reward must fail before the model is loaded or bootstrapped)
+    ################
+    reward_funcs = reward_funcs_for(rl_args, training_args)
+    train_dataset = prompt_dataset(rl_args)
+
+    ################
+    # Model: policy and reference both come from the checkpoint's own code (trust_remote_code)
+    ################
+    checkpoint = starting_checkpoint(model_args.model_name_or_path, training_args.output_dir,
+                                     rl_args.bootstrap_sft_steps, SFT_RECIPE)
+    training_args.trust_remote_code = True
+    if model_args.dtype is not None:
+        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+
+    ################
+    # Training
+    ################
+    trainer = GRPOTrainer(model=checkpoint, reward_funcs=reward_funcs, args=training_args,
+                          train_dataset=train_dataset, processing_class=processor,
+                          peft_config=peft_config_for(model_args))
+    held_out = held_out_before(trainer, processor, rl_args)  # shapes: greedy exact match before RL
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finish_rl(trainer, processor, rl_args, "GhostVis GRPO", held_out)
+
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if "--config" not in argv:
         argv = ["--config", DEFAULT_CONFIG, *argv]
-    rl_args, training_args, model_args = TrlParser((RLArguments, GRPOConfig, ModelConfig)).parse_args_and_config(argv)
-    run(GRPOTrainer, rl_args, training_args, model_args, "GhostVis GRPO",
-        sft_recipe=os.path.join(os.path.dirname(__file__), "sft.py"))
+    main(*TrlParser((RLArguments, GRPOConfig, ModelConfig)).parse_args_and_config(argv))

@@ -9,16 +9,55 @@ rewards, data and start checkpoint as `recipes/grpo.py`.
 import os
 import sys
 
+from transformers import AutoProcessor
 from trl import ModelConfig, RLOOConfig, RLOOTrainer, TrlParser
 
-from ghostvis_hf.rl import RLArguments, run
+from ghostvis_hf.training import (
+    RLArguments,
+    finish_rl,
+    held_out_before,
+    peft_config_for,
+    prompt_dataset,
+    reward_funcs_for,
+    setup_logging,
+    starting_checkpoint,
+)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "rloo_tiny.yaml")
+SFT_RECIPE = os.path.join(os.path.dirname(__file__), "sft.py")
+
+
+def main(rl_args, training_args, model_args):
+    setup_logging()
+    ################
+    # Rewards and dataset (first: a misspelt reward must fail before the model is loaded or bootstrapped)
+    ################
+    reward_funcs = reward_funcs_for(rl_args, training_args)
+    train_dataset = prompt_dataset(rl_args)
+
+    ################
+    # Model: policy and reference both come from the checkpoint's own code (trust_remote_code)
+    ################
+    checkpoint = starting_checkpoint(model_args.model_name_or_path, training_args.output_dir,
+                                     rl_args.bootstrap_sft_steps, SFT_RECIPE)
+    training_args.trust_remote_code = True
+    if model_args.dtype is not None:
+        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+
+    ################
+    # Training
+    ################
+    trainer = RLOOTrainer(model=checkpoint, reward_funcs=reward_funcs, args=training_args,
+                          train_dataset=train_dataset, processing_class=processor,
+                          peft_config=peft_config_for(model_args))
+    held_out = held_out_before(trainer, processor, rl_args)  # shapes: greedy exact match before RL
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finish_rl(trainer, processor, rl_args, "GhostVis RLOO", held_out)
+
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if "--config" not in argv:
         argv = ["--config", DEFAULT_CONFIG, *argv]
-    rl_args, training_args, model_args = TrlParser((RLArguments, RLOOConfig, ModelConfig)).parse_args_and_config(argv)
-    run(RLOOTrainer, rl_args, training_args, model_args, "GhostVis RLOO",
-        sft_recipe=os.path.join(os.path.dirname(__file__), "sft.py"))
+    main(*TrlParser((RLArguments, RLOOConfig, ModelConfig)).parse_args_and_config(argv))

@@ -215,3 +215,23 @@ def test_logits_to_keep(tiny):
     full = model(**batch).logits
     last = model(**batch, logits_to_keep=1).logits
     torch.testing.assert_close(full[:, -1:], last)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(text_config={"num_hiden_layers": 2}), r"text_config \(qwen2\) has no field\(s\) \['num_hiden_layers'\]"),
+        (dict(vision_config={"patch_sise": 8}), r"vision_config \(siglip_vision_model\) has no field\(s\) \['patch_si"),
+        (dict(resampler_typ="none"), r"no overridable field 'resampler_typ'; allowed: \[.*'resampler_type'"),
+        (dict(image_token_id=5), "no overridable field 'image_token_id'"),  # create sets it from the tokenizer
+    ],
+)
+def test_create_refuses_misspelt_overrides(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        create("tiny", **overrides)
+
+
+def test_create_accepts_legacy_subconfig_keys():
+    model, _ = create("tiny", text_config={"num_hidden_layers": 1, "rope_theta": 500.0})  # -> rope_parameters
+    assert model.config.text_config.num_hidden_layers == 1
+    assert model.config.text_config.rope_parameters["rope_theta"] == 500.0

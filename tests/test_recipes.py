@@ -19,7 +19,7 @@ FAST = ["--num_train_samples", "64", "--num_eval_samples", "16", "--per_device_t
 
 
 def _main_job_overrides():
-    from ghostvis_hf.training import GhostVisArguments, _glue_overrides
+    from ghostvis_hf.training.model import GhostVisArguments, _glue_overrides
     from trl import TrlParser
 
     (gv,) = TrlParser((GhostVisArguments,)).parse_yaml_file(os.path.join(ROOT, "recipes/configs/sft_tiny.yaml"),

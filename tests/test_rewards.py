@@ -262,3 +262,32 @@ def test_registry_unknown_name():
     assert "'bleu'" in message
     for name in REWARD_FUNCS:
         assert name in message
+
+
+def test_registry_builds_factories_with_reward_kwargs():
+    from ghostvis_hf.rewards import REWARD_FACTORIES
+
+    assert set(REWARD_FACTORIES) <= set(REWARD_FUNCS)
+    for name, factory in REWARD_FACTORIES.items():  # the defaults are what the factory builds without arguments
+        assert repr(factory()) == repr(REWARD_FUNCS[name])
+    fmt, penalty = get_reward_funcs(["format", "length_penalty"],
+                                    {"format": {"max_words": 1}, "length_penalty": {"budget": 2, "unit": "chars"}})
+    assert fmt(["two dogs"]) == [0.0] and format_reward(["two dogs"]) == [1.0]
+    assert penalty(["abcdefgh"]) == [-1.0] and penalty.__name__ == "length_penalty"
+
+
+@pytest.mark.parametrize(
+    "names,kwargs,match",
+    [
+        (["length_penalty"], {"length_penalty": {"max_length": 64}},
+         r"\['max_length'\] for reward 'length_penalty'; allowed: budget, unit"),
+        (["format"], {"format": {"mode": "tagged"}}, "allowed: max_words"),
+        (["exact_match"], {"exact_match": {"strict": True}}, "'exact_match' takes no arguments; configurable: format"),
+        (["format"], {"length_penalty": {"budget": 4}}, "configures \\['length_penalty'\\], which reward_funcs"),
+        (["format"], {"lenght_penalty": {"budget": 4}}, "Unknown reward function 'lenght_penalty'"),
+        (["length_penalty"], {"length_penalty": {"budget": 0}}, "budget must be a positive integer"),
+    ],
+)
+def test_registry_refuses_bad_reward_kwargs(names, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        get_reward_funcs(names, kwargs)

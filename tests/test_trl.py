@@ -83,7 +83,7 @@ def test_grpo_trainer_step_with_remote_code_reference(tiny_checkpoint, tmp_path)
 def test_sft_collator_never_labels_image_tokens_even_without_assistant_mask(tiny, tmp_path):
     from trl import SFTConfig
 
-    from ghostvis_hf.data.collator import build_sft_collator
+    from ghostvis_hf.training import build_sft_collator
 
     _, processor = tiny
     args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=False, bf16=False, max_length=256,

@@ -1,14 +1,14 @@
 """`load_model`: one place that turns a checkpoint path into (model, processor) for chat, serve and benchmarks.
 
-Quantization goes through bitsandbytes' `BitsAndBytesConfig`. The vision tower, resampler, projector and `lm_head`
-stay in bf16: they are a small share of the bytes (the decoder's linear layers are ~90% of a 1.5B model) and
-quantizing them costs the most accuracy (image features, output distribution).
+Quantization goes through bitsandbytes' `BitsAndBytesConfig`; the modules in `ghostvis_hf.quantization.
+QUANT_SKIP_MODULES` (vision tower, resampler, projector, `lm_head`) stay in bf16.
 """
 
 import torch
 
+from ..quantization import QUANT_SKIP_MODULES
+
 QUANTIZE_CHOICES = ("int8", "nf4")
-SKIP_MODULES = ["vision_tower", "resampler", "multi_modal_projector", "lm_head"]
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
 
@@ -34,10 +34,10 @@ def quantization_config(quantize: str, device: torch.device):
     from transformers import BitsAndBytesConfig
 
     if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANT_SKIP_MODULES))
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=SKIP_MODULES,
+        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(QUANT_SKIP_MODULES),
     )
 
 

@@ -4,9 +4,9 @@
   the issue measured cuDNN at 298 TFLOP/s vs 183 for SDPA's default flash backend (B4, 12 heads, T 2048, D 128,
   causal, fwd+bwd). K/V heads are repeated before the call: cuDNN has no GQA, and with `enable_gqa=True` SDPA would
   silently pick another backend.
-- Packed batches (`cu_seq_lens_q` in the kwargs, as `ghostvis_hf.packing` and TRL's padding-free collator write them):
-  `torch.nn.attention.varlen.varlen_attn`, which computes only the per-sample causal blocks, instead of a dense
-  block-diagonal mask over the whole row.
+- Packed batches (`cu_seq_lens_q` in the kwargs, as `ghostvis_hf.training.packing` and TRL's padding-free collator
+  write them): `torch.nn.attention.varlen.varlen_attn`, which computes only the per-sample causal blocks, instead of a
+  dense block-diagonal mask over the whole row.
 - Everything else (a padding mask, no CUDA, fp32 inputs): transformers' own `sdpa_attention_forward`, unchanged.
 
 `flash_attention_2` is used instead when the flash-attn package is installed (it handles packing natively).

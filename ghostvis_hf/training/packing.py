@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.trainer_callback import TrainerCallback
 
+from ..modeling_ghostvis import image_label_mask
+
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
@@ -177,10 +179,6 @@ class GhostVisPackingCollator:
     def efficiency(self) -> float:
         return self.stats["real_tokens"] / max(self.stats["slots"], 1)
 
-    def _frame_ids(self) -> list[int]:
-        p = self.processor
-        return [t for t in (p.image_token_id, p.vision_start_token_id, p.vision_end_token_id) if t is not None]
-
     def tokenize(self, examples: list[dict]) -> list[dict]:
         """Per-example `input_ids`, `labels` and `pixel_values`, unpadded (what would be one row each unpacked)."""
         prepared = [_prepare_messages(e) for e in examples]
@@ -200,14 +198,13 @@ class GhostVisPackingCollator:
             return_assistant_tokens_mask=self.assistant_only_loss,
             processor_kwargs=processor_kwargs,
         )
-        frame_ids = torch.tensor(self._frame_ids())
         samples, start = [], 0
         pixel_values = out.get("pixel_values")
         for i, (_, images) in enumerate(prepared):
             n = int(out["attention_mask"][i].sum())
             ids = out["input_ids"][i, :n]
             labels = ids.clone()
-            labels[torch.isin(ids, frame_ids)] = IGNORE_INDEX
+            labels[image_label_mask(ids, self.processor)] = IGNORE_INDEX
             if self.assistant_only_loss:
                 labels[out["assistant_masks"][i, :n] == 0] = IGNORE_INDEX
             sample = {"input_ids": ids, "labels": labels}

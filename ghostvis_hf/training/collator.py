@@ -4,8 +4,10 @@ NOTE: TRL's SFTTrainer computes the loss with its own fused LM head (trl `add_fu
 model's own label masking at image tokens; the mask therefore has to be in the labels the collator returns.
 """
 
-import torch
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from ..modeling_ghostvis import image_label_mask
+from .packing import prepare_packing
 
 
 class GhostVisVisionCollator(DataCollatorForVisionLanguageModeling):
@@ -13,16 +15,12 @@ class GhostVisVisionCollator(DataCollatorForVisionLanguageModeling):
 
     def torch_call(self, examples):
         batch = super().torch_call(examples)
-        p = self.processor
-        image_ids = torch.tensor([p.image_token_id, p.vision_start_token_id, p.vision_end_token_id])
-        batch["labels"][torch.isin(batch["input_ids"], image_ids)] = -100
+        batch["labels"][image_label_mask(batch["input_ids"], self.processor)] = -100
         return batch
 
 
 def build_sft_collator(processor, training_args):
     """`(collator, callbacks)` for `SFTTrainer`: GhostVis packing with `--packing`, else the masking collator."""
-    from ..packing import prepare_packing
-
     collator, callbacks = prepare_packing(processor, training_args)
     if collator is not None:
         return collator, callbacks

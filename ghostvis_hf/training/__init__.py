@@ -1,0 +1,59 @@
+"""What the recipes share, one concept per module: arguments, model, optimizer, data, collators and packing, run
+set-up, the shared ending (save, model card, plot, summary) and the RL helpers.
+
+Kept out of `recipes/*.py` so the recipes stay thin TRL scripts; kept out of the model files because those travel
+with every checkpoint.
+"""
+
+from .arguments import GhostVisArguments, RLArguments
+from .collator import GhostVisVisionCollator, build_sft_collator
+from .data import load_train_and_eval_data, prompt_dataset
+from .finish import evaluate_checkpoint, finish
+from .model import (
+    LORA_MODULES_TO_SAVE,
+    LORA_TARGET_REGEX,
+    freeze,
+    load_model_and_processor,
+    parameter_counts,
+    parse_config_overrides,
+    peft_config_for,
+)
+from .optimizer import make_optimizer
+from .packing import GhostVisPackingCollator, PackingStatsCallback, best_fit_decreasing, pack_samples, prepare_packing
+from .plotting import plot_learning_curve
+from .rl import finish_rl, held_out_accuracy, held_out_before, reward_funcs_for, reward_summary, starting_checkpoint
+from .runtime import score_labelled_positions_only, set_cpu_threads, setup_logging
+
+__all__ = [
+    "GhostVisArguments",
+    "GhostVisPackingCollator",
+    "GhostVisVisionCollator",
+    "LORA_MODULES_TO_SAVE",
+    "LORA_TARGET_REGEX",
+    "PackingStatsCallback",
+    "RLArguments",
+    "best_fit_decreasing",
+    "build_sft_collator",
+    "evaluate_checkpoint",
+    "finish",
+    "finish_rl",
+    "freeze",
+    "held_out_accuracy",
+    "held_out_before",
+    "load_model_and_processor",
+    "load_train_and_eval_data",
+    "make_optimizer",
+    "pack_samples",
+    "parameter_counts",
+    "parse_config_overrides",
+    "peft_config_for",
+    "plot_learning_curve",
+    "prepare_packing",
+    "prompt_dataset",
+    "reward_funcs_for",
+    "reward_summary",
+    "score_labelled_positions_only",
+    "set_cpu_threads",
+    "setup_logging",
+    "starting_checkpoint",
+]

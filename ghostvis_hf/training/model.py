@@ -1,0 +1,135 @@
+"""The model a recipe trains: loaded from a checkpoint, composed from backbones or created from a preset; frozen
+towers; LoRA defaults.
+
+Config overrides (`--config_overrides`) are parsed here and checked by `ghostvis_hf.create`, which refuses keys the
+configs do not have.
+"""
+
+import ast
+import logging
+
+import torch
+
+from ..quantization import QUANT_SKIP_MODULES
+from .arguments import GhostVisArguments
+
+logger = logging.getLogger("ghostvis")
+
+# LoRA goes on the decoder's projections only; the glue (resampler + projector) trains fully alongside it.
+LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_MODULES_TO_SAVE = ["resampler", "multi_modal_projector"]
+
+
+def load_model_and_processor(args: GhostVisArguments, model_args, training_args):
+    """A GhostVis model + processor from a checkpoint (`model_name_or_path`), backbones, or a preset."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import ghostvis_hf
+
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    if model_args.model_name_or_path:
+        kwargs = dict(trust_remote_code=True, revision=model_args.model_revision, dtype=dtype)
+        if model_args.attn_implementation:
+            kwargs["attn_implementation"] = model_args.attn_implementation
+        if model_args.load_in_4bit or model_args.load_in_8bit:
+            from trl import get_quantization_config
+
+            quant = get_quantization_config(model_args)
+            quant.llm_int8_skip_modules = list(QUANT_SKIP_MODULES)
+            kwargs["quantization_config"] = quant
+        model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    elif args.text_model or args.vision_model:
+        if not (args.text_model and args.vision_model):
+            raise ValueError("Composing needs both --text_model and --vision_model")
+        model, processor = ghostvis_hf.compose(args.text_model, args.vision_model, **_glue_overrides(args))
+    else:
+        torch.manual_seed(training_args.seed)
+        model, processor = ghostvis_hf.create(args.preset, **_glue_overrides(args))
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.model_name_or_path:
+        raise ValueError("QLoRA (load_in_4bit/8bit) needs --model_name_or_path of a saved GhostVis checkpoint")
+    if model_args.attn_implementation and not model_args.model_name_or_path:
+        model.set_attn_implementation(model_args.attn_implementation)
+    return model, processor
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`'a=1,text_config.b=0.5,c=none'` -> `{'a': 1, 'text_config': {'b': 0.5}, 'c': 'none'}` (values as literals).
+
+    Example:
+    ```python
+    >>> from ghostvis_hf.training import parse_config_overrides
+
+    >>> parse_config_overrides("resampler_depth=2,text_config.num_hidden_layers=4")
+    {'resampler_depth': 2, 'text_config': {'num_hidden_layers': 4}}
+
+    ```
+    """
+    out: dict = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or key.count(".") > 1:
+            raise ValueError(f"config_overrides: {item!r} is not `key=value` or `sub_config.key=value`")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        head, _, tail = key.strip().partition(".")
+        if tail:
+            if head not in ("text_config", "vision_config"):
+                raise ValueError(f"config_overrides: {key!r}; dotted keys go into text_config or vision_config")
+            out.setdefault(head, {})[tail] = value
+        else:
+            out[head] = value
+    return out
+
+
+def _glue_overrides(args: GhostVisArguments) -> dict:
+    """`create`/`compose` keyword arguments from the arguments; `create` refuses keys the configs lack."""
+    overrides = parse_config_overrides(args.config_overrides)
+    if overrides and (args.text_model or args.vision_model):
+        raise ValueError("config_overrides applies to presets; compose takes the backbones' own configs")
+    overrides.update({k: v for k, v in (("resampler_type", args.resampler_type),
+                                        ("num_image_tokens", args.num_image_tokens)) if v is not None})
+    return overrides
+
+
+def freeze(model, vision_tower: bool, language_model: bool) -> dict:
+    """Freezes the chosen towers; returns and logs trainable vs frozen parameter counts."""
+    parts = []
+    if vision_tower:
+        parts.append(model.model.vision_tower)
+    if language_model:
+        parts += [model.model.language_model, model.lm_head]
+    for part in parts:
+        part.requires_grad_(False)
+    counts = parameter_counts(model)
+    logger.info("trainable parameters: %s | frozen: %s", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    return counts
+
+
+def parameter_counts(model) -> dict:
+    """`{"trainable": n, "frozen": m}` parameters, tied weights counted once."""
+    seen, trainable, frozen = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return {"trainable": trainable, "frozen": frozen}
+
+
+def peft_config_for(model_args):
+    """TRL's LoRA config with GhostVis defaults (decoder projections; resampler + projector fully trained)."""
+    from trl import get_peft_config
+
+    if not model_args.use_peft:
+        return None
+    if model_args.lora_target_modules is None:
+        model_args.lora_target_modules = LORA_TARGET_REGEX
+    if model_args.lora_modules_to_save is None:
+        model_args.lora_modules_to_save = LORA_MODULES_TO_SAVE
+    return get_peft_config(model_args)
