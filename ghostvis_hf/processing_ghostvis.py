@@ -103,6 +103,26 @@ def to_rgb_image(image, where: str = "image") -> Image.Image:
     (255, 255, 255)
     ```
     """
+    image = _as_pil_image(image, where)
+    if image.width == 0 or image.height == 0:
+        raise _image_error(where, f"zero-size image ({image.width}x{image.height})")
+    try:
+        if image.mode == "RGB":
+            return image
+        # NOTE: a plain .convert("RGB") shows transparent pixels in their stored colour (often black): it ruins charts
+        # and logos. Same test as Pillow >= 10.1's `has_transparency_data`, spelled out for older Pillows.
+        if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+        return image.convert("RGB")
+    except OSError as e:  # truncated files fail only when decoded
+        raise _image_error(where, f"image data could not be decoded ({e})") from None
+
+
+def _as_pil_image(image, where: str) -> Image.Image:
+    """Decodes what `to_rgb_image` accepts into a `PIL.Image` (any mode), or raises a `ValueError`."""
     if isinstance(image, dict):
         if image.get("bytes") is not None:
             image = image["bytes"]
@@ -151,21 +171,7 @@ def to_rgb_image(image, where: str = "image") -> Image.Image:
             f"got a {type(image).__name__}, which is not an image (expected a PIL.Image, numpy array, torch tensor, "
             "bytes, a path or a data URL)",
         )
-    if image.width == 0 or image.height == 0:
-        raise _image_error(where, f"zero-size image ({image.width}x{image.height})")
-    try:
-        if image.mode == "RGB":
-            return image
-        # NOTE: a plain .convert("RGB") shows transparent pixels in their stored colour (often black): it ruins charts
-        # and logos. Same test as Pillow >= 10.1's `has_transparency_data`, spelled out for older Pillows.
-        if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGB", rgba.size, (255, 255, 255))
-            background.paste(rgba, mask=rgba.getchannel("A"))
-            return background
-        return image.convert("RGB")
-    except OSError as e:  # truncated files fail only when decoded
-        raise _image_error(where, f"image data could not be decoded ({e})") from None
+    return image
 
 
 class GhostVisProcessor(ProcessorMixin):
@@ -320,36 +326,7 @@ class GhostVisProcessor(ProcessorMixin):
             all_ids.append(ids)
             all_offsets.append(offsets)
 
-        padding = kwargs.get("padding", False)
-        lengths = [len(x) for x in all_ids]
-        target = max(lengths) if lengths else 0
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            target = max(target, max_length)
-        if padding and (multiple := kwargs.get("pad_to_multiple_of")):
-            target = -(-target // multiple) * multiple
-        if padding:
-            side = kwargs.get("padding_side") or self.tokenizer.padding_side
-            if side not in ("left", "right"):
-                raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-            pad_id = self.tokenizer.pad_token_id
-            if pad_id is None:
-                raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token to pad batches")
-            masks = []
-            for i, ids in enumerate(all_ids):
-                n = target - len(ids)
-                mask = [1] * len(ids)
-                pad = [pad_id] * n
-                all_ids[i], mask = (pad + ids, [0] * n + mask) if side == "left" else (ids + pad, mask + [0] * n)
-                if want_offsets:
-                    zeros = [(0, 0)] * n
-                    all_offsets[i] = zeros + all_offsets[i] if side == "left" else all_offsets[i] + zeros
-                masks.append(mask)
-        else:
-            masks = [[1] * len(x) for x in all_ids]
-            if return_tensors is not None and len(set(lengths)) > 1:
-                raise ValueError("Texts have different lengths; pass padding=True to batch them into tensors")
+        masks = self._pad(all_ids, all_offsets if want_offsets else None, kwargs)
         data["input_ids"] = all_ids
         if kwargs.get("return_attention_mask", True):
             data["attention_mask"] = masks
@@ -360,6 +337,38 @@ class GhostVisProcessor(ProcessorMixin):
         if return_tensors is None and "pixel_values" in data:
             data["pixel_values"] = data["pixel_values"].tolist()
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _pad(self, all_ids: list[list[int]], all_offsets: list | None, kwargs: dict) -> list[list[int]]:
+        """Pads `all_ids` (and `all_offsets`) in place as `kwargs` asks; returns the attention masks."""
+        padding, max_length = kwargs.get("padding", False), kwargs.get("max_length")
+        lengths = [len(x) for x in all_ids]
+        if not padding:
+            if kwargs.get("return_tensors") is not None and len(set(lengths)) > 1:
+                raise ValueError("Texts have different lengths; pass padding=True to batch them into tensors")
+            return [[1] * n for n in lengths]
+        target = max(lengths) if lengths else 0
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            target = max(target, max_length)
+        if multiple := kwargs.get("pad_to_multiple_of"):
+            target = -(-target // multiple) * multiple
+        side = kwargs.get("padding_side") or self.tokenizer.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token to pad batches")
+        masks = []
+        for i, ids in enumerate(all_ids):
+            n = target - len(ids)
+            mask, pad = [1] * len(ids), [pad_id] * n
+            all_ids[i], mask = (pad + ids, [0] * n + mask) if side == "left" else (ids + pad, mask + [0] * n)
+            if all_offsets is not None:
+                zeros = [(0, 0)] * n
+                all_offsets[i] = zeros + all_offsets[i] if side == "left" else all_offsets[i] + zeros
+            masks.append(mask)
+        return masks
 
     def _adjust_assistant_masks_indices(self, processed_dict, generation_indices):
         # `apply_chat_template(..., return_assistant_tokens_mask=True)` (TRL's assistant-only loss) walks the offsets
