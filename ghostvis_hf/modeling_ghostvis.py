@@ -23,8 +23,13 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
+from transformers.utils import can_return_tuple, torch_compilable_check
 
 from .configuration_ghostvis import GhostVisConfig
 
@@ -234,21 +239,33 @@ class GhostVisModel(GhostVisPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Encodes images to `[n_images, image_seq_length, d_text]` features ready to scatter into the text."""
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, output_hidden_states=None, output_attentions=None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Encodes images; `pooler_output` holds the `[n_images, image_seq_length, d_text]` features ready to scatter
+        into the text (one `[N, d_text]` entry per image), `last_hidden_state` the vision tower's last layer, and
+        `hidden_states` / `attentions` the tower's on request (transformers v5's convention, as in LLaVA)."""
         layer = self.config.vision_feature_layer
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
-        if layer == -1:
-            features = self.vision_tower(pixel_values=pixel_values).last_hidden_state  # [n, P, d_v]
-        else:
-            features = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+        tower_kwargs = {"output_hidden_states": True} if (output_hidden_states or layer != -1) else {}
+        if output_attentions:
+            tower_kwargs["output_attentions"] = True
+        tower = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype), **tower_kwargs)
+        features = tower.last_hidden_state if layer == -1 else tower.hidden_states[layer]  # [n, P, d_v]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-        features = self.resampler(features)  # [n, N, d_v]
-        return self.multi_modal_projector(features)  # [n, N, d_t]
+        features = self.multi_modal_projector(self.resampler(features))  # [n, N, d_t]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=features,
+            hidden_states=tower.hidden_states if output_hidden_states else None,
+            attentions=tower.attentions if output_attentions else None,
+        )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        """Boolean mask of the placeholder positions; raises if their count differs from the features'."""
+        """Boolean mask of the placeholder positions; raises if their count differs from the features'.
+
+        The check is `torch.compile`/`torch.export` safe (a hint to the compiler, no data-dependent branch)."""
         if input_ids is None:
             token = self.get_input_embeddings()(
                 torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
@@ -256,13 +273,13 @@ class GhostVisModel(GhostVisPreTrainedModel):
             mask = (inputs_embeds == token).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
-        if n_tokens != n_features:
-            raise ValueError(
-                f"Image features and image placeholder tokens do not match: {n_tokens} placeholder tokens "
-                f"(id {self.config.image_token_id}) in the text but {n_features} image features "
-                f"({image_features.shape[0]} images x {image_features.shape[1]} tokens)"
-            )
+        n_tokens, n_features = mask.sum(), image_features.shape[0] * image_features.shape[1]
+        torch_compilable_check(
+            n_tokens == n_features,
+            lambda: f"Image features and image placeholder tokens do not match: {int(n_tokens)} placeholder tokens "
+            f"(id {self.config.image_token_id}) in the text but {n_features} image features "
+            f"({image_features.shape[0]} images x {image_features.shape[1]} tokens)",
+        )
         return mask.unsqueeze(-1).expand_as(inputs_embeds)
 
     @can_return_tuple
@@ -289,7 +306,8 @@ class GhostVisModel(GhostVisPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, T, d_t]
         image_features = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)  # [n, N, d_t]
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output  # [n, N, d_t]
+            image_features = image_features.to(inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
         outputs = self.language_model(
@@ -308,6 +326,9 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
     """GhostVis with a language-modeling head; what training recipes, `generate` and the server use."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): the towers bring their own plans; the head is
+    # split by vocabulary column and gathered, as in LLaVA.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: GhostVisConfig):
         super().__init__(config)
@@ -330,7 +351,7 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @property

@@ -235,3 +235,60 @@ def test_create_accepts_legacy_subconfig_keys():
     model, _ = create("tiny", text_config={"num_hidden_layers": 1, "rope_theta": 500.0})  # -> rope_parameters
     assert model.config.text_config.num_hidden_layers == 1
     assert model.config.text_config.rope_parameters["rope_theta"] == 500.0
+
+
+def test_get_image_features_follows_transformers_v5(tiny):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    model, processor = tiny
+    pixel_values = processor(images=[make_image(), make_image((0, 0, 255))],
+                             return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values)
+        with_hidden = model.get_image_features(pixel_values, output_hidden_states=True)
+        as_tuple = model.get_image_features(pixel_values, return_dict=False)
+    assert isinstance(out, BaseModelOutputWithPooling) and out.hidden_states is None
+    assert out.pooler_output.shape == (2, processor.num_image_tokens, model.config.text_config.hidden_size)
+    assert out.last_hidden_state.shape[0] == 2
+    assert len(with_hidden.hidden_states) == model.config.vision_config.num_hidden_layers + 1
+    torch.testing.assert_close(as_tuple[1], out.pooler_output)
+
+
+def test_assisted_decoding_with_itself_as_assistant(tiny):
+    # transformers runs the assistant's prefill without pixel_values: placeholders must embed as plain tokens there.
+    model, processor = tiny
+    text = processor.apply_chat_template([user_turn("What color?")], add_generation_prompt=True)
+    inputs = processor(text=text, images=make_image(), return_tensors="pt")
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    plain = model.generate(**inputs, **kw)
+    assisted = model.generate(**inputs, assistant_model=model, **kw)
+    assert torch.equal(plain, assisted)
+
+
+def test_forward_compiles_fullgraph_with_a_static_cache(tiny):
+    """`_can_compile_fullgraph = True` is a promise: a static-cache prefill and decode step trace without a graph
+    break (dynamo with the eager backend: the tracing is what breaks, inductor's code generation is not tested)."""
+    from transformers import StaticCache
+
+    from ghostvis_hf.modeling_ghostvis import CACHE_KWARG
+
+    model, processor = tiny
+    inputs = processor(text="<image> hi", images=make_image(), return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    results = []
+    for fn in (model, compiled):
+        cache = StaticCache(config=model.config.text_config, max_cache_len=n + 4)
+        with torch.no_grad():
+            prefill = fn(**inputs, use_cache=True, **{CACHE_KWARG: cache})
+            step = fn(input_ids=prefill.logits[:, -1:].argmax(-1), position_ids=torch.tensor([[n]]),
+                      use_cache=True, **{CACHE_KWARG: cache})
+        results.append((prefill.logits, step.logits))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
+def test_tensor_parallel_plan_covers_the_head():
+    from ghostvis_hf.modeling_ghostvis import GhostVisForConditionalGeneration
+
+    assert GhostVisForConditionalGeneration._tp_plan == {"lm_head": "colwise_gather_output"}

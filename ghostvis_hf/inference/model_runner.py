@@ -179,7 +179,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ images and prefill
     def _encode_static(self, n: int) -> torch.Tensor:
-        return self.model.model.get_image_features(self._vision_in[:n])  # [n, N, d_text]
+        return self.model.model.get_image_features(self._vision_in[:n], return_dict=True).pooler_output  # [n, N, d_text]
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self._vision_graphs is not None:
@@ -193,7 +193,7 @@ class ModelRunner:
             except Exception:
                 logger.warning("vision encoder CUDA graph failed; encoding eagerly from now on", exc_info=True)
                 self._vision_graphs = None
-        return self.model.model.get_image_features(pixels.to(self.device))
+        return self.model.model.get_image_features(pixels.to(self.device), return_dict=True).pooler_output
 
     def image_features(self, requests: list[PendingRequest]) -> None:
         """Fills `features` of every prepared image, encoding the cache misses in chunks of 16."""
