@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import AudioKwargs, ImagesKwargs, MultiModalData, ProcessorMixin, VideosKwargs
 
 IMAGE_TOKEN = "<image>"
 IMAGE_PAD_TOKEN = "<|image_pad|>"
@@ -56,6 +56,26 @@ _TEXT_KWARGS = {
     "padding", "padding_side", "truncation", "max_length", "pad_to_multiple_of", "add_special_tokens",
     "return_offsets_mapping", "return_attention_mask", "return_mm_token_type_ids", "return_tensors",
 }
+# The input rules, as transformers' own processors apply them: image-processor options (transformers' `ImagesKwargs`,
+# e.g. `do_rescale`, `rescale_factor`) go to the image processor; options of modalities GhostVis does not have (video
+# frames, audio sampling) are ignored, as callers such as pipelines and lmms-eval pass them to every processor; any
+# other name is refused (a typo must not pass silently).
+_IMAGE_KWARGS = set(ImagesKwargs.__annotations__) - {"return_tensors", "image_seq_length"}
+_IGNORED_KWARGS = (set(VideosKwargs.__annotations__) | set(AudioKwargs.__annotations__)) - _IMAGE_KWARGS - _TEXT_KWARGS
+_KWARG_GROUPS = ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs", "common_kwargs")
+
+
+def _flatten_kwargs(kwargs: dict) -> dict:
+    """Merges the per-modality dicts (`text_kwargs=...`, `images_kwargs=...`) into one; a name given twice with two
+    different values is an error rather than a silent pick."""
+    flat = {k: v for k, v in kwargs.items() if k not in _KWARG_GROUPS}
+    for group in _KWARG_GROUPS:
+        for key, value in (kwargs.get(group) or {}).items():
+            if key in flat and flat[key] is not value and flat[key] != value:
+                raise ValueError(f"Processor argument {key!r} given twice with different values ({flat[key]!r} and "
+                                 f"{value!r} in {group})")
+            flat[key] = value
+    return flat
 
 
 def image_placeholder_run(image_token_id: int, num_image_tokens: int, vision_start_token_id: int,
@@ -236,10 +256,21 @@ class GhostVisProcessor(ProcessorMixin):
             start += n
         return groups
 
-    def preprocess_images(self, images: list, where: str = "image") -> torch.Tensor:
-        """Validates and converts a flat list of images to `pixel_values` `[n_images, 3, H, W]`."""
+    def preprocess_images(self, images: list, where: str = "image", **image_kwargs) -> torch.Tensor:
+        """Validates and converts a flat list of images to `pixel_values` `[n_images, 3, H, W]`; `image_kwargs` are
+        the image processor's options (`do_rescale`, `rescale_factor`, ...)."""
         rgb = [to_rgb_image(img, where=f"{where} {k}") for k, img in enumerate(images)]
-        return self.image_processor(rgb, return_tensors="pt")["pixel_values"]
+        return self.image_processor(rgb, return_tensors="pt", **image_kwargs)["pixel_values"]
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """How many placeholder tokens each image takes (what vLLM's Transformers backend asks): the framed run of
+        `num_image_tokens` placeholders plus its start/end tokens, whatever the image size (images are resized)."""
+        data = {}
+        if image_sizes is not None:
+            per_image = len(image_placeholder_run(self.image_token_id, self.num_image_tokens,
+                                                  self.vision_start_token_id, self.vision_end_token_id))
+            data.update(num_image_tokens=[per_image] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+        return MultiModalData(**data)
 
     # ------------------------------------------------------------------ text
     def _expand(self, ids: list[int], offsets: list | None):
@@ -284,21 +315,24 @@ class GhostVisProcessor(ProcessorMixin):
             add_special_tokens, return_offsets_mapping, return_mm_token_type_ids, pad_to_multiple_of: as for
                 tokenizers.
         """
-        if videos is not None or audio is not None:
-            raise ValueError("GhostVis handles images and text only (got videos/audio)")
-        for group in ("text_kwargs", "images_kwargs", "common_kwargs"):
-            kwargs.update(kwargs.pop(group, None) or {})
+        for name, value in (("videos", videos), ("audio", audio)):
+            if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 0):
+                raise ValueError(f"GhostVis handles images and text only (got {name})")
+        kwargs = _flatten_kwargs(kwargs)
         kwargs.pop("return_text_replacement_offsets", None)  # offsets already refer to the unexpanded text
-        unknown = set(kwargs) - _TEXT_KWARGS
+        unknown = set(kwargs) - _TEXT_KWARGS - _IMAGE_KWARGS - _IGNORED_KWARGS
         if unknown:
-            raise ValueError(f"Unexpected processor arguments {sorted(unknown)}; allowed: {sorted(_TEXT_KWARGS)}")
+            raise ValueError(f"Unexpected processor arguments {sorted(unknown)}; allowed: text options "
+                             f"{sorted(_TEXT_KWARGS)} and image-processor options {sorted(_IMAGE_KWARGS)}")
+        image_kwargs = {k: v for k, v in kwargs.items() if k in _IMAGE_KWARGS}
         return_tensors = kwargs.get("return_tensors")
         if text is None:
             if images is None:
                 raise ValueError("Pass text, images or both")
             flat = images if isinstance(images, (list, tuple)) else [images]
             flat = [im for x in flat for im in (x if isinstance(x, (list, tuple)) else [x])]
-            return BatchFeature({"pixel_values": self.preprocess_images(flat)}, tensor_type=return_tensors)
+            pixel_values = self.preprocess_images(flat, **image_kwargs)
+            return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a list of strings")
@@ -307,7 +341,7 @@ class GhostVisProcessor(ProcessorMixin):
         data = {}
         if flat_images:
             rgb = [to_rgb_image(im, where=f"image {k} of sample {i}") for i, k, im in flat_images]
-            data["pixel_values"] = self.image_processor(rgb, return_tensors="pt")["pixel_values"]
+            data["pixel_values"] = self.image_processor(rgb, return_tensors="pt", **image_kwargs)["pixel_values"]
 
         want_offsets = bool(kwargs.get("return_offsets_mapping"))
         enc = self.tokenizer(

@@ -180,3 +180,44 @@ def test_unknown_kwarg_is_refused(tiny):
     _, processor = tiny
     with pytest.raises(ValueError, match="Unexpected processor arguments"):
         processor(text="hi", paddding=True)
+
+
+def test_image_processor_options_reach_the_image_processor(tiny):
+    _, processor = tiny
+    image = make_image((200, 100, 50))
+    ref = processor(text="<image>", images=image, return_tensors="pt")["pixel_values"]
+    raw = processor(text="<image>", images=image, return_tensors="pt", do_rescale=False, do_normalize=False)
+    assert raw["pixel_values"][0, :, 0, 0].tolist() == [200, 100, 50]  # neither rescaled nor normalised
+    nested = processor(text="<image>", images=image, return_tensors="pt", images_kwargs={"do_normalize": False})
+    assert not torch.allclose(nested["pixel_values"], ref)
+    alone = processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(alone, raw["pixel_values"])
+
+
+def test_other_modalities_options_and_empty_lists_are_ignored(tiny):
+    # lmms-eval passes `videos=[]`, `audios=[]`; pipelines pass video/audio options to every processor.
+    _, processor = tiny
+    ref = processor(text="<image> hi", images=make_image(), return_tensors="pt")
+    out = processor(text="<image> hi", images=make_image(), videos=[], audio=[], num_frames=8, fps=2,
+                    sampling_rate=16000, return_tensors="pt")
+    assert torch.equal(out["input_ids"], ref["input_ids"])
+    torch.testing.assert_close(out["pixel_values"], ref["pixel_values"])
+    with pytest.raises(ValueError, match="images and text only"):
+        processor(text="hi", videos=[np.zeros((2, 8, 8, 3), dtype=np.uint8)])
+
+
+def test_conflicting_options_are_refused(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="'padding' given twice"):
+        processor(text=["a", "bb"], padding=True, text_kwargs={"padding": False})
+    same = processor(text=["a", "bb"], padding=True, text_kwargs={"padding": True}, return_tensors="pt")
+    assert same["input_ids"].shape[0] == 2
+
+
+def test_num_multimodal_tokens_matches_the_expanded_text(tiny):
+    _, processor = tiny
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(30, 40), (300, 500)])
+    text_only = len(processor(text="hi")["input_ids"][0])
+    with_image = len(processor(text="<image>hi", images=make_image(size=(300, 500)))["input_ids"][0])
+    assert counts.num_image_tokens == [with_image - text_only] * 2
+    assert counts.num_image_patches == [1, 1]
