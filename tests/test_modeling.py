@@ -292,3 +292,32 @@ def test_tensor_parallel_plan_covers_the_head():
     from ghostvis_hf.modeling_ghostvis import GhostVisForConditionalGeneration
 
     assert GhostVisForConditionalGeneration._tp_plan == {"lm_head": "colwise_gather_output"}
+
+
+def test_every_tower_attention_layer_goes_through_attention_interface():
+    """The contract serving engines build on (vLLM's Transformers backend swaps attention this way): a function
+    registered with transformers' `AttentionInterface` runs in every attention layer of both towers. The perceiver
+    resampler keeps torch SDPA on purpose (README, "Serving with other engines")."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("ghostvis_test_counting", counting)
+    torch.manual_seed(0)
+    model, processor = create("tiny")
+    batch = _batch(processor, ["<image> hi"], [make_image()])
+    with torch.no_grad():
+        reference = model(**batch).logits
+        model.set_attn_implementation("ghostvis_test_counting")
+        routed = model(**batch).logits
+    attention_layers = {n for n, m in model.named_modules() if n.endswith("self_attn")}
+    called = {n for n, m in model.named_modules() if any(m is c for c in calls)}
+    assert any(n.startswith("model.vision_tower") for n in attention_layers)
+    assert any(n.startswith("model.language_model") for n in attention_layers)
+    assert called == attention_layers
+    torch.testing.assert_close(routed, reference, atol=1e-5, rtol=1e-4)
