@@ -19,12 +19,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 
 import torch
+
+from .common import machine_name, random_image, random_prompts, record_header, run_engine, run_stock, sync
 
 
 def _parser():
@@ -45,35 +46,6 @@ def _parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="docs/benchmarks")
     return p
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _gpu_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown GPU"
-    except (OSError, subprocess.TimeoutExpired):
-        return "no nvidia-smi"
-
-
-def machine_name(device) -> str:
-    """The GPU's name and driver on CUDA, else the CPU's."""
-    return _gpu_name() if device.type == "cuda" else platform.processor() or platform.machine()
-
-
-def record_header(out: dict) -> list[str]:
-    """The first markdown lines of a benchmark record: title, machine, versions, command."""
-    return [
-        f"# `ghostvis bench {out['benchmark']}`", "",
-        f"- machine: {out['machine']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()),
-        f"- command: `{out['command']}`",
-    ]
 
 
 def measure_bandwidth(device, gib: float = 2.0) -> float | None:
@@ -105,24 +77,6 @@ def decode_weight_bytes(model) -> int:
     return total
 
 
-def _prompts(batch: int, length: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, 1000, (batch, length), generator=g).tolist()  # plain byte-BPE tokens, no specials
-
-
-def run_stock(model, prompts, new_tokens, device) -> tuple[float, list[list[int]]]:
-    ids = torch.tensor(prompts, device=device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens)
-    with torch.no_grad():
-        model.generate(input_ids=ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, **kwargs)
-        _sync(device)
-    return time.perf_counter() - t0, out[:, ids.shape[1] :].tolist()
-
-
 def causal_lm(model):
     """The decoder + LM head of `model` as a stock `AutoModelForCausalLM`, sharing its weights (text-only baselines)."""
     from transformers import AutoModelForCausalLM
@@ -148,10 +102,10 @@ def run_stock_cb(model, prompts, new_tokens, device) -> tuple[float, list[list[i
     try:
         with torch.no_grad():
             lm.generate_batch(prompts, generation_config=config, persistent_manager=True)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = lm.generate_batch(prompts, generation_config=config, persistent_manager=True)
-            _sync(device)
+            sync(device)
             seconds = time.perf_counter() - t0
         if hasattr(lm, "destroy_cached_continuous_batching_manager"):
             lm.destroy_cached_continuous_batching_manager()
@@ -165,17 +119,6 @@ def run_stock_cb(model, prompts, new_tokens, device) -> tuple[float, list[list[i
     return seconds, tokens
 
 
-def run_engine(engine, prompts, new_tokens) -> tuple[float, list[list[int]]]:
-    from ghostvis_hf.inference import SamplingParams
-
-    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate_batch([dict(prompt_ids=p) for p in prompts], SamplingParams(temperature=0, max_new_tokens=8,
-                                                                                ignore_eos=True))  # warm-up
-    t0 = time.perf_counter()
-    results = engine.generate_batch([dict(prompt_ids=p) for p in prompts], params)
-    return time.perf_counter() - t0, [r[0].token_ids for r in results]
-
-
 def _match(a: list[list[int]], b: list[list[int]]) -> dict:
     """How far the engine's greedy tokens agree with stock generate's."""
     prefixes = []
@@ -185,12 +128,6 @@ def _match(a: list[list[int]], b: list[list[int]]) -> dict:
     return {"identical_rows": sum(x == y for x, y in zip(a, b)), "rows": len(a),
             "min_common_prefix": min(prefixes), "mean_common_prefix": sum(prefixes) / len(prefixes)}
 
-
-def _image(size: int, seed: int):
-    import numpy as np
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
 def run_ttft(engine, model, processor, size: int, repeats: int, device) -> dict:
@@ -206,25 +143,25 @@ def run_ttft(engine, model, processor, size: int, repeats: int, device) -> dict:
         handle.result()
         return handle.first_token_at - t0
 
-    ttft(_image(size, 1000))  # warm-up: kernels, allocator, graph captures
-    ttft(_image(size, 1000))
-    cold = [ttft(_image(size, 2000 + i)) for i in range(repeats)]
-    last = _image(size, 2000 + repeats - 1)
+    ttft(random_image(size, 1000))  # warm-up: kernels, allocator, graph captures
+    ttft(random_image(size, 1000))
+    cold = [ttft(random_image(size, 2000 + i)) for i in range(repeats)]
+    last = random_image(size, 2000 + repeats - 1)
     warm = [ttft(last) for _ in range(repeats)]
     engine.profile = True  # one more of each with device syncs between stages: where the time goes
-    ttft(_image(size, 4000))
+    ttft(random_image(size, 4000))
     stages_new = dict(engine.last_admission)
-    ttft(_image(size, 4000))
+    ttft(random_image(size, 4000))
     stages_repeated = dict(engine.last_admission)
     engine.profile = False
     # Stock reference: processor + generate(max_new_tokens=1) on a new image.
     stock = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        inputs = processor(text=text, images=[_image(size, 3000 + i)], return_tensors="pt").to(device)
+        inputs = processor(text=text, images=[random_image(size, 3000 + i)], return_tensors="pt").to(device)
         with torch.no_grad():
             model.generate(**inputs, do_sample=False, max_new_tokens=1)
-        _sync(device)
+        sync(device)
         stock.append(time.perf_counter() - t0)
     cold_s, warm_s = statistics.median(cold), statistics.median(warm)
     return {"image_px": size, "engine_new_image_s": cold_s, "engine_repeated_image_s": warm_s,
@@ -257,7 +194,7 @@ def check_fp32(model, processor, device, new_tokens: int = 32, fused: bool = Fal
 
     model.float()
     lengths = [128, 100, 77, 50]
-    prompts = [p[:n] for p, n in zip(_prompts(4, 128, 7), lengths)]
+    prompts = [p[:n] for p, n in zip(random_prompts(4, 128, 7), lengths)]
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -273,12 +210,92 @@ def check_fp32(model, processor, device, new_tokens: int = 32, fused: bool = Fal
             "one_at_a_time": _match(alone, stock)}
 
 
+def _error(out: dict, key: str, e: Exception) -> None:
+    """Keeps a failed part's error in the record (the other parts' numbers still count) and prints its traceback."""
+    out["errors"][key] = "".join(traceback.format_exception_only(type(e), e)).strip()
+    traceback.print_exc()
+
+
+def _save(out: dict, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "generate.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    with open(os.path.join(out_dir, "generate.md"), "w") as f:
+        f.write(markdown(out))
+
+
+def _record(out: dict, args, name: str, batch: int, seconds: float) -> dict:
+    """Adds (and saves) one throughput row: tok/s end to end, and as a % of the roofline when there is one."""
+    tok_s = batch * args.new_tokens / seconds
+    roof = out["roofline_tok_s_batch1"] * batch if out["bandwidth_bytes_per_s"] else None
+    row = {"mode": name, "batch": batch, "seconds": seconds, "tok_s": tok_s,
+           "pct_roofline": 100 * tok_s / roof if roof else None}
+    out["results"].append(row)
+    print(f"{name:>8} batch {batch:>3}: {tok_s:10.1f} tok/s  ({seconds:.2f} s)", flush=True)
+    _save(out, args.out_dir)
+    return row
+
+
+def _time_stock(out: dict, args, model, device, batch_sizes) -> dict[int, list[list[int]]]:
+    """Stock `generate` (unless `--no-stock`) and, with `--stock-cb`, continuous batching; returns `generate`'s
+    greedy tokens per batch size, which the engine's are compared with."""
+    stock_tokens = {}
+    for batch in [] if args.no_stock else batch_sizes:
+        prompts = random_prompts(batch, args.prompt_len, args.seed)
+        seconds, stock_tokens[batch] = run_stock(model, prompts, args.new_tokens, device)
+        _record(out, args, "stock", batch, seconds)
+    for batch in batch_sizes if args.stock_cb else []:
+        try:
+            prompts = random_prompts(batch, args.prompt_len, args.seed)
+            seconds, tokens = run_stock_cb(model, prompts, args.new_tokens, device)
+            row = _record(out, args, "stock-cb", batch, seconds)
+            if batch in stock_tokens:
+                row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
+            _save(out, args.out_dir)
+        except Exception as e:
+            _error(out, f"stock-cb batch {batch}", e)
+    return stock_tokens
+
+
+def _time_engine(out: dict, args, mode: str, model, processor, device, batch_sizes, stock_tokens) -> None:
+    """One engine mode at every batch size; the first mode that works also measures time to first token."""
+    from ghostvis_hf.inference import GenerationEngine
+
+    max_seq = args.prompt_len + args.new_tokens
+    engine = GenerationEngine(
+        model, processor, max_batch_size=max(batch_sizes), max_seq_len=max_seq,
+        cuda_graphs=mode != "eager" and device.type == "cuda", fused=mode == "fused",
+        compile={"coordinate_descent_tuning": True} if mode == "compile-tuned" else mode == "compile",
+        batch_buckets=batch_sizes, seq_buckets=[max_seq],
+    )
+    t0 = time.perf_counter()
+    engine.warmup(batch_sizes=batch_sizes, seq_lens=[max_seq])
+    out.setdefault("warmup_s", {})[mode] = time.perf_counter() - t0
+    for batch in batch_sizes:
+        prompts = random_prompts(batch, args.prompt_len, args.seed)
+        seconds, tokens = run_engine(engine, prompts, args.new_tokens)
+        row = _record(out, args, mode, batch, seconds)
+        if batch in stock_tokens:
+            row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
+        if device.type == "cuda":
+            row["gpu_ms_per_step"] = gpu_step_ms(engine, batch, max_seq)
+        _save(out, args.out_dir)
+    # Prefill is eager in every mode, so the first engine that works measures time to first token.
+    if "ttft" not in out and "ttft" not in out["errors"]:
+        try:
+            size = model.config.vision_config.image_size
+            out["ttft"] = {"engine_mode": mode, **run_ttft(engine, model, processor, size, args.ttft_repeats, device)}
+            print(f"ttft: {json.dumps(out['ttft'])}", flush=True)
+        except Exception as e:
+            _error(out, "ttft", e)
+        _save(out, args.out_dir)
+    engine.close()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import transformers
 
     import ghostvis_hf
-    from ghostvis_hf.inference import GenerationEngine
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -295,12 +312,6 @@ def main(argv=None) -> int:
     }
     os.makedirs(args.out_dir, exist_ok=True)
 
-    def save():
-        with open(os.path.join(args.out_dir, "generate.json"), "w") as f:
-            json.dump(out, f, indent=2)
-        with open(os.path.join(args.out_dir, "generate.md"), "w") as f:
-            f.write(markdown(out))
-
     model, processor = ghostvis_hf.create(args.preset, dtype=dtype, device=device)
     model.eval()
     bandwidth = measure_bandwidth(device)
@@ -310,71 +321,15 @@ def main(argv=None) -> int:
     print(f"weights read per step: {weight_bytes / 1e9:.2f} GB; bandwidth: {(bandwidth or 0) / 1e12:.2f} TB/s",
           flush=True)
 
-    def record(name, batch, seconds, tokens):
-        tok_s = batch * args.new_tokens / seconds
-        roof = out["roofline_tok_s_batch1"] * batch if bandwidth else None
-        row = {"mode": name, "batch": batch, "seconds": seconds, "tok_s": tok_s,
-               "pct_roofline": 100 * tok_s / roof if roof else None}
-        out["results"].append(row)
-        print(f"{name:>8} batch {batch:>3}: {tok_s:10.1f} tok/s  ({seconds:.2f} s)", flush=True)
-        save()
-        return row
-
-    stock_tokens = {}
-    for batch in [] if args.no_stock else batch_sizes:
-        prompts = _prompts(batch, args.prompt_len, args.seed)
-        seconds, stock_tokens[batch] = run_stock(model, prompts, args.new_tokens, device)
-        record("stock", batch, seconds, stock_tokens[batch])
-    for batch in batch_sizes if args.stock_cb else []:
-        try:
-            seconds, tokens = run_stock_cb(model, _prompts(batch, args.prompt_len, args.seed), args.new_tokens, device)
-            row = record("stock-cb", batch, seconds, tokens)
-            if batch in stock_tokens:
-                row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
-            save()
-        except Exception as e:
-            out["errors"][f"stock-cb batch {batch}"] = "".join(traceback.format_exception_only(type(e), e)).strip()
-            traceback.print_exc()
-
-    max_seq = args.prompt_len + args.new_tokens
+    stock_tokens = _time_stock(out, args, model, device, batch_sizes)
     for mode in [m for m in args.modes.split(",") if m]:
         if device.type != "cuda" and mode in ("graphs", "fused"):
             continue
         try:
-            engine = GenerationEngine(
-                model, processor, max_batch_size=max(batch_sizes), max_seq_len=max_seq,
-                cuda_graphs=mode != "eager" and device.type == "cuda", fused=mode == "fused",
-                compile={"coordinate_descent_tuning": True} if mode == "compile-tuned" else mode == "compile",
-                batch_buckets=batch_sizes, seq_buckets=[max_seq],
-            )
-            t0 = time.perf_counter()
-            engine.warmup(batch_sizes=batch_sizes, seq_lens=[max_seq])
-            out.setdefault("warmup_s", {})[mode] = time.perf_counter() - t0
-            for batch in batch_sizes:
-                prompts = _prompts(batch, args.prompt_len, args.seed)
-                seconds, tokens = run_engine(engine, prompts, args.new_tokens)
-                row = record(mode, batch, seconds, tokens)
-                if batch in stock_tokens:
-                    row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
-                if device.type == "cuda":
-                    row["gpu_ms_per_step"] = gpu_step_ms(engine, batch, max_seq)
-                save()
-            # Prefill is eager in every mode, so the first engine that works measures time to first token.
-            if "ttft" not in out and "ttft" not in out["errors"]:
-                try:
-                    size = model.config.vision_config.image_size
-                    out["ttft"] = {"engine_mode": mode, **run_ttft(engine, model, processor, size,
-                                                                   args.ttft_repeats, device)}
-                    print(f"ttft: {json.dumps(out['ttft'])}", flush=True)
-                except Exception as e:
-                    out["errors"]["ttft"] = "".join(traceback.format_exception_only(type(e), e)).strip()
-                    traceback.print_exc()
-                save()
-            engine.close()
+            _time_engine(out, args, mode, model, processor, device, batch_sizes, stock_tokens)
         except Exception as e:  # keep the other modes' numbers
-            out["errors"][mode] = "".join(traceback.format_exception_only(type(e), e)).strip()
-            traceback.print_exc()
-            save()
+            _error(out, mode, e)
+            _save(out, args.out_dir)
     for fused in [False, True] if args.check_fp32 else []:
         if fused and device.type != "cuda":
             continue
@@ -382,9 +337,8 @@ def main(argv=None) -> int:
             out.setdefault("check_fp32", []).append(check_fp32(model, processor, device, fused=fused))
             print(f"fp32 check: {json.dumps(out['check_fp32'][-1])}", flush=True)
         except Exception as e:
-            out["errors"][f"check_fp32 fused={fused}"] = "".join(traceback.format_exception_only(type(e), e)).strip()
-            traceback.print_exc()
-    save()
+            _error(out, f"check_fp32 fused={fused}", e)
+    _save(out, args.out_dir)
     print(markdown(out))
     return 0
 

@@ -23,7 +23,7 @@ import traceback
 
 import torch
 
-from .generate import _prompts, machine_name, record_header, run_engine, run_stock
+from .common import machine_name, random_image, random_prompts, record_header, run_engine, run_stock
 
 
 def _parser():
@@ -40,11 +40,9 @@ def _parser():
 
 def _image_prompt(model, processor, length: int, seed: int) -> dict:
     """One image + `length` text tokens, as the processor builds them (on the model's device)."""
-    from .generate import _image
-
     size = model.config.vision_config.image_size
-    text = "<image>" + processor.tokenizer.decode(_prompts(1, length, seed)[0])
-    batch = processor(text=[text], images=[_image(size, seed)], return_tensors="pt")
+    text = "<image>" + processor.tokenizer.decode(random_prompts(1, length, seed)[0])
+    batch = processor(text=[text], images=[random_image(size, seed)], return_tensors="pt")
     return {k: v.to(model.device) for k, v in batch.items()}
 
 
@@ -72,7 +70,7 @@ def measure(path: str, mode: str, device, args, reference_logits=None) -> tuple[
     if reference_logits is not None:
         row["logits_cosine"] = torch.nn.functional.cosine_similarity(logits, reference_logits, dim=-1).mean().item()
         row["top1_agreement"] = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
-    prompts = _prompts(1, args.prompt_len, args.seed)
+    prompts = random_prompts(1, args.prompt_len, args.seed)
     seconds, stock_tokens = run_stock(model, prompts, args.new_tokens, device)
     row["stock_tok_s"] = args.new_tokens / seconds
     context = args.prompt_len + max(args.new_tokens, 8)  # run_engine warms up with 8 tokens

@@ -24,11 +24,13 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 
 import torch
+
+from .train_scenarios import build_stock, fixed_batches, mix_runs, step_flops
+
 
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
 
@@ -54,105 +56,6 @@ def _parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="docs/benchmarks")
     return p
-
-
-# ---------------------------------------------------------------- models
-
-
-def _build_stock(gv_config, device):
-    """`LlavaForConditionalGeneration` with GhostVis's vision/text configs: SigLIP features of the last layer,
-    all patches (no CLS to drop), the 2-layer GELU projector, random weights."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    vc = gv_config.vision_config
-    n_patches = (vc.image_size // vc.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vc.to_dict(), text_config=gv_config.text_config.to_dict(),
-        image_token_index=gv_config.image_token_id, image_seq_length=n_patches, projector_hidden_act="gelu",
-        vision_feature_select_strategy="full", vision_feature_layer=-1,
-        tie_word_embeddings=gv_config.text_config.tie_word_embeddings,
-    )
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
-    return model.train(), n_patches
-
-
-def _shapes(model, kind):
-    """Parameter counts for the FLOP formula: (text matmul params incl. head, vision, glue)."""
-    inner = model.model
-    text, vision = inner.language_model, inner.vision_tower
-    emb = text.get_input_embeddings().weight
-    head = model.lm_head.weight
-    n_text = sum(p.numel() for p in text.parameters()) - emb.numel() + head.numel()  # tied: head counted once
-    n_vision = sum(p.numel() for p in vision.parameters())
-    glue = [inner.multi_modal_projector] + ([inner.resampler] if kind == "ghostvis" else [])
-    n_glue = sum(p.numel() for m in glue for p in m.parameters())
-    return n_text, n_vision, n_glue
-
-
-def _flops(model, kind, seq_lens, n_images, n_patches):
-    tc, vc = model.config.text_config, model.config.vision_config
-    n_text, n_vision, n_glue = _shapes(model, kind)
-    tokens = sum(seq_lens)
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    attn_text = 12 * tc.num_hidden_layers * tc.num_attention_heads * head_dim * sum(s * s for s in seq_lens)
-    attn_vision = 12 * vc.num_hidden_layers * vc.hidden_size * n_patches**2 * n_images
-    return 6 * n_text * tokens + attn_text + 6 * (n_vision + n_glue) * n_patches * n_images + attn_vision
-
-
-# ---------------------------------------------------------------- batches
-
-
-def _ids(rng, n, vocab):
-    return torch.randint(100, vocab - 100, (n,), generator=rng)
-
-
-def _sample(kind, cfg, length, rng, n_patches):
-    """One conversation of `length` tokens (this model's own length) with one image near the start."""
-    from ghostvis_hf.processing_ghostvis import image_placeholder_run
-
-    ids = _ids(rng, length, cfg.text_config.vocab_size)
-    if kind == "ghostvis":
-        run = image_placeholder_run(cfg.image_token_id, cfg.image_seq_length, cfg.vision_start_token_id,
-                                    cfg.vision_end_token_id)
-    else:
-        run = [cfg.image_token_id] * n_patches
-    ids[1 : 1 + len(run)] = torch.tensor(run)
-    labels = ids.clone()
-    labels[1 : 1 + len(run)] = -100
-    return {"input_ids": ids, "labels": labels}
-
-
-def _padded(samples, pixel, pad_id):
-    """TRL-style: right padding to the longest, attention_mask, labels -100 at the padding."""
-    n = max(len(s["input_ids"]) for s in samples)
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, n - len(x)), value=v)  # noqa: E731
-    return {
-        "input_ids": torch.stack([pad(s["input_ids"], pad_id) for s in samples]),
-        "labels": torch.stack([pad(s["labels"], -100) for s in samples]),
-        "attention_mask": torch.stack([pad(torch.ones_like(s["input_ids"]), 0) for s in samples]),
-        "pixel_values": pixel.expand(len(samples), -1, -1, -1).clone(),
-        "_real": sum(len(s["input_ids"]) for s in samples), "_seq": [len(s["input_ids"]) for s in samples],
-        "_convs": len(samples),
-    }
-
-
-def _packed(samples, pixel, pad_id, max_length, padding_free=False):
-    from ghostvis_hf.training.packing import pack_samples
-
-    batch = pack_samples(samples, max_length, pad_id, padding_free=padding_free)
-    batch["pixel_values"] = pixel.expand(len(samples), -1, -1, -1).clone()
-    batch["_real"] = batch.pop("num_real_tokens")
-    batch.pop("num_slots")
-    batch["_seq"] = [len(s["input_ids"]) for s in samples]
-    batch["_convs"] = len(samples)
-    return batch
-
-
-def _mix_lengths(args, n, seed):
-    rnd = random.Random(seed)
-    return [min(args.seq, max(100, round(rnd.lognormvariate(math.log(args.mix_median), args.mix_sigma))))
-            for _ in range(n)]
 
 
 # ---------------------------------------------------------------- timing
@@ -190,7 +93,7 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario):
                 real += meta["_real"]
                 slots += inputs["input_ids"].numel()
                 convs += meta["_convs"]
-                flops += _flops(model, kind, meta["_seq"], meta["_convs"], n_patches)
+                flops += step_flops(model, kind, meta["_seq"], meta["_convs"], n_patches)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss {loss.item()}")
     except torch.OutOfMemoryError as e:  # report, don't crash the other runs
@@ -250,46 +153,6 @@ def _profile(model, opt, batches, args, path):
     print(text[:6000], flush=True)
 
 
-# ---------------------------------------------------------------- main
-
-
-def _fixed_batches(kind, cfg, args, n_patches, pixel, pad_id, n):
-    rng = torch.Generator().manual_seed(args.seed)
-    out = []
-    for _ in range(n):
-        samples = [_sample(kind, cfg, args.seq, rng, n_patches) for _ in range(args.batch)]
-        out.append(_padded(samples, pixel, pad_id))
-    return out
-
-
-def _mix_samples(kind, cfg, args, n_patches, lengths):
-    rng = torch.Generator().manual_seed(args.seed + 1)
-    extra = n_patches - (cfg.image_seq_length + 2) if kind == "stock" else 0  # LLaVA: 729 tokens per image
-    return [_sample(kind, cfg, n + extra, rng, n_patches) for n in lengths]
-
-
-def _mix_runs(kind, cfg, args, n_patches, pixel, pad_id):
-    """Batches for the mix: padded groups of `batch`; for GhostVis also BFD-packed rows and packed groups."""
-    n_steps = args.warmup + args.steps
-    lengths = _mix_lengths(args, 4000, args.seed)
-    samples = _mix_samples(kind, cfg, args, n_patches, lengths[: n_steps * args.batch])
-    groups = [samples[i * args.batch : (i + 1) * args.batch] for i in range(n_steps)]
-    runs = {"padded": [_padded(g, pixel, pad_id) for g in groups]}
-    if kind == "ghostvis":
-        from ghostvis_hf.training.packing import best_fit_decreasing
-
-        runs["packed_b"] = [_packed(g, pixel, pad_id, args.seq, padding_free=True) for g in groups]
-        # token budget per step = batch rows x seq: BFD over a long stream, bins shuffled (BFD emits long bins first)
-        stream = _mix_samples(kind, cfg, args, n_patches, lengths)
-        bins = best_fit_decreasing([len(s["input_ids"]) for s in stream], args.seq)
-        random.Random(args.seed).shuffle(bins)
-        steps = [bins[i * args.batch : (i + 1) * args.batch] for i in range(n_steps)]
-        runs["packed_rows"] = [
-            _packed([stream[j] for b in step for j in b], pixel, pad_id, args.seq) for step in steps
-        ]
-    return runs
-
-
 def _env(args, argv):
     import transformers
 
@@ -309,49 +172,43 @@ def _env(args, argv):
     return info
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    import ghostvis_hf
-    from ghostvis_hf.kernels import (
-        apply_kernels, compile_decoder_layers, enable_gradient_checkpointing, fused_adamw, reset_kernels,
-    )
+def _time_stock(results, args, runs, cfg, pixel, pad_id) -> int:
+    """Times stock LLaVA on the scenarios asked for, then frees it; returns its image tokens (patches) per image."""
+    from ghostvis_hf.kernels import fused_adamw
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    torch.manual_seed(args.seed)
     scenarios = args.scenarios.split(",")
-    env = _env(args, argv)
-    print(json.dumps(env), flush=True)
-    meta, processor = ghostvis_hf.create(args.preset, device="meta")  # the config only; built for real below
-    cfg, pad_id = meta.config, processor.tokenizer.pad_token_id
-    del meta
-    vc = cfg.vision_config
-    pixel = torch.randn(1, 3, vc.image_size, vc.image_size)
-    n_fixed = args.warmup + args.steps
-    runs = set(args.runs.split(",") if args.runs else RUNS + (COMPILE_RUNS if args.compile else []))
-    results = _Results(args.out_dir, env)
-
-    # Stock first: Liger's RoPE swap is process-wide for Qwen2 (see ghostvis_hf.kernels.liger).
-    stock, n_patches = _build_stock(cfg, args.device)
+    stock, n_patches = build_stock(cfg, args.device)
     opt = fused_adamw(stock, lr=1e-5)
     if "fixed" in scenarios and "stock" in runs:
-        results.append(_run(stock, opt, _fixed_batches("stock", cfg, args, n_patches, pixel, pad_id, n_fixed),
-                            args, "stock", n_patches, "stock LLaVA (SDPA)", "fixed"))
+        batches = fixed_batches("stock", cfg, args, n_patches, pixel, pad_id, args.warmup + args.steps)
+        results.append(_run(stock, opt, batches, args, "stock", n_patches, "stock LLaVA (SDPA)", "fixed"))
     if "mix" in scenarios and "stock" in runs:
-        batches = _mix_runs("stock", cfg, args, n_patches, pixel, pad_id)["padded"]
+        batches = mix_runs("stock", cfg, args, n_patches, pixel, pad_id)["padded"]
         results.append(_run(stock, opt, batches, args, "stock", n_patches, "stock LLaVA, padded", "mix"))
     results.report["params"]["stock"] = sum(p.numel() for p in stock.parameters())
     del stock, opt
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
+    return n_patches
 
+
+def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
+    """Times GhostVis: all kernel swaps on both scenarios, then the fixed batch under each other setting in `runs`."""
+    import ghostvis_hf
+    from ghostvis_hf.kernels import (
+        apply_kernels, compile_decoder_layers, enable_gradient_checkpointing, fused_adamw, reset_kernels,
+    )
+
+    scenarios = args.scenarios.split(",")
     torch.manual_seed(args.seed)
     gv, _ = ghostvis_hf.create(args.preset, device=args.device)
     gv.train()
     opt = fused_adamw(gv, lr=1e-5)
-    fixed = _fixed_batches("ghostvis", cfg, args, n_patches, pixel, pad_id, n_fixed) if "fixed" in scenarios else None
-    active = apply_kernels(gv)
-    results.report["kernels_active"] = active
+    fixed = None
+    if "fixed" in scenarios:
+        fixed = fixed_batches("ghostvis", cfg, args, n_patches, pixel, pad_id, args.warmup + args.steps)
+    results.report["kernels_active"] = apply_kernels(gv)
     results.report["params"]["ghostvis"] = sum(p.numel() for p in gv.parameters())
     ckpt_off = getattr(gv, "activation_checkpointing_disable", gv.gradient_checkpointing_disable)
 
@@ -372,7 +229,7 @@ def main(argv=None) -> int:
         labels = {"padded": "GhostVis, all swaps, padded",
                   "packed_b": f"GhostVis, all swaps, packed ({args.batch} conversations/step)",
                   "packed_rows": f"GhostVis, all swaps, packed ({args.batch} rows x {args.seq})"}
-        for name, batches in _mix_runs("ghostvis", cfg, args, n_patches, pixel, pad_id).items():
+        for name, batches in mix_runs("ghostvis", cfg, args, n_patches, pixel, pad_id).items():
             if f"mix_{name}" in runs:
                 results.append(_run(gv, opt, batches, args, "ghostvis", n_patches, labels[name], "mix"))
     fixed_run("ckpt", "GhostVis, all swaps + checkpointing (both towers)", lambda: enable_gradient_checkpointing(gv))
@@ -388,6 +245,25 @@ def main(argv=None) -> int:
     ckpt_off()
     fixed_run("compile_liger", "GhostVis, compiled layers + all Liger swaps", lambda: apply_kernels(gv))
 
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import ghostvis_hf
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    env = _env(args, argv)
+    print(json.dumps(env), flush=True)
+    meta, processor = ghostvis_hf.create(args.preset, device="meta")  # the config only; built for real below
+    cfg, pad_id = meta.config, processor.tokenizer.pad_token_id
+    del meta
+    vc = cfg.vision_config
+    pixel = torch.randn(1, 3, vc.image_size, vc.image_size)
+    runs = set(args.runs.split(",") if args.runs else RUNS + (COMPILE_RUNS if args.compile else []))
+    results = _Results(args.out_dir, env)
+    # Stock first: Liger's RoPE swap is process-wide for Qwen2 (see ghostvis_hf.kernels.liger).
+    n_patches = _time_stock(results, args, runs, cfg, pixel, pad_id)
+    _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches)
     results.report.update(args=vars(args))
     print(results.save())
     return 0

@@ -19,17 +19,8 @@ from collections.abc import Sequence
 
 import datasets
 
-from .common import (
-    SHORT_ANSWER_PROMPT,
-    RowCollector,
-    build_vqa_row,
-    convert_table,
-    image_search_dirs,
-    load_table,
-    normalize_split,
-    read_json,
-    resolve_image_path,
-)
+from .common import short_answer_row
+from .loading import collect_rows, image_search_dirs, load_image_table, normalize_split, read_json
 
 
 SOURCE = "chartqa"
@@ -75,7 +66,8 @@ def load_chartqa(
         target the label, `answers=[label]`, `question_type="chartqa"`, `source="chartqa"`.
     """
     if not os.path.isdir(path_or_hub_id):
-        return _load_table(path_or_hub_id, split, image_root, limit, name)
+        return load_image_table(path_or_hub_id, split, name, ("image", "query", "label"), _row, SOURCE,
+                                image_root, limit)
 
     split = normalize_split(split, ("train", "val", "test"))
     bad = [s for s in subsets if s not in SUBSETS]
@@ -83,34 +75,20 @@ def load_chartqa(
         raise ValueError(f"Unknown ChartQA subsets {list(subsets)}; choose from {SUBSETS}.")
     split_dir = os.path.join(path_or_hub_id, split)
     search_dirs = image_search_dirs(split_dir, image_root, "png")
-    collector = RowCollector(SOURCE, limit=limit, check_images=check_images)
+    # Every file is read up front: a missing one is refused even when `limit` is reached before it.
+    records = []
     for subset in subsets:
         file_name = f"{split}_{subset}.json"
-        records = read_json(os.path.join(split_dir, file_name), f"ChartQA questions (root/{split}/{file_name})")
-        for record in records:
-            if collector.full:
-                break
-            answers = _labels(record.get("label"))
-            if not answers:
-                collector.skip(f"{record.get('imgname')} has no label")
-                continue
-            path = resolve_image_path(record["imgname"], search_dirs)
-            prompt = f"{record['query']}\n{SHORT_ANSWER_PROMPT}"
-            collector.add([path], build_vqa_row([path], prompt, answers[0], answers, "chartqa", SOURCE))
-    return collector.to_dataset()
+        records += read_json(os.path.join(split_dir, file_name), f"ChartQA questions (root/{split}/{file_name})")
+    return collect_rows(
+        records, lambda r: r["imgname"], search_dirs, _row, lambda r: f"{r.get('imgname')} has no label", SOURCE,
+        limit, check_images,
+    )
 
 
-def _load_table(path_or_hub_id, split, image_root, limit, name) -> datasets.Dataset:
-    table = load_table(path_or_hub_id, split, name)
-    missing = {"image", "query", "label"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"{path_or_hub_id!r} lacks columns {sorted(missing)} (has {table.column_names}).")
-
-    def to_row(record):
-        answers = _labels(record["label"])
-        if not answers:
-            return None
-        prompt = f"{record['query']}\n{SHORT_ANSWER_PROMPT}"
-        return build_vqa_row([record["image"]], prompt, answers[0], answers, "chartqa", SOURCE)
-
-    return convert_table(table, to_row, SOURCE, image_column="image", image_root=image_root, limit=limit)
+def _row(record: dict, image) -> dict | None:
+    """The row of one question (target: its first label), or None when it has no label."""
+    answers = _labels(record.get("label"))
+    if not answers:
+        return None
+    return short_answer_row(image, record["query"], answers[0], answers, "chartqa", SOURCE)

@@ -16,16 +16,8 @@ import os
 
 import datasets
 
-from .common import (
-    RowCollector,
-    build_vqa_row,
-    convert_table,
-    image_search_dirs,
-    load_table,
-    normalize_split,
-    read_json,
-    resolve_image_path,
-)
+from .common import build_vqa_row
+from .loading import collect_rows, convert_table, image_search_dirs, load_table, normalize_split, read_json
 
 
 PROMPT = "Describe the image briefly."
@@ -87,17 +79,16 @@ def load_coco_captions(
         captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
 
     search_dirs = image_search_dirs(path_or_hub_id, image_root, f"{split}{year}")
-    collector = RowCollector(SOURCE, limit=limit, check_images=check_images)
-    for image in annotations["images"]:
-        if collector.full:
-            break
-        refs = captions.get(image["id"])
-        if not refs:
-            collector.skip(f"image id {image['id']} has no caption")
-            continue
-        path = resolve_image_path(image["file_name"], search_dirs)
-        collector.add([path], build_vqa_row([path], PROMPT, refs[0], refs, "caption", SOURCE))
-    return collector.to_dataset()
+    return collect_rows(
+        annotations["images"], lambda image: image["file_name"], search_dirs,
+        lambda image, path: _row([path], captions.get(image["id"])),
+        lambda image: f"image id {image['id']} has no caption", SOURCE, limit, check_images,
+    )
+
+
+def _row(images: list, refs: list[str] | None) -> dict | None:
+    """The row of one image (target: the first caption), or None when it has no caption."""
+    return build_vqa_row(images, PROMPT, refs[0], refs, "caption", SOURCE) if refs else None
 
 
 def _load_table(path_or_hub_id, split, image_root, limit, name) -> datasets.Dataset:
@@ -115,6 +106,6 @@ def _load_table(path_or_hub_id, split, image_root, limit, name) -> datasets.Data
         refs = [_caption_text(c) for c in (refs if isinstance(refs, list) else [refs])]
         refs = [c for c in refs if c]
         images = record[image_column] if isinstance(record[image_column], list) else [record[image_column]]
-        return build_vqa_row(images, PROMPT, refs[0], refs, "caption", SOURCE) if refs else None
+        return _row(images, refs)
 
     return convert_table(table, to_row, SOURCE, image_column=image_column, image_root=image_root, limit=limit)

@@ -14,9 +14,10 @@ on it, and it must not be solvable from text alone. So:
   distances (every two palette colours differ by >= 80 in some channel).
 - Everything is drawn from one sequential RNG stream per seed, so `num_samples=100` is a prefix of
   `num_samples=1000`, and train/test use seeds derived from the split name, so they share no (image, question).
+
+This file turns answers into questions and rows; `shapes_drawing.py` lays out and draws the pictures.
 """
 
-import functools
 import hashlib
 import math
 import random
@@ -25,22 +26,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import datasets
-import numpy as np
-from PIL import Image, ImageDraw
 
 from .common import build_vqa_row, encode_png, rows_to_dataset, text_part
+from .shapes_drawing import ALL_SHAPES, PALETTE, layout, make_noise_bank, render
 
 
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 60, 190),
-    "orange": (245, 120, 20),
-}
 DEFAULT_COLORS = ("red", "green", "blue", "yellow")
-ALL_SHAPES = ("circle", "square", "triangle", "cross", "diamond", "star")
 DEFAULT_SHAPES = ("circle", "square", "triangle")
 # Colour and shape questions are the main learning target, so they get most of the mass.
 DEFAULT_QUESTION_WEIGHTS = {"color": 0.35, "shape": 0.35, "count": 0.1, "position": 0.1, "caption": 0.1}
@@ -60,112 +51,11 @@ QUESTION_TEMPLATES = {
     ),
     "caption": ("Describe the image.", "What is in the image?", "Describe this picture."),
 }
-COLOR_JITTER = 12  # per-channel jitter of each shape's colour, for a little variety without ambiguity
-BG_RANGE = (205, 250)  # background grey level; every palette colour has a channel <= 60, far below this
-BG_TINT = 8
-NOISE_BANK_SIZE = 1024
 
 
 def _split_seed(seed: int, split: str) -> int:
     # A hash, not seed + offset: seed=1/train must not equal seed=0/test.
     return int.from_bytes(hashlib.sha256(f"ghostvis-shapes/{seed}/{split}".encode()).digest()[:8], "little")
-
-
-def _randint(rng: random.Random, lo: int, hi: int) -> int:
-    # 2x faster than rng.randint, which would otherwise show up in the profile.
-    return lo + int(rng.random() * (hi - lo + 1))
-
-
-def _free_position(rng: random.Random, boxes, s: int, image_size: int, gap: int) -> tuple[int, int] | None:
-    """A uniformly random top-left corner where an `s`-box keeps `gap` px from `boxes`, or None if there is none."""
-    n = image_size - s - 1  # candidate corners are 1..n: a 1 px margin from the border
-    ok = np.ones((n, n), dtype=bool)  # [y, x], index i <-> coordinate i + 1
-    for bx, by, bs in boxes:
-        # Corners whose padded box would intersect this one form a rectangle: x in (bx - s - gap, bx + bs + gap).
-        ok[max(0, by - s - gap) : max(0, by + bs + gap - 1), max(0, bx - s - gap) : max(0, bx + bs + gap - 1)] = False
-    free = ok.ravel().nonzero()[0]
-    if not len(free):
-        return None
-    y, x = divmod(int(free[_randint(rng, 0, len(free) - 1)]), n)
-    return x + 1, y + 1
-
-
-def _layout(rng: random.Random, n: int, image_size: int, min_size: int, max_size: int, gap: int):
-    """Place `n` square boxes `(x, y, size)` at least `gap` px apart; a box that does not fit anywhere shrinks."""
-    for _ in range(10):
-        boxes: list[tuple[int, int, int]] = []
-        for _ in range(n):
-            s = _randint(rng, min_size, max_size)
-            while (pos := _free_position(rng, boxes, s, image_size, gap)) is None and s > min_size:
-                s = max(min_size, (s + min_size) // 2 if s - min_size > 2 else s - 1)  # few retries, each costs a scan
-            if pos is None:
-                break
-            boxes.append((*pos, s))
-        if len(boxes) == n:
-            return boxes
-    # Always fits (checked in make_shapes_dataset): one min-size shape per cell of a k x k grid.
-    k = math.ceil(math.sqrt(n))
-    cell = image_size // k
-    boxes = []
-    for c in rng.sample(range(k * k), n):
-        room = cell - min_size - gap
-        x0, y0 = (c % k) * cell + gap // 2, (c // k) * cell + gap // 2
-        boxes.append((x0 + _randint(rng, 0, room), y0 + _randint(rng, 0, room), min_size))
-    return boxes
-
-
-@functools.cache
-def _mask(shape: str, s: int) -> np.ndarray:
-    """
-    Boolean `[s, s]` mask of a shape, drawn once and reused (drawing per image would be the slow part).
-
-    Drawn at 8x and kept where at least half a pixel is covered: at 10 px PIL's direct rasterisation gives lopsided
-    triangles (the apex falls between two pixels) and blocky circles.
-    """
-    k = 8
-    big = s * k
-    image = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(image)
-    m = big - 1
-    if shape == "circle":
-        draw.ellipse((0, 0, m, m), fill=255)
-    elif shape == "square":
-        draw.rectangle((0, 0, m, m), fill=255)
-    elif shape == "triangle":
-        draw.polygon([(m / 2, 0), (0, m), (m, m)], fill=255)
-    elif shape == "diamond":
-        draw.polygon([(m / 2, 0), (m, m / 2), (m / 2, m), (0, m / 2)], fill=255)
-    elif shape == "cross":
-        t = max(2, round(s / 3)) * k
-        o = (big - t) // 2
-        draw.rectangle((o, 0, o + t - 1, m), fill=255)
-        draw.rectangle((0, o, m, o + t - 1), fill=255)
-    elif shape == "star":
-        points = []
-        for i in range(10):
-            r = m / 2 if i % 2 == 0 else m / 2 * 0.45
-            angle = -math.pi / 2 + i * math.pi / 5
-            points.append((m / 2 + r * math.cos(angle), m / 2 + r * math.sin(angle)))
-        draw.polygon(points, fill=255)
-    else:
-        raise ValueError(f"Unknown shape {shape!r}; allowed: {ALL_SHAPES}.")
-    coverage = np.asarray(image, dtype=np.float32).reshape(s, k, s, k).mean(axis=(1, 3)) / 255
-    return coverage >= 0.5
-
-
-def _render(rng: random.Random, noise_bank: np.ndarray | None, objects, boxes, image_size: int):
-    """Draw the objects into a `[H, W, 3]` uint8 array (numpy only; the PNG is written directly from it)."""
-    g = _randint(rng, *BG_RANGE)
-    pixels = np.empty((image_size, image_size, 3), dtype=np.int16)
-    pixels[...] = np.array([min(255, g + _randint(rng, -BG_TINT, BG_TINT)) for _ in range(3)], dtype=np.int16)
-    for (shape, color), (x, y, s) in zip(objects, boxes):
-        fill = np.array([c + _randint(rng, -COLOR_JITTER, COLOR_JITTER) for c in PALETTE[color]], dtype=np.int16)
-        pixels[y : y + s, x : x + s][_mask(shape, s)] = fill
-    if noise_bank is not None:
-        # NOTE: noise tiles are drawn from a fixed bank: a fresh 32x32x3 draw per image cost more than the drawing.
-        # The noise carries no label information, so reusing tiles across images is harmless.
-        pixels += noise_bank[_randint(rng, 0, len(noise_bank) - 1)]
-    return pixels.clip(0, 255).astype(np.uint8)
 
 
 def _caption(objects, boxes) -> str:
@@ -195,26 +85,26 @@ def _sample(rng: random.Random, qtype: str, cfg: dict[str, Any]):
             other = rng.choice(pool)
             objects.append((other, rng.choice(colors)) if key == 0 else (rng.choice(shapes), other))
         rng.shuffle(objects)
-        boxes = _layout(rng, len(objects), *layout_args)
+        boxes = layout(rng, len(objects), *layout_args)
         if qtype == "color":
             return objects, boxes, template.format(shape=target[0]), target[1]
         return objects, boxes, template.format(color=target[1]), target[0]
 
     if qtype == "count":
         objects = rand_objects(rng.randint(lo, hi))
-        boxes = _layout(rng, len(objects), *layout_args)
+        boxes = layout(rng, len(objects), *layout_args)
         return objects, boxes, template, str(len(objects))
 
     if qtype == "caption":
         objects = rand_objects(rng.randint(lo, hi))
-        boxes = _layout(rng, len(objects), *layout_args)
+        boxes = layout(rng, len(objects), *layout_args)
         return objects, boxes, template, _caption(objects, boxes)
 
     if qtype == "position":
         want = rng.choice(("left", "right"))
         for _ in range(1000):  # a usable pair turns up within a few layouts; the cap only guards odd configs
             objects = rand_objects(rng.randint(max(2, lo), hi))
-            boxes = _layout(rng, len(objects), *layout_args)
+            boxes = layout(rng, len(objects), *layout_args)
             counts = Counter(objects)
             pairs = [
                 (i, j)  # i is entirely left of j, with a visible gap
@@ -253,6 +143,57 @@ def _follow_ups(rng: random.Random, objects, first_type: str, first_question: st
             out.append((qtype, rng.choice(QUESTION_TEMPLATES[qtype]).format(**{key: subject}), answer))
     rng.shuffle(out)
     return out
+
+
+def _question_weights(question_types: Sequence[str] | Mapping[str, float]) -> dict[str, float]:
+    """Question type -> sampling weight (`DEFAULT_QUESTION_WEIGHTS` for a plain sequence); `ValueError` if unusable."""
+    weights = dict(question_types) if isinstance(question_types, Mapping) else {
+        q: DEFAULT_QUESTION_WEIGHTS.get(q, 0.0) for q in question_types
+    }
+    bad = [q for q in weights if q not in QUESTION_TEMPLATES]
+    if bad or not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(
+            f"Invalid question_types {question_types!r}: use a non-empty subset of {tuple(QUESTION_TEMPLATES)} "
+            "(or a mapping of them to non-negative weights with a positive sum)."
+        )
+    return weights
+
+
+def _checked_config(weights, shapes, colors, min_shapes, max_shapes, image_size, min_size, max_size, gap, max_turns):
+    """The settings `_sample` reads, default sizes filled in; `ValueError` unless every question is answerable and
+    every layout fits."""
+    if any(s not in ALL_SHAPES for s in shapes) or any(c not in PALETTE for c in colors):
+        raise ValueError(f"shapes must come from {ALL_SHAPES} and colors from {tuple(PALETTE)}.")
+    if len(set(shapes)) < 2 or len(set(colors)) < 2:
+        raise ValueError("Need at least 2 distinct shapes and 2 distinct colors for the questions to be balanced.")
+    if not 1 <= min_shapes <= max_shapes:
+        raise ValueError(f"Need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}.")
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
+    if weights.get("position", 0) > 0 and max_shapes < 2:
+        raise ValueError("Position questions need max_shapes >= 2.")
+    min_size = max(9, round(0.31 * image_size)) if min_size is None else min_size
+    max_size = max(min_size, round(0.45 * image_size)) if max_size is None else max_size
+    k = math.ceil(math.sqrt(max_shapes))
+    if min_size > max_size or max_size > image_size - 3 or image_size // k < min_size + gap + 1:
+        raise ValueError(
+            f"{max_shapes} shapes of min_size={min_size} (max_size={max_size}) do not fit in {image_size}px images."
+        )
+    return dict(shapes=tuple(shapes), colors=tuple(colors), min_shapes=min_shapes, max_shapes=max_shapes,
+                image_size=image_size, min_size=min_size, max_size=max_size, gap=gap)  # fmt: skip
+
+
+def _make_row(rng: random.Random, qtype: str, cfg: dict[str, Any], noise_bank, max_turns: int, follow_up_types):
+    """One row: an image drawn around the question's answer, plus up to `max_turns - 1` follow-up turns."""
+    objects, boxes, question, answer = _sample(rng, qtype, cfg)
+    pixels = render(rng, noise_bank, objects, boxes, cfg["image_size"])
+    # compress_level=0: zlib costs ~4x the drawing on noisy 32 px images, for only a 1.5x smaller PNG.
+    row = build_vqa_row([encode_png(pixels, 0)], question, answer, question_type=qtype, source="shapes")
+    if max_turns > 1:  # NOTE: only here does the RNG stream differ from single-turn data
+        for _, q, a in _follow_ups(rng, objects, qtype, question, follow_up_types)[: max_turns - 1]:
+            row["messages"] += [{"role": "user", "content": [text_part(q)]},
+                                {"role": "assistant", "content": [text_part(a)]}]
+    return row
 
 
 def make_shapes_dataset(
@@ -308,54 +249,18 @@ def make_shapes_dataset(
     Returns:
         `datasets.Dataset`: Rows with `images`, `messages`, `answers`, `question_type` and `source="shapes"`.
     """
-    weights = dict(question_types) if isinstance(question_types, Mapping) else {
-        q: DEFAULT_QUESTION_WEIGHTS.get(q, 0.0) for q in question_types
-    }
-    bad = [q for q in weights if q not in QUESTION_TEMPLATES]
-    if bad or not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(
-            f"Invalid question_types {question_types!r}: use a non-empty subset of {tuple(QUESTION_TEMPLATES)} "
-            "(or a mapping of them to non-negative weights with a positive sum)."
-        )
-    if any(s not in ALL_SHAPES for s in shapes) or any(c not in PALETTE for c in colors):
-        raise ValueError(f"shapes must come from {ALL_SHAPES} and colors from {tuple(PALETTE)}.")
-    if len(set(shapes)) < 2 or len(set(colors)) < 2:
-        raise ValueError("Need at least 2 distinct shapes and 2 distinct colors for the questions to be balanced.")
-    if not 1 <= min_shapes <= max_shapes:
-        raise ValueError(f"Need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}.")
-    if max_turns < 1:
-        raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
-    if weights.get("position", 0) > 0 and max_shapes < 2:
-        raise ValueError("Position questions need max_shapes >= 2.")
-    min_size = max(9, round(0.31 * image_size)) if min_size is None else min_size
-    max_size = max(min_size, round(0.45 * image_size)) if max_size is None else max_size
-    k = math.ceil(math.sqrt(max_shapes))
-    if min_size > max_size or max_size > image_size - 3 or image_size // k < min_size + gap + 1:
-        raise ValueError(
-            f"{max_shapes} shapes of min_size={min_size} (max_size={max_size}) do not fit in {image_size}px images."
-        )
-
-    cfg = dict(shapes=tuple(shapes), colors=tuple(colors), min_shapes=min_shapes, max_shapes=max_shapes,
-               image_size=image_size, min_size=min_size, max_size=max_size, gap=gap)  # fmt: skip
+    weights = _question_weights(question_types)
+    cfg = _checked_config(
+        weights, shapes, colors, min_shapes, max_shapes, image_size, min_size, max_size, gap, max_turns
+    )
     rng = random.Random(seed)
-    noise_bank = None
-    if noise > 0:
-        np_rng = np.random.default_rng(seed)
-        bank_size = min(NOISE_BANK_SIZE, max(16, 3_000_000 // (3 * image_size**2)))  # <= ~6 MB for big images
-        noise_bank = np_rng.integers(-noise, noise + 1, (bank_size, image_size, image_size, 3), dtype=np.int16)
+    noise_bank = make_noise_bank(noise, seed, image_size)
     names, probs = list(weights), list(weights.values())
+    follow_up_types = {q for q in ("color", "shape") if weights.get(q, 0) > 0}
     columns: dict[str, list] = {"images": [], "messages": [], "answers": [], "question_type": [], "source": []}
     for _ in range(num_samples):
         qtype = rng.choices(names, probs)[0]
-        objects, boxes, question, answer = _sample(rng, qtype, cfg)
-        pixels = _render(rng, noise_bank, objects, boxes, image_size)
-        # compress_level=0: zlib costs ~4x the drawing on noisy 32 px images, for only a 1.5x smaller PNG.
-        row = build_vqa_row([encode_png(pixels, 0)], question, answer, question_type=qtype, source="shapes")
-        if max_turns > 1:  # NOTE: only here does the RNG stream differ from single-turn data
-            types = {q for q in ("color", "shape") if weights.get(q, 0) > 0}
-            for _, q, a in _follow_ups(rng, objects, qtype, question, types)[: max_turns - 1]:
-                row["messages"] += [{"role": "user", "content": [text_part(q)]},
-                                    {"role": "assistant", "content": [text_part(a)]}]
+        row = _make_row(rng, qtype, cfg, noise_bank, max_turns, follow_up_types)
         for name, value in row.items():
             columns[name].append(value)
     return rows_to_dataset(columns, encoded=True)

@@ -11,7 +11,8 @@ with one warning.
 
 import datasets
 
-from .common import convert_table, load_table, text_part
+from .common import text_part
+from .loading import convert_table, load_table
 
 
 SOURCE = "text_chat"

@@ -17,19 +17,8 @@ import os
 
 import datasets
 
-from .common import (
-    SHORT_ANSWER_PROMPT,
-    RowCollector,
-    answer_texts,
-    build_vqa_row,
-    convert_table,
-    image_search_dirs,
-    load_table,
-    majority_answer,
-    normalize_split,
-    read_json,
-    resolve_image_path,
-)
+from .common import answer_texts, majority_answer, short_answer_row
+from .loading import collect_rows, image_search_dirs, load_image_table, normalize_split, read_json
 
 
 SOURCE = "textvqa"
@@ -67,39 +56,23 @@ def load_textvqa(
         target the majority answer, `answers` the 10 human answers, `question_type="textvqa"`, `source="textvqa"`.
     """
     if not os.path.isdir(path_or_hub_id):
-        return _load_table(path_or_hub_id, split, image_root, limit, name)
+        return load_image_table(path_or_hub_id, split, name, ("image", "question", "answers"), _row, SOURCE,
+                                image_root, limit)
 
     split = normalize_split(split, ("train", "val", "test"))
     file_name = f"TextVQA_{VERSION}_{split}.json"
     records = read_json(os.path.join(path_or_hub_id, file_name), f"TextVQA annotations (root/{file_name})")["data"]
 
     search_dirs = image_search_dirs(path_or_hub_id, image_root, "test_images" if split == "test" else "train_images")
-    collector = RowCollector(SOURCE, limit=limit, check_images=check_images)
-    for record in records:
-        if collector.full:
-            break
-        answers = answer_texts(record.get("answers"))
-        if not answers:
-            collector.skip(f"question {record.get('question_id')} has no answers")
-            continue
-        path = resolve_image_path(f"{record['image_id']}.jpg", search_dirs)
-        prompt = f"{record['question']}\n{SHORT_ANSWER_PROMPT}"
-        target = majority_answer(answers)
-        collector.add([path], build_vqa_row([path], prompt, target, answers, "textvqa", SOURCE))
-    return collector.to_dataset()
+    return collect_rows(
+        records, lambda r: f"{r['image_id']}.jpg", search_dirs, _row,
+        lambda r: f"question {r.get('question_id')} has no answers", SOURCE, limit, check_images,
+    )
 
 
-def _load_table(path_or_hub_id, split, image_root, limit, name) -> datasets.Dataset:
-    table = load_table(path_or_hub_id, split, name)
-    missing = {"image", "question", "answers"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"{path_or_hub_id!r} lacks columns {sorted(missing)} (has {table.column_names}).")
-
-    def to_row(record):
-        answers = answer_texts(record["answers"])
-        if not answers:
-            return None
-        prompt = f"{record['question']}\n{SHORT_ANSWER_PROMPT}"
-        return build_vqa_row([record["image"]], prompt, majority_answer(answers), answers, "textvqa", SOURCE)
-
-    return convert_table(table, to_row, SOURCE, image_column="image", image_root=image_root, limit=limit)
+def _row(record: dict, image) -> dict | None:
+    """The row of one question (target: the majority answer), or None when it has no answers."""
+    answers = answer_texts(record.get("answers"))
+    if not answers:
+        return None
+    return short_answer_row(image, record["question"], majority_answer(answers), answers, "textvqa", SOURCE)

@@ -19,19 +19,8 @@ import os
 
 import datasets
 
-from .common import (
-    SHORT_ANSWER_PROMPT,
-    RowCollector,
-    answer_texts,
-    build_vqa_row,
-    convert_table,
-    image_search_dirs,
-    load_table,
-    majority_answer,
-    normalize_split,
-    read_json,
-    resolve_image_path,
-)
+from .common import answer_texts, majority_answer, short_answer_row
+from .loading import collect_rows, image_search_dirs, load_image_table, normalize_split, read_json
 
 
 SOURCE = "vqav2"
@@ -76,7 +65,8 @@ def load_vqav2(
         target `multiple_choice_answer`, `answers` the 10 human answers, `question_type="vqa"`, `source="vqav2"`.
     """
     if not os.path.isdir(path_or_hub_id):
-        return _load_table(path_or_hub_id, split, image_root, limit, name)
+        return load_image_table(path_or_hub_id, split, name, ("image", "question", "answers"), _table_row, SOURCE,
+                                image_root, limit)
 
     split = normalize_split(split, ("train", "val"))
     questions = read_json(
@@ -90,34 +80,26 @@ def load_vqav2(
     by_question = {ann["question_id"]: ann for ann in annotations}
 
     search_dirs = image_search_dirs(path_or_hub_id, image_root, f"{split}2014")
-    collector = RowCollector(SOURCE, limit=limit, check_images=check_images)
-    for q in questions:
-        if collector.full:
-            break
+
+    def to_row(q, path):
         ann = by_question.get(q["question_id"])
         if ann is None:
-            collector.skip(f"question {q['question_id']} has no annotation")
-            continue
-        answers = answer_texts(ann["answers"])
-        target = ann.get("multiple_choice_answer") or majority_answer(answers)
-        path = resolve_image_path(f"COCO_{split}2014_{q['image_id']:012d}.jpg", search_dirs)
-        prompt = f"{q['question']}\n{SHORT_ANSWER_PROMPT}"
-        collector.add([path], build_vqa_row([path], prompt, target, answers, "vqa", SOURCE))
-    return collector.to_dataset()
-
-
-def _load_table(path_or_hub_id, split, image_root, limit, name) -> datasets.Dataset:
-    table = load_table(path_or_hub_id, split, name)
-    missing = {"image", "question", "answers"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"{path_or_hub_id!r} lacks columns {sorted(missing)} (has {table.column_names}).")
-
-    def to_row(record):
-        answers = answer_texts(record["answers"])
-        target = record.get("multiple_choice_answer") or majority_answer(answers)
-        if not target:
             return None
-        prompt = f"{record['question']}\n{SHORT_ANSWER_PROMPT}"
-        return build_vqa_row([record["image"]], prompt, target, answers, "vqa", SOURCE)
+        answers, target = _answers_and_target(ann)
+        return short_answer_row(path, q["question"], target, answers, "vqa", SOURCE)
 
-    return convert_table(table, to_row, SOURCE, image_column="image", image_root=image_root, limit=limit)
+    return collect_rows(
+        questions, lambda q: f"COCO_{split}2014_{q['image_id']:012d}.jpg", search_dirs, to_row,
+        lambda q: f"question {q['question_id']} has no annotation", SOURCE, limit, check_images,
+    )
+
+
+def _answers_and_target(annotation: dict) -> tuple[list[str], str]:
+    """The human answers, and the target: `multiple_choice_answer`, else the majority answer."""
+    answers = answer_texts(annotation["answers"])
+    return answers, annotation.get("multiple_choice_answer") or majority_answer(answers)
+
+
+def _table_row(record: dict, image) -> dict | None:
+    answers, target = _answers_and_target(record)
+    return short_answer_row(image, record["question"], target, answers, "vqa", SOURCE) if target else None
