@@ -321,3 +321,49 @@ def test_every_tower_attention_layer_goes_through_attention_interface():
     assert any(n.startswith("model.language_model") for n in attention_layers)
     assert called == attention_layers
     torch.testing.assert_close(routed, reference, atol=1e-5, rtol=1e-4)
+
+
+def _generation_inputs(processor, batched=True):
+    texts = [processor.apply_chat_template([user_turn("What shape is it?")], add_generation_prompt=True)]
+    images = [[make_image((0, 255, 0))]]
+    if batched:
+        texts.append(processor.apply_chat_template([user_turn("Hello, what do you see here?")],
+                                                   add_generation_prompt=True))
+        images.append([make_image((0, 0, 255), size=(64, 64))])
+    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+
+
+@pytest.mark.parametrize("mode", ["beam_search", "sample", "static_cache"])
+def test_generation_modes_agree_with_and_without_cache(tiny, mode):
+    """What transformers' GenerationTesterMixin checks, for the modes GhostVis users run: beam search and seeded
+    sampling give the same tokens with and without a cache, and a static cache gives greedy's tokens."""
+    model, processor = tiny
+    batch = _generation_inputs(processor)
+    kw = dict(max_new_tokens=6, min_new_tokens=6)
+    if mode == "beam_search":
+        kw.update(num_beams=3, do_sample=False)
+    elif mode == "sample":
+        kw.update(do_sample=True, top_k=5)
+    if mode == "static_cache":
+        reference = model.generate(**batch, do_sample=False, **kw)
+        out = model.generate(**batch, do_sample=False, cache_implementation="static", **kw)
+    else:
+        torch.manual_seed(0)
+        reference = model.generate(**batch, use_cache=False, **kw)
+        torch.manual_seed(0)
+        out = model.generate(**batch, **kw)
+    assert torch.equal(out, reference)
+
+
+def test_generate_from_inputs_embeds_equals_from_ids(tiny):
+    model, processor = tiny
+    batch = _generation_inputs(processor, batched=False)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        features = model.get_image_features(batch["pixel_values"]).pooler_output
+        mask = model.model.get_placeholder_mask(batch["input_ids"], embeds, features)
+        embeds = embeds.masked_scatter(mask, features)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    from_ids = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **kw)
+    assert torch.equal(from_embeds, from_ids)
