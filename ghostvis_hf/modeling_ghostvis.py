@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     CausalLMOutputWithPast,
 )
-from transformers.utils import can_return_tuple, torch_compilable_check
+from transformers.utils import can_return_tuple
 
 from .configuration_ghostvis import GhostVisConfig
 
@@ -263,9 +263,8 @@ class GhostVisModel(GhostVisPreTrainedModel):
         )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        """Boolean mask of the placeholder positions; raises if their count differs from the features'.
-
-        The check is `torch.compile`/`torch.export` safe (a hint to the compiler, no data-dependent branch)."""
+        """Boolean mask of the placeholder positions; raises if their count differs from the features' (eager
+        forwards; `torch.compile`/`torch.export` trace through without a data-dependent branch)."""
         if input_ids is None:
             token = self.get_input_embeddings()(
                 torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
@@ -273,13 +272,17 @@ class GhostVisModel(GhostVisPreTrainedModel):
             mask = (inputs_embeds == token).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        n_tokens, n_features = mask.sum(), image_features.shape[0] * image_features.shape[1]
-        torch_compilable_check(
-            n_tokens == n_features,
-            lambda: f"Image features and image placeholder tokens do not match: {int(n_tokens)} placeholder tokens "
-            f"(id {self.config.image_token_id}) in the text but {n_features} image features "
-            f"({image_features.shape[0]} images x {image_features.shape[1]} tokens)",
-        )
+        n_features = image_features.shape[0] * image_features.shape[1]
+        # NOTE: the count lives on the device; reading it is a data-dependent step that a compiled graph cannot take
+        # (torch 2.11's dynamo also fails on `torch._check_tensor_all` of it here), so compiled graphs skip the check
+        # (`is_compiling` is constant while tracing: no graph break) and eager forwards, where inputs come from
+        # users, keep it.
+        if not torch.compiler.is_compiling() and (n_tokens := int(mask.sum())) != n_features:
+            raise ValueError(
+                f"Image features and image placeholder tokens do not match: {n_tokens} placeholder tokens "
+                f"(id {self.config.image_token_id}) in the text but {n_features} image features "
+                f"({image_features.shape[0]} images x {image_features.shape[1]} tokens)"
+            )
         return mask.unsqueeze(-1).expand_as(inputs_embeds)
 
     @can_return_tuple
