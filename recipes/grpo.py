@@ -14,7 +14,6 @@ reward is logged every step, plotted (`reward_curve.png`) and summarised.
 import os
 import sys
 
-from transformers import AutoProcessor
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
 from ghostvis_hf.training import (
@@ -22,10 +21,10 @@ from ghostvis_hf.training import (
     finish_rl,
     held_out_before,
     peft_config_for,
+    policy_checkpoint,
     prompt_dataset,
     reward_funcs_for,
     setup_logging,
-    starting_checkpoint,
 )
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grpo_tiny.yaml")
@@ -43,12 +42,7 @@ def main(rl_args, training_args, model_args):
     ################
     # Model: policy and reference both come from the checkpoint's own code (trust_remote_code)
     ################
-    checkpoint = starting_checkpoint(model_args.model_name_or_path, training_args.output_dir,
-                                     rl_args.bootstrap_sft_steps, SFT_RECIPE)
-    training_args.trust_remote_code = True
-    if model_args.dtype is not None:
-        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
-    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    checkpoint, processor = policy_checkpoint(rl_args, training_args, model_args, SFT_RECIPE)
 
     ################
     # Training

@@ -98,16 +98,20 @@ def test_return_dict_false_gives_tuples(tiny, cls_name):
     assert getattr(modeling, cls_name) is type(model)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_greedy_generation_cache_equals_no_cache(tiny, batched):
-    model, processor = tiny
+def _generation_inputs(processor, batched=True):
     texts = [processor.apply_chat_template([user_turn("What shape is it?")], add_generation_prompt=True)]
     images = [[make_image((0, 255, 0))]]
     if batched:
         texts.append(processor.apply_chat_template([user_turn("Hello, who are you and what do you see?")],
                                                    add_generation_prompt=True))
         images.append([make_image((0, 0, 255), size=(64, 64))])
-    batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_greedy_generation_cache_equals_no_cache(tiny, batched):
+    model, processor = tiny
+    batch = _generation_inputs(processor, batched)
     kw = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
     cached = model.generate(**batch, **kw)
     uncached = model.generate(**batch, use_cache=False, **kw)
@@ -321,16 +325,6 @@ def test_every_tower_attention_layer_goes_through_attention_interface():
     assert any(n.startswith("model.language_model") for n in attention_layers)
     assert called == attention_layers
     torch.testing.assert_close(routed, reference, atol=1e-5, rtol=1e-4)
-
-
-def _generation_inputs(processor, batched=True):
-    texts = [processor.apply_chat_template([user_turn("What shape is it?")], add_generation_prompt=True)]
-    images = [[make_image((0, 255, 0))]]
-    if batched:
-        texts.append(processor.apply_chat_template([user_turn("Hello, what do you see here?")],
-                                                   add_generation_prompt=True))
-        images.append([make_image((0, 0, 255), size=(64, 64))])
-    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
 @pytest.mark.parametrize("mode", ["beam_search", "sample", "static_cache"])

@@ -21,7 +21,15 @@ from .model import (
 from .optimizer import make_optimizer
 from .packing import GhostVisPackingCollator, PackingStatsCallback, best_fit_decreasing, pack_samples, prepare_packing
 from .plotting import plot_learning_curve
-from .rl import finish_rl, held_out_accuracy, held_out_before, reward_funcs_for, reward_summary, starting_checkpoint
+from .rl import (
+    finish_rl,
+    held_out_accuracy,
+    held_out_before,
+    policy_checkpoint,
+    reward_funcs_for,
+    reward_summary,
+    starting_checkpoint,
+)
 from .runtime import score_labelled_positions_only, set_cpu_threads, setup_logging
 
 __all__ = [
@@ -55,5 +63,6 @@ __all__ = [
     "score_labelled_positions_only",
     "set_cpu_threads",
     "setup_logging",
+    "policy_checkpoint",
     "starting_checkpoint",
 ]

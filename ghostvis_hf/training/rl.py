@@ -50,6 +50,22 @@ def starting_checkpoint(model_name_or_path: str | None, output_dir: str, steps: 
     return path
 
 
+def policy_checkpoint(rl_args: RLArguments, training_args, model_args, sft_recipe: str):
+    """The checkpoint RL starts from and its processor; policy and reference load through the checkpoint's own code.
+
+    Sets what the TRL RL trainers read when they load `model=checkpoint` themselves (`trust_remote_code`, the
+    `dtype` of `ModelConfig` in `model_init_kwargs`).
+    """
+    from transformers import AutoProcessor
+
+    checkpoint = starting_checkpoint(model_args.model_name_or_path, training_args.output_dir,
+                                     rl_args.bootstrap_sft_steps, sft_recipe)
+    training_args.trust_remote_code = True
+    if model_args.dtype is not None:
+        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    return checkpoint, AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+
+
 def reward_summary(log_history: list[dict], fraction: float = 0.2) -> dict:
     """Mean reward over the first and the last `fraction` of the logged steps (at least one each).
 
