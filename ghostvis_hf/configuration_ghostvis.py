@@ -1,3 +1,4 @@
+# Copyright 2026 The GhostVis-HF authors. Licensed under the Apache License, Version 2.0.
 """GhostVis configuration: a composite config (vision tower + text decoder) plus resampler/projector fields.
 
 Self-contained on purpose: this file is copied next to every checkpoint for `trust_remote_code`.

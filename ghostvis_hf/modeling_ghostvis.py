@@ -1,3 +1,4 @@
+# Copyright 2026 The GhostVis-HF authors. Licensed under the Apache License, Version 2.0.
 """GhostVis modeling, laid out like transformers' LLaVA so TRL and PEFT drive it without patches.
 
 vision tower (AutoModel) → resampler (perceiver | avgpool | none) → 2-layer MLP projector → text decoder (AutoModel)
@@ -29,7 +30,8 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     CausalLMOutputWithPast,
 )
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_ghostvis import GhostVisConfig
 
@@ -44,16 +46,22 @@ CACHE_KWARG = next(iter({f.name for f in fields(BaseModelOutputWithPast)} - {f.n
 
 @dataclass
 class GhostVisModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus the projected image features (`[n_images, n_img_tokens, d_text]`)."""
+    """`BaseModelOutputWithPast` plus the projected image features (`image_hidden_states`, `[n_images, n_img_tokens, d_text]`)
+    and the image encoder's output (`image_outputs`: `get_image_features`'s, as transformers' multimodal outputs
+    carry it; `None` when no image was encoded)."""
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
 class GhostVisCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus the projected image features (`[n_images, n_img_tokens, d_text]`)."""
+    """`CausalLMOutputWithPast` plus the projected image features (`image_hidden_states`, `[n_images, n_img_tokens, d_text]`)
+    and the image encoder's output (`image_outputs`: `get_image_features`'s, as transformers' multimodal outputs
+    carry it; `None` when no image was encoded)."""
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class GhostVisPerceiverBlock(nn.Module):
@@ -157,6 +165,16 @@ class GhostVisPreTrainedModel(PreTrainedModel):
         finally:
             self.__class__ = swapped
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # NOTE: transformers treats remote/custom code as possibly writing weights in place, so while initialising it
+        # skips every module whose own parameters all look initialised, which includes modules that own none: the
+        # in-tree towers' attention/MLP-level inits (SigLIP's xavier init of q/k/v/out) were skipped, and a model built
+        # from a state dict with missing tower weights differed from one built by __init__ (transformers 5.18-5.24;
+        # caught by test_can_init_all_missing_weights). GhostVis needs no such guard: its `_init_weights` uses
+        # transformers.initialization (flag-aware) and it ties parameters, never modules.
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module):
         # The towers are PreTrainedModels and initialise themselves; this covers the glue (and the head).
@@ -247,10 +265,15 @@ class GhostVisModel(GhostVisPreTrainedModel):
         into the text (one `[N, d_text]` entry per image), `last_hidden_state` the vision tower's last layer, and
         `hidden_states` / `attentions` the tower's on request (transformers v5's convention, as in LLaVA)."""
         layer = self.config.vision_feature_layer
-        tower_kwargs = {"output_hidden_states": True} if (output_hidden_states or layer != -1) else {}
-        if output_attentions:
-            tower_kwargs["output_attentions"] = True
-        tower = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype), **tower_kwargs)
+        tower_config = self.vision_tower.config
+        # Unset flags fall back to the config, as in every transformers model.
+        want_hidden = tower_config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        want_attentions = tower_config.output_attentions if output_attentions is None else output_attentions
+        tower = self.vision_tower(
+            pixel_values=pixel_values.to(self.vision_tower.dtype),
+            output_hidden_states=bool(want_hidden or layer != -1),
+            output_attentions=bool(want_attentions),
+        )
         features = tower.last_hidden_state if layer == -1 else tower.hidden_states[layer]  # [n, P, d_v]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
@@ -258,8 +281,8 @@ class GhostVisModel(GhostVisPreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=tower.last_hidden_state,
             pooler_output=features,
-            hidden_states=tower.hidden_states if output_hidden_states else None,
-            attentions=tower.attentions if output_attentions else None,
+            hidden_states=tower.hidden_states if want_hidden else None,  # only what was asked for
+            attentions=tower.attentions if want_attentions else None,
         )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
@@ -294,7 +317,7 @@ class GhostVisModel(GhostVisPreTrainedModel):
         position_ids=None,
         inputs_embeds=None,
         use_cache=None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> GhostVisModelOutputWithPast:
         r"""
         The KV cache (`cache` on transformers >= 5.24, `past_key_values` before) and the attention kwargs pass
@@ -307,10 +330,10 @@ class GhostVisModel(GhostVisPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, T, d_t]
-        image_features = None
+        image_features = image_outputs = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output  # [n, N, d_t]
-            image_features = image_features.to(inputs_embeds.dtype)
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
+            image_features = image_outputs.pooler_output.to(inputs_embeds.dtype)  # [n, N, d_t]
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
         outputs = self.language_model(
@@ -322,7 +345,9 @@ class GhostVisModel(GhostVisPreTrainedModel):
             **kwargs,
         )
         # `**outputs`: the decoder's own field names (whatever this release calls the cache), non-None ones only.
-        return GhostVisModelOutputWithPast(**outputs, image_hidden_states=image_features)
+        return GhostVisModelOutputWithPast(
+            **outputs, image_hidden_states=image_features, image_outputs=image_outputs
+        )
 
 
 class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin):
@@ -384,7 +409,7 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
         use_cache=None,
         logits_to_keep=0,
         skip_logits=None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> GhostVisCausalLMOutputWithPast:
         r"""
         skip_logits (`bool`, *optional*):

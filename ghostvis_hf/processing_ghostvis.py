@@ -1,3 +1,4 @@
+# Copyright 2026 The GhostVis-HF authors. Licensed under the Apache License, Version 2.0.
 """GhostVis processor: a SigLIP image processor + a tokenizer + a Qwen-style chat template.
 
 Each `<image>` marker in the text becomes `<|vision_start|>` + `<|image_pad|>` x N + `<|vision_end|>`, N being the
@@ -19,7 +20,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
-from transformers.processing_utils import AudioKwargs, ImagesKwargs, MultiModalData, ProcessorMixin, VideosKwargs
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import (
+    AudioKwargs,
+    ImagesKwargs,
+    MultiModalData,
+    ProcessingKwargs,
+    ProcessorMixin,
+    Unpack,
+    VideosKwargs,
+)
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
 IMAGE_TOKEN = "<image>"
 IMAGE_PAD_TOKEN = "<|image_pad|>"
@@ -65,15 +76,26 @@ _IGNORED_KWARGS = (set(VideosKwargs.__annotations__) | set(AudioKwargs.__annotat
 _KWARG_GROUPS = ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs", "common_kwargs")
 
 
+class GhostVisProcessorKwargs(ProcessingKwargs, total=False):
+    """The options `GhostVisProcessor.__call__` takes: transformers' text and image-processor options."""
+
+    _defaults = {}
+
+
+# transformers 5.2x mirrors these two between the flat and the `text_kwargs` form (backward compatibility).
+_MIRRORED_KWARGS = ("return_mm_token_type_ids", "return_text_replacement_offsets")
+
+
 def _flatten_kwargs(kwargs: dict) -> dict:
-    """Merges the per-modality dicts (`text_kwargs=...`, `images_kwargs=...`) into one; a name given twice with two
-    different values is an error rather than a silent pick."""
-    flat = {k: v for k, v in kwargs.items() if k not in _KWARG_GROUPS}
-    for group in _KWARG_GROUPS:
+    """Merges the per-modality dicts (`text_kwargs=...`, `images_kwargs=...`) into one. A name given both flat and in a
+    dict is an error, as in transformers' processors (`Keyword argument ... was passed two times`)."""
+    flat = dict(kwargs.get("common_kwargs") or {})  # defaults for every modality, below the flat options
+    flat.update({k: v for k, v in kwargs.items() if k not in _KWARG_GROUPS})
+    given = set(kwargs) - set(_KWARG_GROUPS)
+    for group in _KWARG_GROUPS[:-1]:  # common_kwargs excluded: merged above
         for key, value in (kwargs.get(group) or {}).items():
-            if key in flat and flat[key] is not value and flat[key] != value:
-                raise ValueError(f"Processor argument {key!r} given twice with different values ({flat[key]!r} and "
-                                 f"{value!r} in {group})")
+            if key in given and not (key in _MIRRORED_KWARGS and flat[key] == value):
+                raise ValueError(f"Processor argument {key!r} given twice: as a keyword argument and in {group}")
             flat[key] = value
     return flat
 
@@ -98,6 +120,18 @@ def image_placeholder_run(image_token_id: int, num_image_tokens: int, vision_sta
     return [vision_start_token_id] + [image_token_id] * num_image_tokens + [vision_end_token_id]
 
 
+def _text_list(text) -> list[str]:
+    """`text` as a non-empty list of strings, or a `ValueError` that names what was passed instead."""
+    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+    odd = [type(t).__name__ for t in texts if not isinstance(t, str)] if texts is not None else []
+    if texts is None or odd:
+        got = f"a list holding {odd[0]}" if odd else type(text).__name__
+        raise ValueError(f"text must be a string or a list of strings, got {got}")
+    if not texts:
+        raise ValueError("text is an empty list: pass a string or a list of strings, one per sample")
+    return texts
+
+
 def _image_error(where: str, problem: str) -> ValueError:
     return ValueError(f"{where}: {problem}")
 
@@ -105,20 +139,20 @@ def _image_error(where: str, problem: str) -> ValueError:
 def to_rgb_image(image, where: str = "image") -> Image.Image:
     """Turns one image-like object into an RGB `PIL.Image`, or raises a `ValueError` that says what is wrong.
 
-    Accepts a `PIL.Image`, a numpy array or torch tensor (HWC or CHW, uint8 or float in [0, 1]), raw bytes, a
-    `{"bytes": …}`/`{"path": …}` dict (the `datasets` layout), a local path, a `data:` base64 URL or an http(s) URL.
-    Grayscale, CMYK, 16-bit and palette images become RGB; images with transparency (an alpha channel, or a palette
-    or colour-key `transparency` entry) are composited onto white. An RGB `PIL.Image` is returned as it is.
+    Accepts a `PIL.Image`, a numpy array or torch tensor (HW, HWC or CHW; 1, 3 or 4 channels), raw bytes, a
+    `{"bytes": …}`/`{"path": …}` dict (the `datasets` layout), a local path (`str` or `os.PathLike`) or a `data:` base64
+    URL. http(s) URLs are refused, never fetched: load the image yourself (`transformers.image_utils.load_image`).
+    Arrays are read as transformers' `to_pil_image`/`is_scaled_image` read them: integer dtypes hold 0..255, floats
+    [0, 1] (rescaled) or whole numbers in 0..255, bool is black/white, bf16 is read as float32; other dtypes, ranges,
+    NaN/inf or channel counts are refused. `do_rescale`, `rescale_factor`, `do_normalize` then act on this 8-bit image,
+    as on a PIL image in transformers. Grayscale, CMYK, 16-bit, float and palette images become RGB; transparency (an
+    alpha channel, premultiplied too, or a `transparency` entry) is composited onto white; RGB is returned as it is.
 
     Example:
     ```python
-    >>> from PIL import Image
-    >>> palette = Image.new("P", (2, 1))
-    >>> palette.putpalette([0, 0, 0, 255, 0, 0])
-    >>> palette.putpixel((1, 0), 1)
-    >>> palette.info["transparency"] = 0  # palette entry 0 (black) is transparent
-    >>> to_rgb_image(palette).getpixel((0, 0)), to_rgb_image(palette).getpixel((1, 0))
-    ((255, 255, 255), (255, 0, 0))
+    >>> import numpy as np
+    >>> to_rgb_image(np.array([[[0, 128, 255]]], dtype=np.int64)).getpixel((0, 0))
+    (0, 128, 255)
     >>> to_rgb_image(Image.new("RGBA", (1, 1), (0, 0, 255, 0))).getpixel((0, 0))
     (255, 255, 255)
     ```
@@ -129,9 +163,15 @@ def to_rgb_image(image, where: str = "image") -> Image.Image:
     try:
         if image.mode == "RGB":
             return image
+        if image.mode.startswith("I;16"):  # NOTE: PIL's convert clips at 255: a 16-bit PNG came out white
+            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8))
+        elif image.mode in ("I", "F"):  # 32-bit int / float pixels: the array rules, not PIL's clipping
+            image = _array_to_pil(np.asarray(image), where)
+        elif image.mode == "La":  # premultiplied alpha, which PIL cannot turn into RGBA
+            image = image.convert("LA")
         # NOTE: a plain .convert("RGB") shows transparent pixels in their stored colour (often black): it ruins charts
         # and logos. Same test as Pillow >= 10.1's `has_transparency_data`, spelled out for older Pillows.
-        if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        if image.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             background = Image.new("RGB", rgba.size, (255, 255, 255))
             background.paste(rgba, mask=rgba.getchannel("A"))
@@ -141,25 +181,49 @@ def to_rgb_image(image, where: str = "image") -> Image.Image:
         raise _image_error(where, f"image data could not be decoded ({e})") from None
 
 
+def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
+    """An HW/HWC/CHW array as an 8-bit `PIL.Image` by `to_rgb_image`'s scale rules, or a `ValueError`."""
+    if array.dtype.kind not in "buif":  # complex, object, str, bytes, datetime ...
+        raise _image_error(where, f"array of dtype {array.dtype} is not an image (expected integers, floats or bool)")
+    if array.ndim not in (2, 3) or 0 in array.shape:
+        raise _image_error(where, f"array of shape {tuple(array.shape)} is not a non-empty HW/HWC/CHW image")
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
+        if array.shape[0] not in (1, 3, 4):
+            raise _image_error(where, f"array of shape {tuple(array.shape)} has no channel axis of 1, 3 or 4 "
+                                      "(gray, RGB, RGBA) first or last")
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise _image_error(where, f"{array.dtype} array holds NaN or infinite values")
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        lo, hi = array.min().item(), array.max().item()
+        if array.dtype.kind == "f" and 0 <= lo and hi <= 1:
+            array = array.astype(np.float32) * 255  # already rescaled (transformers' `is_scaled_image`)
+        elif not (0 <= lo and hi <= 255 and (array.dtype.kind in "iu" or np.array_equal(array, np.round(array)))):
+            raise _image_error(where, f"{array.dtype} array with values in [{lo}, {hi}] fits no pixel scale: pass "
+                                      "uint8, whole numbers in [0, 255] or floats in [0, 1] (16-bit: a / 257 as uint8)")
+        array = np.round(array).astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
 def _as_pil_image(image, where: str) -> Image.Image:
     """Decodes what `to_rgb_image` accepts into a `PIL.Image` (any mode), or raises a `ValueError`."""
     if isinstance(image, dict):
-        if image.get("bytes") is not None:
-            image = image["bytes"]
-        elif image.get("path"):
-            image = image["path"]
-        else:
+        if image.get("bytes") is None and not image.get("path"):
             raise _image_error(where, f"dict without 'bytes' or 'path' keys ({sorted(image)})")
+        image = image["bytes"] if image.get("bytes") is not None else image["path"]
+    if isinstance(image, os.PathLike):
+        image = os.fspath(image)
     if isinstance(image, str):
         if image.startswith("data:"):
             try:
                 image = base64.b64decode(image.split(",", 1)[1], validate=True)
             except Exception as e:  # binascii.Error, IndexError
                 raise _image_error(where, f"invalid base64 data URL ({e})") from None
-        elif image.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image
-
-            image = load_image(image)
+        elif image[:8].lower().startswith(("http://", "https://")):
+            raise _image_error(where, f"{image[:100]!r} is a URL, and the processor never fetches from the network: "
+                                      "load the image yourself (e.g. transformers.image_utils.load_image) and pass it")
         elif os.path.isfile(image):
             with open(image, "rb") as f:
                 image = f.read()
@@ -174,23 +238,13 @@ def _as_pil_image(image, where: str) -> Image.Image:
         except (OSError, SyntaxError) as e:
             raise _image_error(where, f"bytes are not a readable image ({e})") from None
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()  # bf16 (and the other floats numpy lacks) is read as float32
+        image = (image.float() if image.is_floating_point() and image.element_size() < 4 else image).numpy()
     if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or 0 in image.shape:
-            raise _image_error(where, f"array of shape {tuple(image.shape)} is not a non-empty HW/HWC/CHW image")
-        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
-            image = image.transpose(1, 2, 0)  # CHW -> HWC
-        if image.dtype != np.uint8:
-            image = (np.clip(image.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        image = Image.fromarray(image)
+        image = _array_to_pil(image, where)
     if not isinstance(image, Image.Image):
-        raise _image_error(
-            where,
-            f"got a {type(image).__name__}, which is not an image (expected a PIL.Image, numpy array, torch tensor, "
-            "bytes, a path or a data URL)",
-        )
+        raise _image_error(where, f"got a {type(image).__name__}, which is not an image (expected a PIL.Image, numpy "
+                                  "array, torch tensor, bytes, a path or a data URL)")
     return image
 
 
@@ -206,6 +260,8 @@ class GhostVisProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): defaults to the built-in ChatML template with generation markers.
         num_image_tokens (`int`, *optional*, defaults to 64): placeholders per image (`config.image_seq_length`).
     """
+
+    valid_processor_kwargs = GhostVisProcessorKwargs
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=64, **kwargs):
         if chat_template is None:
@@ -263,13 +319,13 @@ class GhostVisProcessor(ProcessorMixin):
         return self.image_processor(rgb, return_tensors="pt", **image_kwargs)["pixel_values"]
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
-        """How many placeholder tokens each image takes (what vLLM's Transformers backend asks): the framed run of
-        `num_image_tokens` placeholders plus its start/end tokens, whatever the image size (images are resized)."""
+        """How many placeholder tokens each image takes (what vLLM's Transformers backend asks): the
+        `num_image_tokens` placeholders its features replace (`mm_token_type_ids == 1`), whatever the image size
+        (images are resized); the `<|vision_start|>`/`<|vision_end|>` frame around them is ordinary text."""
         data = {}
         if image_sizes is not None:
-            per_image = len(image_placeholder_run(self.image_token_id, self.num_image_tokens,
-                                                  self.vision_start_token_id, self.vision_end_token_id))
-            data.update(num_image_tokens=[per_image] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+            data.update(num_image_tokens=[self.num_image_tokens] * len(image_sizes),
+                        num_image_patches=[1] * len(image_sizes))
         return MultiModalData(**data)
 
     # ------------------------------------------------------------------ text
@@ -302,11 +358,17 @@ class GhostVisProcessor(ProcessorMixin):
             )
         return ids[:max_length], None if offsets is None else offsets[:max_length]
 
-    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | None = None,
+        **kwargs: Unpack[GhostVisProcessorKwargs],
+    ) -> BatchFeature:
         """Tokenizes `text` (str or list of str) and processes `images`.
 
         Args:
-            images: one image, a flat list (assigned to the `<image>` markers in order), or one list per text.
+            images: one image, a flat list (in `<image>` marker order) or one list per text; `to_rgb_image` lists the
+                accepted kinds and array scales (an http(s) URL is refused, never fetched).
             text: a string or a list of strings with `<image>` markers.
             padding (`bool` or `str`): `True`/`"longest"`, `"max_length"` or `False`.
             padding_side (`str`): `"left"` or `"right"` (defaults to the tokenizer's).
@@ -315,10 +377,16 @@ class GhostVisProcessor(ProcessorMixin):
             add_special_tokens, return_offsets_mapping, return_mm_token_type_ids, pad_to_multiple_of: as for
                 tokenizers.
         """
-        for name, value in (("videos", videos), ("audio", audio)):
+        # Callers such as lmms-eval pass every modality (`videos=[]`, `audios=[]`, the older spelling of `audio`):
+        # empty ones are nothing to process.
+        for name in ("videos", "audio", "audios"):
+            value = kwargs.pop(name, None)
             if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 0):
                 raise ValueError(f"GhostVis handles images and text only (got {name})")
-        kwargs = _flatten_kwargs(kwargs)
+        # Defaults: what the tokenizer was created with (`padding`, `max_length`, `padding_side`, ...), then the call.
+        init_kwargs = getattr(self.tokenizer, "init_kwargs", {})
+        defaults = {k: getattr(self.tokenizer, k, init_kwargs[k]) for k in _TEXT_KWARGS if k in init_kwargs}
+        kwargs = {**defaults, **_flatten_kwargs(kwargs)}
         kwargs.pop("return_text_replacement_offsets", None)  # offsets already refer to the unexpanded text
         unknown = set(kwargs) - _TEXT_KWARGS - _IMAGE_KWARGS - _IGNORED_KWARGS
         if unknown:
@@ -333,9 +401,7 @@ class GhostVisProcessor(ProcessorMixin):
             flat = [im for x in flat for im in (x if isinstance(x, (list, tuple)) else [x])]
             pixel_values = self.preprocess_images(flat, **image_kwargs)
             return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("text must be a string or a list of strings")
+        texts = _text_list(text)
         groups = self._group_images(images, texts)
         flat_images = [(i, k, im) for i, g in enumerate(groups) for k, im in enumerate(g)]
         data = {}

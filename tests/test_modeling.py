@@ -9,6 +9,7 @@ from conftest import make_image, user_turn
 
 
 def _batch(processor, texts, images, **kw):
+    kw.setdefault("padding_side", "right")  # the tests below compare positions from the left
     return processor(text=texts, images=images, padding=True, return_tensors="pt", **kw)
 
 

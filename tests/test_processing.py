@@ -206,18 +206,42 @@ def test_other_modalities_options_and_empty_lists_are_ignored(tiny):
         processor(text="hi", videos=[np.zeros((2, 8, 8, 3), dtype=np.uint8)])
 
 
-def test_conflicting_options_are_refused(tiny):
+def test_options_given_twice_are_refused(tiny):
+    # transformers' rule: a name given as a keyword argument and again in a modality dict is an error, even when the
+    # values agree; `common_kwargs` are defaults that a keyword argument overrides.
     _, processor = tiny
     with pytest.raises(ValueError, match="'padding' given twice"):
         processor(text=["a", "bb"], padding=True, text_kwargs={"padding": False})
-    same = processor(text=["a", "bb"], padding=True, text_kwargs={"padding": True}, return_tensors="pt")
-    assert same["input_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match="'do_normalize' given twice"):
+        processor(text="<image>", images=make_image(), do_normalize=False, images_kwargs={"do_normalize": False})
+    out = processor(text=["a", "bb"], padding=True, common_kwargs={"return_tensors": "np"}, return_tensors="pt")
+    assert isinstance(out["input_ids"], torch.Tensor)
 
 
-def test_num_multimodal_tokens_matches_the_expanded_text(tiny):
+def test_tokenizer_defaults_apply_unless_overridden(tiny):
+    # Options the tokenizer was created with (here padding to max_length=12) are the processor's defaults.
+    from ghostvis_hf import GhostVisProcessor
+
+    _, processor = tiny
+    tokenizer = processor.tokenizer.__class__.from_pretrained(_saved_tokenizer(processor), padding="max_length",
+                                                               max_length=12)
+    padded = GhostVisProcessor(processor.image_processor, tokenizer, num_image_tokens=processor.num_image_tokens)
+    assert len(padded(text=["hi"])["input_ids"][0]) == 12
+    assert len(padded(text=["hi"], padding=False)["input_ids"][0]) == len(processor(text=["hi"])["input_ids"][0])
+
+
+def _saved_tokenizer(processor):
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    processor.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_num_multimodal_tokens_counts_the_placeholders_features_fill(tiny):
+    # vLLM's count: the positions that take image features (`mm_token_type_ids == 1`); the start/end frame is text.
     _, processor = tiny
     counts = processor._get_num_multimodal_tokens(image_sizes=[(30, 40), (300, 500)])
-    text_only = len(processor(text="hi")["input_ids"][0])
-    with_image = len(processor(text="<image>hi", images=make_image(size=(300, 500)))["input_ids"][0])
-    assert counts.num_image_tokens == [with_image - text_only] * 2
+    out = processor(text="<image>hi", images=make_image(size=(300, 500)), return_mm_token_type_ids=True)
+    assert counts.num_image_tokens == [sum(out["mm_token_type_ids"][0])] * 2 == [processor.num_image_tokens] * 2
     assert counts.num_image_patches == [1, 1]
