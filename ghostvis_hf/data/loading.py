@@ -5,8 +5,10 @@ the expected file, image file names resolved against a few candidate folders. Ta
 a `.parquet`/`.jsonl`/`.json`/`.csv` file, a folder of them, or a Hub dataset id, converted row by row with the image
 column left undecoded.
 
-Missing or unreadable images: rows whose image file does not exist, or whose header PIL cannot parse, are
-skipped, and one warning with the number skipped is logged per load (see `RowCollector`).
+Missing or unreadable images: rows whose image file does not exist, or whose header PIL cannot parse, are dropped,
+as are rows with no answer; one warning per load counts them per reason, and inside `validate.recording_bad_rows` (the
+training path) each also goes to that record: refused under `--bad_rows error`, counted in the training summary under
+`skip`. A file cut short behind a readable header passes here; `validate.validate_rows` decodes it in full.
 """
 
 import json
@@ -20,6 +22,7 @@ from datasets import Image, List, Value
 from PIL import Image as PILImage
 
 from .common import FEATURES, rows_to_dataset
+from .validate import loader_record
 
 
 logger = logging.getLogger(__name__)
@@ -29,13 +32,21 @@ SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
 
 def is_readable_image(path: str) -> bool:
     """Cheap check that `path` exists and PIL recognises its header (pixel data is not decoded)."""
+    return image_file_problem(path) is None
+
+
+def image_file_problem(path: str, check_images: bool = True) -> tuple[str, str] | None:
+    """`(reason, detail)` when `path` does not exist or (with `check_images`) PIL does not recognise its header, else
+    None. Cheap: the pixel data is not decoded."""
     if not os.path.isfile(path):
-        return False
-    try:
-        with PILImage.open(path):
-            return True
-    except (OSError, SyntaxError, ValueError):
-        return False
+        return "missing_image", f"no such image file {path!r}"
+    if check_images:
+        try:
+            with PILImage.open(path):
+                pass
+        except (OSError, SyntaxError, ValueError) as e:
+            return "unreadable_image", f"{path!r} is not a readable image ({e})"
+    return None
 
 
 def resolve_image_path(file_name: str, search_dirs: Iterable[str]) -> str:
@@ -100,11 +111,11 @@ def image_search_dirs(root: str, image_root: str | None, subdir: str) -> list[st
 
 class RowCollector:
     """
-    Collect rows whose images must exist, skipping (and counting) the ones that do not.
+    Collect rows whose images must exist, dropping (and counting, per reason) the ones that do not.
 
     Args:
         source (`str`):
-            Name used in the warning.
+            Name used in the warning and in the row names (`"3 of vqav2"`).
         limit (`int`, *optional*):
             Stop accepting rows once this many were kept; `full` tells the caller to stop iterating.
         check_images (`bool`, defaults to `True`):
@@ -117,40 +128,31 @@ class RowCollector:
             raise ValueError(f"`limit` must be >= 0 or None, got {limit}.")
         self.source, self.limit, self.check_images = source, limit, check_images
         self.rows: list[dict[str, Any]] = []
-        self.skipped: list[str] = []
-        self._seen: dict[str, bool] = {}  # VQA sets reuse each image for ~5 questions: check each file once
+        self.bad = loader_record()
+        self._seen: dict[str, tuple | None] = {}  # VQA sets reuse each image for ~5 questions: check each file once
 
     @property
     def full(self) -> bool:
         return self.limit is not None and len(self.rows) >= self.limit
 
-    def _ok(self, path: str) -> bool:
-        if path not in self._seen:
-            self._seen[path] = is_readable_image(path) if self.check_images else os.path.isfile(path)
-        return self._seen[path]
-
-    def add(self, image_paths: list[str], row: dict[str, Any]) -> None:
-        """Add `row` unless one of `image_paths` is missing/unreadable (then count it as skipped)."""
+    def add(self, index: int, image_paths: list[str], row: dict[str, Any]) -> None:
+        """Add `row` (record `index` of the source) unless one of `image_paths` is missing/unreadable."""
         if self.full:
             return
-        bad = [p for p in image_paths if not self._ok(p)]
-        if bad:
-            self.skipped.append(bad[0])
-            return
+        for path in image_paths:
+            if path not in self._seen:
+                self._seen[path] = image_file_problem(path, self.check_images)
+            if self._seen[path] is not None:
+                self.bad.add(f"{index} of {self.source}", *self._seen[path])
+                return
         self.rows.append(row)
 
-    def skip(self, reason: str) -> None:
-        """Count a row skipped for a reason other than its image (e.g. no reference answers)."""
-        self.skipped.append(reason)
+    def skip(self, index: int, detail: str) -> None:
+        """Drop record `index` for having no answer (`detail` says which)."""
+        self.bad.add(f"{index} of {self.source}", "no_answer", detail)
 
     def to_dataset(self) -> datasets.Dataset:
-        if self.skipped:
-            logger.warning(
-                "%s: skipped %d row(s) with a missing/unreadable image or no answer (first: %s).",
-                self.source,
-                len(self.skipped),
-                self.skipped[0],
-            )
+        self.bad.log(self.source, to=logger)
         for row in self.rows:  # pre-encoded paths take the fast Arrow path (VQAv2 train has 443k rows)
             row["images"] = [{"bytes": None, "path": p} for p in row["images"]]
         return rows_to_dataset(self.rows, encoded=True)
@@ -187,15 +189,15 @@ def collect_rows(
         `datasets.Dataset`: The rows with the `FEATURES` schema.
     """
     collector = RowCollector(source, limit=limit, check_images=check_images)
-    for record in records:
+    for index, record in enumerate(records):
         if collector.full:
             break
         path = resolve_image_path(image_file(record), search_dirs)
         row = to_row(record, path)
         if row is None:
-            collector.skip(skip_reason(record))
+            collector.skip(index, skip_reason(record))
         else:
-            collector.add([path], row)
+            collector.add(index, [path], row)
     return collector.to_dataset()
 
 
@@ -270,6 +272,24 @@ def _table_image(value: Any, image_root: str | None) -> Any:
     return value
 
 
+def _rows_with_images(table: datasets.Dataset, image_column: str, image_root: str | None, limit: int | None, bad,
+                      source: str) -> list[int]:
+    """Indices of the rows of `table` whose image path (a string column) exists and opens, up to `limit` of them;
+    each other row goes to `bad` with its reason."""
+    keep, seen = [], {}
+    for index, value in enumerate(table[image_column]):
+        if limit is not None and len(keep) >= limit:
+            break
+        path = resolve_image_path(value, [image_root or "."]) if value else ""
+        if path not in seen:
+            seen[path] = image_file_problem(path) if path else ("missing_image", "no image path")
+        if seen[path] is None:
+            keep.append(index)
+        else:
+            bad.add(f"{index} of {source}", *seen[path])
+    return keep
+
+
 def convert_table(
     table: datasets.Dataset,
     to_row: Callable[[dict[str, Any]], dict[str, Any] | None],
@@ -277,6 +297,7 @@ def convert_table(
     image_column: str | None = None,
     image_root: str | None = None,
     limit: int | None = None,
+    reject_reason: str = "no_answer",
 ) -> datasets.Dataset:
     """
     Convert a raw table into the GhostVis schema row by row, dropping rows `to_row` rejects or whose image is missing.
@@ -294,36 +315,34 @@ def convert_table(
             Directory relative image paths are resolved against.
         limit (`int`, *optional*):
             Keep at most this many rows.
+        reject_reason (`str`, defaults to `"no_answer"`):
+            The reason counted for the rows `to_row` rejects.
 
     Returns:
         `datasets.Dataset`: Converted rows with the `FEATURES` schema.
     """
-    n_missing = 0
+    bad = loader_record()
+    index = range(len(table))  # position in the converted table -> row of the source table
     if image_column is not None and table.features[image_column] == Value("string"):
-        n_total = len(table)
-        table = table.filter(
-            lambda v: is_readable_image(resolve_image_path(v, [image_root or "."])), input_columns=image_column
-        )
-        n_missing = n_total - len(table)
+        index = _rows_with_images(table, image_column, image_root, limit, bad, source)
+        table = table.select(index)
     if limit is not None:
-        # NOTE: applied after the image filter so `limit` counts usable rows; before `map` so we don't convert the rest.
-        table = table.select(range(min(limit, len(table))))
+        # NOTE: applied after the image check so `limit` counts usable rows; before `map` so we don't convert the rest.
+        table, index = table.select(range(min(limit, len(table)))), index[:limit]
+
+    def prepare(record: dict[str, Any]) -> dict[str, Any]:
+        if image_column is not None:
+            value = record[image_column]
+            record[image_column] = (
+                [_table_image(v, image_root) for v in value]
+                if isinstance(value, list)
+                else _table_image(value, image_root)
+            )
+        return record
 
     def convert(batch: dict[str, list]) -> dict[str, list]:
-        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        rows = []
-        for record in records:
-            if image_column is not None:
-                value = record[image_column]
-                record[image_column] = (
-                    [_table_image(v, image_root) for v in value]
-                    if isinstance(value, list)
-                    else _table_image(value, image_root)
-                )
-            row = to_row(record)
-            if row is not None:
-                rows.append(row)
-        return {name: [row[name] for row in rows] for name in FEATURES}
+        rows = [to_row(prepare(dict(zip(batch, values)))) for values in zip(*batch.values())]
+        return {name: [row[name] for row in rows if row is not None] for name in FEATURES}
 
     # The image column is read undecoded: re-encoding Hub images through PIL would only cost time.
     feature = table.features[image_column] if image_column is not None else None
@@ -332,7 +351,10 @@ def convert_table(
     elif isinstance(feature, List) and isinstance(feature.feature, Image):
         table = table.cast_column(image_column, List(Image(decode=False)))
     out = table.map(convert, batched=True, batch_size=256, remove_columns=table.column_names, features=FEATURES)
-    n_skipped = n_missing + len(table) - len(out)
-    if n_skipped:
-        logger.warning("%s: skipped %d row(s) with a missing/unreadable image or no answer.", source, n_skipped)
+    if len(out) < len(table):
+        # NOTE: counted from the lengths, not inside `convert`: `map` may answer from its cache without calling it.
+        first = next((pos for pos, record in enumerate(table) if to_row(prepare(record)) is None), 0)
+        n = len(table) - len(out)
+        bad.add(f"{index[first]} of {source}", reject_reason, f"the {source} loader rejected it ({n} such row(s))", n)
+    bad.log(source, to=logger)
     return out

@@ -83,4 +83,4 @@ def load_text_chat(
         answers = [" ".join(p["text"] for p in replies[-1]["content"])] if replies else []
         return {"images": [], "messages": messages, "answers": answers, "question_type": "text", "source": SOURCE}
 
-    return convert_table(table, to_row, SOURCE, limit=limit)
+    return convert_table(table, to_row, SOURCE, limit=limit, reject_reason="unusable_messages")

@@ -9,7 +9,20 @@ from .arguments import GhostVisArguments, RLArguments
 
 
 def load_train_and_eval_data(dataset_name: str | None, args: GhostVisArguments):
-    """(train, held-out) datasets in TRL's conversational vision format; held-out is `None` except for shapes."""
+    """(train, held-out) datasets in TRL's conversational vision format; held-out is `None` except for shapes.
+
+    The rows the loaders drop follow `args.bad_rows`: refused under `"error"`; under `"skip"` their record rides on the
+    training set (`data.validate.DROPPED_AT_LOAD`) so that `validate_rows` counts them in the report with its own.
+    """
+    from ..data.validate import DROPPED_AT_LOAD, recording_bad_rows
+
+    with recording_bad_rows(args.bad_rows) as dropped:
+        train, held_out = _load(dataset_name, args)
+    setattr(train, DROPPED_AT_LOAD, dropped)
+    return train, held_out
+
+
+def _load(dataset_name: str | None, args: GhostVisArguments):
     from .. import data
 
     if args.dataset_mixture:
