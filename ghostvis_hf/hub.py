@@ -94,7 +94,7 @@ def main_init(argv=None) -> int:
 
 
 # The files `save_pretrained` copies next to the weights for `trust_remote_code` (the Auto classes' modules).
-CODE_FILES = ("configuration_ghostvis.py", "modeling_ghostvis.py", "processing_ghostvis.py")
+CODE_FILES = ("configuration_ghostvis.py", "modeling_ghostvis.py", "processing_ghostvis.py", "image_utils_ghostvis.py")
 
 
 def upgrade_code_files(folder: str) -> list[str]:
@@ -117,15 +117,18 @@ def upgrade_code_files(folder: str) -> list[str]:
         raise ValueError(f"{folder!r} has none of GhostVis's code files {CODE_FILES}: not a GhostVis checkpoint")
     here = os.path.dirname(os.path.abspath(__file__))
     changed = []
-    for name in present:
+    for name in CODE_FILES:  # all of them: a newer file may import one an older checkpoint lacks
         new = open(os.path.join(here, name), "rb").read()
         target = os.path.join(folder, name)
-        if open(target, "rb").read() == new:
+        if os.path.isfile(target) and open(target, "rb").read() == new:
             continue
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
         with os.fdopen(fd, "wb") as f:
             f.write(new)
-        shutil.copymode(target, tmp)
+        if os.path.isfile(target):
+            shutil.copymode(target, tmp)
+        else:
+            os.chmod(tmp, 0o644)
         os.replace(tmp, target)
         changed.append(name)
     return changed
