@@ -70,8 +70,10 @@ def suites_folder() -> Path:
         (root / package).mkdir(exist_ok=True)
         (root / package / "__init__.py").touch()
     (root / "utils" / "fixtures").mkdir(parents=True, exist_ok=True)
-    for standin, target in STANDINS.items():  # refreshed every run: they are ours and may change
-        shutil.copy(HERE / "standins" / standin, root / target)
+    for standin, target in STANDINS.items():  # refreshed every run (ours, and they may change), but a real module
+        path = root / target  # put there (e.g. the full generation suite from a transformers checkout) is kept
+        if not path.exists() or "Stand-in for transformers'" in path.read_text():
+            shutil.copy(HERE / "standins" / standin, path)
     _draw_fixtures(root / "utils" / "fixtures")
     return root
 
@@ -80,7 +82,8 @@ sys.path.insert(0, str(suites_folder()))
 
 # Markers the suites (and transformers.testing_utils' decorators) put on tests; ours run with --strict-markers.
 UPSTREAM_MARKERS = (
-    "accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test",
+    "accelerate_tests", "generate", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+    "torch_compile_test",
     "is_agent_test", "is_expert_parallel_test", "is_fsdp_test", "is_pipeline_test", "is_staging_test",
     "is_tensor_parallel_test", "is_training_test", "order",
 )

@@ -59,7 +59,8 @@ class GhostVisModelTester:
         self.num_hidden_layers = TEXT_CONFIG["num_hidden_layers"]
         self.num_attention_heads = TEXT_CONFIG["num_attention_heads"]
         self.is_training = True
-        self.vision_config = VISION_CONFIG  # the suites count the image encoder's layers from it
+        self.text_config = TEXT_CONFIG  # as llava's tester: the suites read sizes from these dicts
+        self.vision_config = VISION_CONFIG  # (e.g. the image encoder's layer count)
         self.image_seq_length = self.get_config().image_seq_length
         self.seq_length = seq_length + self.image_seq_length
         self.encoder_seq_length = self.seq_length
