@@ -116,7 +116,7 @@ BAD_REQUESTS = {
     "bad_role": (body(messages=[{"role": "robot", "content": "hi"}]), 400, "invalid_value"),
     "unknown_model": (body(model="gpt-17"), 404, "model_not_found"),
     "bad_base64": (body(messages=user("hi", "data:image/png;base64,@@@not-base64@@@")), 400, "invalid_base64"),
-    "not_an_image": (body(messages=user("hi", data_url(b"just some text, no pixels"))), 400, "invalid_request"),
+    "not_an_image": (body(messages=user("hi", data_url(b"just some text, no pixels"))), 400, "invalid_image"),
     "image_too_large": (body(messages=user("hi", data_url(noise_png()))), 413, "image_too_large"),
     "prompt_too_long": (body(messages=user("hi " * 700)), 400, "context_length_exceeded"),
     "max_tokens_over_context": (body(messages=user("hi " * 470), max_tokens=60), 400, "context_length_exceeded"),

@@ -97,6 +97,16 @@ class GenerationEngine:
         """Chat messages (parts `{"type": "image", "image": …}` / `{"type": "text", …}`) → (prompt, images)."""
         return self.intake.render_messages(messages)
 
+    def encode_messages(self, messages: list[dict]) -> tuple[list[int], list]:
+        """Chat messages → (prompt ids, images), as `submit(messages=…)` tokenizes them: text typed in a message
+        (`<|im_end|>`, `<image>`) stays text, it never becomes a control token or an image marker."""
+        return self.intake.encode_messages(messages)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Longer prompts (in characters) cannot fit in `max_seq_len` tokens: refused before tokenizing them."""
+        return self.intake.max_prompt_chars
+
     def submit(self, prompt=None, images=None, messages=None, params: SamplingParams | None = None,
                prompt_ids: list[int] | None = None) -> RequestHandle:
         """Queues one request; raises `ValueError` at once for a bad prompt or image, `ContextLengthError` if too long.
@@ -104,7 +114,8 @@ class GenerationEngine:
         Args:
             prompt (`str`, *optional*): a rendered prompt with one `<image>` marker per image.
             images (`list`, *optional*): PIL images, bytes, data URLs or paths, in marker order.
-            messages (`list[dict]`, *optional*): chat messages instead of `prompt`/`images`.
+            messages (`list[dict]`, *optional*): chat messages instead of `prompt`/`images` (their text stays text,
+                see `encode_messages`).
             params (`SamplingParams`, *optional*)
             prompt_ids (`list[int]`, *optional*): already tokenized prompt (placeholders expanded) instead of `prompt`.
         """

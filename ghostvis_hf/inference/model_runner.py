@@ -290,7 +290,7 @@ class ModelRunner:
 
         put(self._temperature, [0.0 if s.params.greedy else s.params.temperature for s in seqs])
         put(self._top_p, [s.params.top_p for s in seqs])
-        put(self._top_k, [s.params.top_k for s in seqs])
+        put(self._top_k, [min(s.params.top_k, self.vocab_size) for s in seqs])  # k >= V keeps all
         put(self._penalty, [s.params.repetition_penalty for s in seqs])
         put(self._seeds, [s.seed for s in seqs])
         self._steps[slots] = 0

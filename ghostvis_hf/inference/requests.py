@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..processing_ghostvis import image_placeholder_run
+from .prompt import encode_chat, framing, max_prompt_chars, render_chat, special_token_ids
 from .sampling import SamplingParams
 from .vision_cache import ImagePreparer, PreparedImage
 
@@ -148,37 +149,53 @@ class RequestIntake:
     def __init__(self, processor, preparer: ImagePreparer, max_seq_len: int, max_batch_size: int):
         self.processor, self.tokenizer, self.preparer = processor, processor.tokenizer, preparer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, max_seq_len)
+        self._framing, self._special_ids = framing(self.tokenizer), special_token_ids(self.tokenizer)
+        p = processor
+        self._run = image_placeholder_run(p.image_token_id, p.num_image_tokens, p.vision_start_token_id,
+                                          p.vision_end_token_id)
         self._ids = itertools.count()
+
+    def _expand(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        for tok in ids:
+            out.extend(self._run if tok == self.processor.image_marker_id else [tok])
+        return out
+
+    def check_chars(self, chars: int) -> None:
+        """Raises `ContextLengthError` for a text too long to fit whatever its tokens (before tokenizing it)."""
+        if chars > self.max_prompt_chars:
+            raise ContextLengthError(
+                f"the prompt has {chars} characters: more than the context of {self.max_seq_len} tokens can hold "
+                f"(at most {self.max_prompt_chars} characters with this tokenizer)")
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a rendered prompt, each `<image>` expanded to its placeholder run (as the processor does)."""
-        p = self.processor
-        run = image_placeholder_run(p.image_token_id, p.num_image_tokens, p.vision_start_token_id,
-                                    p.vision_end_token_id)
-        out: list[int] = []
-        for tok in self.tokenizer(prompt)["input_ids"]:
-            out.extend(run if tok == p.image_marker_id else [tok])
-        return out
+        self.check_chars(len(prompt))
+        return self._expand(self.tokenizer(prompt)["input_ids"])
+
+    def encode_messages(self, messages: list[dict]) -> tuple[list[int], list]:
+        """Chat messages → (prompt ids, images); the messages' texts never become control tokens (see `prompt.py`)."""
+        pieces, texts, images = render_chat(self.processor, messages)
+        self.check_chars(sum(map(len, pieces)) + sum(map(len, texts)))
+        ids = encode_chat(self.tokenizer, pieces, texts, self._special_ids, self._framing)
+        return self._expand(ids), images  # markers: only the template's are left
 
     def render_messages(self, messages: list[dict]) -> tuple[str, list]:
-        """Chat messages (parts `{"type": "image", "image": …}` / `{"type": "text", …}`) → (prompt, images)."""
-        images = []
-        for message in messages:
-            content = message.get("content")
-            for part in content if isinstance(content, list) else []:
-                if part.get("type") == "image":
-                    image = part.get("image", part.get("url", part.get("path")))
-                    if image is None:
-                        raise ValueError("an image part has no 'image', 'url' or 'path'")
-                    images.append(image)
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), images
+        """Chat messages (parts `{"type": "image", "image": …}` / `{"type": "text", …}`) → (prompt, images).
+
+        The prompt is the template's text; tokenized as a string, control tokens typed in the messages act as control
+        tokens: `encode_messages` keeps them text.
+        """
+        pieces, texts, images = render_chat(self.processor, messages)
+        return "".join(p + t for p, t in zip(pieces, texts + [""])), images
 
     def make(self, prompt=None, images=None, messages=None, params=None, prompt_ids=None) -> PendingRequest:
         params = params or SamplingParams()
         if messages is not None:
-            if prompt is not None or images:
-                raise ValueError("pass either messages or prompt/images, not both")
-            prompt, images = self.render_messages(messages)
+            if prompt is not None or prompt_ids is not None or images:
+                raise ValueError("pass either messages or prompt/prompt_ids/images, not both")
+            prompt_ids, images = self.encode_messages(messages)
         if prompt_ids is None and not isinstance(prompt, str):
             raise ValueError("a prompt (str), prompt_ids or messages are required")
         images = list(images or [])

@@ -17,16 +17,16 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
-def _i64(x: int) -> int:
-    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+def wrap_int64(x: int) -> int:
+    """Any Python int as the int64 with the same low 64 bits (torch has no uint64 arithmetic, and seeds wrap)."""
     x &= _MASK64
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-_GOLDEN = _i64(0x9E3779B97F4A7C15)
-_MIX1 = _i64(0xBF58476D1CE4E5B9)
-_MIX2 = _i64(0x94D049BB133111EB)
-_STEP = _i64(0xD1B54A32D192ED03)
+_GOLDEN = wrap_int64(0x9E3779B97F4A7C15)
+_MIX1 = wrap_int64(0xBF58476D1CE4E5B9)
+_MIX2 = wrap_int64(0x94D049BB133111EB)
+_STEP = wrap_int64(0xD1B54A32D192ED03)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class SamplingParams:
         repetition_penalty (`float`, *optional*, defaults to 1.0):
             CTRL-style penalty on every token already in the prompt or the output (as `transformers` applies it).
         stop (`list[str]`, *optional*): strings that end the output; the match itself is not returned.
-        seed (`int`, *optional*): makes sampling reproducible; sample `i` of `n` uses `seed + i`.
+        seed (`int`, *optional*): makes sampling reproducible; sample `i` of `n` uses `seed + i` (wrapped to int64).
         n (`int`, *optional*, defaults to 1): samples generated from one shared prefill.
         ignore_eos (`bool`, *optional*, defaults to `False`): keep going past end-of-sequence (benchmarks).
     """
@@ -62,14 +62,15 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
         checks = [
-            (self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
+            (self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
              "max_new_tokens", "an int >= 1 or None"),
             (self.temperature >= 0, "temperature", ">= 0"),
             (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an int >= 0"),
+            (_is_int(self.top_k) and self.top_k >= 0, "top_k", "an int >= 0"),
             (self.repetition_penalty > 0, "repetition_penalty", "> 0"),
-            (isinstance(self.n, int) and self.n >= 1, "n", "an int >= 1"),
+            (_is_int(self.n) and self.n >= 1, "n", "an int >= 1"),
             (all(isinstance(s, str) for s in self.stop), "stop", "a string or a list of strings"),
+            (self.seed is None or _is_int(self.seed), "seed", "an int or None"),
         ]
         for ok, name, allowed in checks:
             if not ok:
@@ -78,6 +79,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # `True` is an int to Python, not to a JSON client
 
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ then advances one token per step whatever its length; a finished sequence frees 
 
 Steps are pipelined: step t+1 is launched before the host reads step t's tokens (detokenizes, checks stops, streams),
 so host work hides behind device work; a sequence that finishes costs one wasted row in the step already in flight.
-A failing step fails what was in flight, never the thread.
+A failing step fails what was in flight, never the thread; a request that fails its admission (or its host-side
+work) fails alone.
 """
 
 import logging
@@ -20,6 +21,7 @@ import torch
 from .detokenizer import IncrementalDetokenizer, TokenTable
 from .model_runner import ModelRunner
 from .requests import GenerationResult, PendingRequest, Sequence, StreamEvent
+from .sampling import wrap_int64
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,10 @@ class Scheduler:
         return [s for s in self.slots if s is not None]
 
     def _take_admissible(self) -> list[PendingRequest]:
+        if any(r.handle.cancelled for r in self._waiting):  # abandoned before admission: never prefill them
+            for req in [r for r in self._waiting if r.handle.cancelled]:
+                self._end_waiting(req, "cancelled")
+            self._waiting = deque(r for r in self._waiting if not r.handle.cancelled)
         free = sum(1 for s in self.slots if s is None)
         batch: list[PendingRequest] = []
         while self._waiting and self._waiting[0].params.n <= free:
@@ -90,37 +96,50 @@ class Scheduler:
                         self._cond.wait()
                     if self._closed:
                         break
-                batch: list[PendingRequest] = []
-                try:
-                    # Launch step t, then read step t-1's tokens while the device computes step t.
-                    launched = self._launch() if any(self.slots) else None
-                    if self._pending is not None:
-                        self._process(self._pending)
-                    self._pending = launched
-                    with self._cond:
-                        batch = self._take_admissible()
-                    if batch:
-                        self._admit(batch)
-                except Exception as e:  # keep serving: fail what was in flight, not the thread
-                    logger.exception("generation step failed")
-                    self._pending = None
-                    for seq in self._running():
-                        self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
-                    for req in batch:
-                        if not req.handle.done:
-                            self._fail(req, e)
+                self._step()
+                with self._cond:
+                    batch = self._take_admissible()
+                if batch:
+                    self._admit_isolated(batch)
         self._pending = None
         for seq in self._running():
             self._finish(seq, "cancelled")
         while self._waiting:
-            self._fail(self._waiting.popleft(), RuntimeError("the engine was closed"))
+            self._end_waiting(self._waiting.popleft(), "error", RuntimeError("the engine was closed"))
 
-    def _fail(self, req: PendingRequest, error: Exception) -> None:
+    def _step(self) -> None:
+        """Launches step t, then reads step t-1's tokens while the device computes step t."""
+        try:
+            launched = self._launch() if any(self.slots) else None
+            if self._pending is not None:
+                self._process(self._pending)
+            self._pending = launched
+        except Exception as e:  # keep serving: fail what was in flight, not the thread
+            logger.exception("generation step failed")
+            self._pending = None
+            for seq in self._running():
+                self._finish(seq, "error", error=f"{type(e).__name__}: {e}", flush=False)
+
+    def _admit_isolated(self, batch: list[PendingRequest]) -> None:
+        """Admits `batch`; if that fails, each request alone, so a bad request fails itself and nothing else."""
+        try:
+            self._admit(batch)
+            return
+        except Exception as e:
+            if len(batch) == 1:
+                logger.exception("admitting request %d failed", batch[0].handle.id)
+                self._end_waiting(batch[0], "error", e)
+                return
+        for req in batch:
+            self._admit_isolated([req])
+
+    def _end_waiting(self, req: PendingRequest, reason: str, error: Exception | None = None) -> None:
+        """Ends a request that holds no slot (never admitted, or its admission failed)."""
+        msg = f"{type(error).__name__}: {error}" if error is not None else None
         for i in range(req.params.n):
             if req.handle.results[i] is None:
-                msg = f"{type(error).__name__}: {error}"
-                result = GenerationResult(i, "", [], "error", len(req.prompt_ids), error=msg)
-                req.handle._push(StreamEvent(i, "", None, "error"), result)
+                result = GenerationResult(i, "", [], reason, len(req.prompt_ids), error=msg)
+                req.handle._push(StreamEvent(i, "", None, reason), result)
 
     def _mark(self, key: str, t0: float) -> None:
         if self.profile:
@@ -131,24 +150,32 @@ class Scheduler:
     def _admit(self, requests: list[PendingRequest]) -> None:
         t0 = time.perf_counter()
         self.last_admission = {}
-        self.runner.image_features(requests)
-        self._mark("images_s", t0)
-        logits, keys, values, starts = self.runner.prefill(requests)
-        self._mark("prefill_s", t0)
         seqs, rows = [], []
-        free = iter([s for s, seq in enumerate(self.slots) if seq is None])
-        for i, req in enumerate(requests):
-            for j in range(req.params.n):
-                seed = (req.params.seed + j) if req.params.seed is not None else secrets.randbits(62)
-                seq = Sequence(req.handle, j, req.params, req.prompt_ids,
-                               IncrementalDetokenizer(self.token_table, req.params.stop), seed, req.max_new)
-                seq.slot = next(free)
-                self.slots[seq.slot] = seq
-                seqs.append(seq)
-                rows.append(i)
-        first = self.runner.start(seqs, rows, starts, logits, keys, values)
+        try:  # everything up to the first tokens is undone on failure: the caller retries request by request
+            self.runner.image_features(requests)
+            self._mark("images_s", t0)
+            logits, keys, values, starts = self.runner.prefill(requests)
+            self._mark("prefill_s", t0)
+            free = iter([s for s, seq in enumerate(self.slots) if seq is None])
+            for i, req in enumerate(requests):
+                for j in range(req.params.n):
+                    # NOTE: seeds wrap to int64 here, where they become tensor values (a seed of 2**63 used to
+                    # overflow in this thread and fail every running request).
+                    seed = wrap_int64(req.params.seed + j) if req.params.seed is not None else secrets.randbits(62)
+                    seq = Sequence(req.handle, j, req.params, req.prompt_ids,
+                                   IncrementalDetokenizer(self.token_table, req.params.stop), seed, req.max_new)
+                    seq.slot = next(free)
+                    self.slots[seq.slot] = seq
+                    seqs.append(seq)
+                    rows.append(i)
+            first = self.runner.start(seqs, rows, starts, logits, keys, values)
+        except BaseException:
+            for seq in seqs:
+                self.slots[seq.slot] = None
+                self.runner.free(seq.slot)
+            raise
         for seq, tok in zip(seqs, first):
-            self._append(seq, tok)
+            self._append_guarded(seq, tok)
         self._mark("total_s", t0)
 
     def _launch(self):
@@ -169,7 +196,16 @@ class Scheduler:
         tokens = self.runner.read(tokens, event)
         for seq in running:
             if not seq.done:  # finished while this step was in flight: its row is discarded
-                self._append(seq, tokens[seq.slot])
+                self._append_guarded(seq, tokens[seq.slot])
+
+    def _append_guarded(self, seq: Sequence, token: int) -> None:
+        """`_append`, failing only this sequence if its host-side work (detokenizing, stop strings) raises."""
+        try:
+            self._append(seq, token)
+        except Exception as e:
+            logger.exception("request %d failed", seq.handle.id)
+            if not seq.done:
+                self._finish(seq, "error", error=f"{type(e).__name__}: {e}", flush=False)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.tokens.append(token)
@@ -190,9 +226,10 @@ class Scheduler:
             return
         self._finish(seq, finish, text)
 
-    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None,
+                flush: bool = True) -> None:
         seq.done = True
-        text += seq.detok.flush()
+        text += seq.detok.flush() if flush else ""
         result = GenerationResult(seq.index, seq.detok.text, list(seq.tokens), reason, len(seq.prompt_ids), error)
         self.slots[seq.slot] = None
         self.runner.free(seq.slot)

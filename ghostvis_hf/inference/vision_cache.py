@@ -90,7 +90,13 @@ class ImagePreparer:
     def _prepare_one(self, image, where: str) -> PreparedImage:
         from ghostvis_hf.processing_ghostvis import to_rgb_image
 
-        rgb = to_rgb_image(image, where=where)
+        try:
+            rgb = to_rgb_image(image, where=where)
+        except ValueError:
+            raise
+        except Exception as e:  # NOTE: Pillow raises more than OSError on broken files (SyntaxError, struct.error,
+            # DecompressionBombError, ...): a bad image is the caller's error, never the engine's
+            raise ValueError(f"{where}: the image could not be decoded ({type(e).__name__}: {e})") from None
         key = image_digest(rgb)
         features = self.cache.get(key)
         if features is not None:

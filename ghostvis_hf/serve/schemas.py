@@ -1,18 +1,27 @@
-"""OpenAI chat-completions request/response shapes, OpenAI-style errors, and image-URL resolution.
+"""OpenAI chat-completions request/response shapes and OpenAI-style errors.
 
-Only what a vision chat server needs is modelled; unknown request fields are ignored (clients send `user`,
-`logprobs: false`, … freely), but fields this server cannot honour with a non-default value are refused with a 400
-rather than silently ignored.
+Requests are validated strictly, as JSON, at the edge: types as JSON spells them (`"max_tokens": true` is not 1),
+ranges as OpenAI documents them, integers within int64, no NaN or infinity, so the engine only sees values it can
+hold. Unknown request fields are ignored (clients send `user`, `metadata`, … freely), but fields this server cannot
+honour with a non-default value (`tools`, `response_format` other than text, `logprobs`, penalties, …) are refused
+with a 400 rather than silently ignored.
 """
 
-import base64
-import binascii
-import os
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_MAX_MESSAGE_CHARS = 2000  # error messages echo client input (a model name, a tag): never all of it
+
+
+def _printable(text: str) -> str:
+    """`text` cut to a readable length, with lone surrogates replaced (they cannot be encoded as UTF-8 JSON)."""
+    if len(text) > _MAX_MESSAGE_CHARS:
+        text = text[:_MAX_MESSAGE_CHARS] + "…"
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 class APIError(Exception):
@@ -20,6 +29,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -27,144 +37,119 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class ImageURL(BaseModel):
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class ImageURL(_Strict):
     url: str
-    detail: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(BaseModel):
+class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: ImageURL | str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImagePart] | None = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+def _int(low: int, high: int = INT64_MAX):
+    return Field(default=None, ge=low, le=high)
+
+
+class ChatCompletionRequest(_Strict):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = _int(1)
+    max_completion_tokens: int | None = _int(1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)  # extension (vLLM also accepts it)
-    repetition_penalty: float | None = Field(default=None, gt=0)  # extension
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = _int(-1)  # extension, as vLLM has it: -1 (or 0) keeps every token
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100)  # extension
+    n: int | None = _int(1, 16)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = _int(INT64_MIN)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = 0.0
-    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: bool | None = False
+    top_logprobs: int | None = _int(0, 20)
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def unsupported(self) -> APIError | None:
-        """A 400 for options this server cannot honour (rather than ignoring them)."""
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                return APIError(400, f"{name} is not supported by this server; use repetition_penalty instead",
-                                param=name, code="unsupported_parameter")
-        if self.logprobs:
-            return APIError(400, "logprobs are not supported by this server", param="logprobs",
-                            code="unsupported_parameter")
+        """A 400 for the first option this server cannot honour (rather than ignoring it), else `None`."""
+        honoured = {  # field -> is the value one this server gives (or nothing was asked)
+            "frequency_penalty": not self.frequency_penalty,
+            "presence_penalty": not self.presence_penalty,
+            "logprobs": not self.logprobs,
+            "top_logprobs": not self.top_logprobs,
+            "logit_bias": not self.logit_bias,
+            "response_format": self.response_format is None or self.response_format.type == "text",
+            "tools": not self.tools,
+            "tool_choice": self.tool_choice in (None, "none"),
+            "functions": not self.functions,
+            "function_call": self.function_call in (None, "none"),
+            "modalities": self.modalities in (None, ["text"]),
+            "audio": self.audio is None,
+            "prediction": self.prediction is None,
+            "web_search_options": self.web_search_options is None,
+        }
+        hints = {"frequency_penalty": "; use repetition_penalty instead", "presence_penalty":
+                 "; use repetition_penalty instead", "response_format": ' (only {"type": "text"})'}
+        for name, ok in honoured.items():
+            if not ok:
+                return APIError(400, f"{name} is not supported by this server{hints.get(name, '')}", param=name,
+                                code="unsupported_parameter")
         return None
 
 
 def validation_error(errors: list[dict]) -> APIError:
-    """Turns pydantic/FastAPI validation errors into one OpenAI-style 400."""
+    """Turns pydantic validation errors (of `model_validate_json`) into one OpenAI-style 400."""
     first = errors[0] if errors else {}
+    kind = first.get("type")
     loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
     param = ".".join(loc) or None
-    if first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'."
-    else:
-        message = f"Invalid value for '{param}': {first.get('msg', 'invalid request')}."
-    return APIError(400, message, param=param, code="missing_required_parameter" if first.get("type") == "missing"
-                    else "invalid_value")
-
-
-def _within(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
-def load_image_url(url: str, allowed_dir: str | None, max_bytes: int, param: str) -> bytes:
-    """The raw bytes behind an `image_url`: a `data:` URL, or a local file under `allowed_dir`.
-
-    Raises:
-        `APIError`: 400 for remote or malformed URLs and bad base64, 403 for paths outside `allowed_dir` (or when
-            no folder is allowed), 413 for images over `max_bytes`.
-    """
-    if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or ";base64" not in header:
-            raise APIError(400, "image data URLs must look like data:image/png;base64,<base64 data>", param=param,
-                           code="invalid_image_url")
-        if len(payload) * 3 // 4 > max_bytes:  # refuse before decoding a huge payload
-            raise APIError(413, f"image is larger than the server's limit of {max_bytes} bytes", param=param,
-                           code="image_too_large")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise APIError(400, f"invalid base64 in image data URL ({e})", param=param, code="invalid_base64") from None
-        if len(data) > max_bytes:
-            raise APIError(413, f"image is {len(data)} bytes, over the server's limit of {max_bytes} bytes",
-                           param=param, code="image_too_large")
-        return data
-    if url.startswith(("http://", "https://")):
-        raise APIError(400, "remote image URLs are not fetched by this server (no outbound requests); send the image "
-                       "inline as a data URL: data:image/png;base64,<base64 data>", param=param,
-                       code="remote_image_url_not_supported")
-    if "://" in url and not url.startswith("file://"):
-        raise APIError(400, f"unsupported image URL scheme in {url[:40]!r}; use a data: URL", param=param,
-                       code="invalid_image_url")
-    path = url[len("file://") :] if url.startswith("file://") else url
-    if allowed_dir is None:
-        raise APIError(403, "local image paths are disabled on this server (start it with --allowed-image-dir to "
-                       "allow a folder); send the image as a data URL", param=param, code="image_path_not_allowed")
-    if not _within(path, allowed_dir):
-        raise APIError(403, "image path is outside the server's allowed image folder", param=param,
-                       code="image_path_not_allowed")
-    if not os.path.isfile(path):
-        raise APIError(400, "image file not found in the allowed image folder", param=param, code="image_not_found")
-    if os.path.getsize(path) > max_bytes:
-        raise APIError(413, f"image file is over the server's limit of {max_bytes} bytes", param=param,
-                       code="image_too_large")
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def to_engine_messages(request: ChatCompletionRequest, allowed_dir: str | None, max_bytes: int) -> list[dict]:
-    """OpenAI messages → the processor's chat format (`{"type": "image", "image": bytes}` parts)."""
-    out = []
-    for i, message in enumerate(request.messages):
-        role = "system" if message.role == "developer" else message.role
-        if message.content is None or isinstance(message.content, str):
-            out.append({"role": role, "content": message.content or ""})
-            continue
-        parts = []
-        for j, part in enumerate(message.content):
-            if isinstance(part, TextPart):
-                parts.append({"type": "text", "text": part.text})
-            else:
-                url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                data = load_image_url(url, allowed_dir, max_bytes, param=f"messages.{i}.content.{j}.image_url")
-                parts.append({"type": "image", "image": data})
-        out.append({"role": role, "content": parts})
-    return out
+    if kind == "json_invalid":  # malformed, nested past the parser's depth limit, lone surrogates
+        return APIError(400, f"We could not parse the JSON body of your request: {first.get('msg')}",
+                        code="invalid_json")
+    if kind in ("model_type", "model_attributes_type") and not loc:
+        return APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param,
+                        code="missing_required_parameter")
+    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid request')}.", param=param,
+                    code="invalid_value")
 
 
 def completion_id() -> str:

@@ -1,6 +1,7 @@
 """`ghostvis serve --model PATH`: an OpenAI-compatible chat server (FastAPI + uvicorn) and a web page at `/`.
 
     ghostvis serve --model ./ghostvis-tiny --port 8000 [--api-key KEY] [--allowed-image-dir ./images]
+                   [--max-image-pixels 25000000] [--max-images 8] [--max-request-bytes N]
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -9,7 +10,9 @@
         {"type": "text", "text": "What is in the image?"}]}])
 
 Every request goes to one shared `GenerationEngine`, which batches concurrent requests continuously. Every bad
-request is answered with a 4xx and an OpenAI-style `{"error": {...}}` body; nothing a client sends stops the server.
+request is answered with a 4xx and an OpenAI-style `{"error": {...}}` body, and refused before the work it would cost
+(limits.py); nothing a client sends stops the server or another client's request. A client that hangs up, streaming
+or not, has its request cancelled and its slots freed.
 The handlers are plain functions on an `APIRouter`: they find the engine and the `ServerSettings` on
 `request.app.state`, so several apps (say, one with an API key and one without) can share the routes and one engine.
 """
@@ -18,34 +21,22 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import time
-from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .schemas import (
-    APIError, ChatCompletionRequest, chunk, completion, completion_id, to_engine_messages, usage, validation_error,
+from .images import to_engine_messages
+from .limits import (
+    DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ServerSettings, check_request_limits,
+    parse_chat_request, read_body,
 )
+from .schemas import APIError, ChatCompletionRequest, chunk, completion, completion_id, usage, validation_error
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-
-
-@dataclass
-class ServerSettings:
-    """What the handlers need besides the engine; `create_app` puts both on `app.state`."""
-
-    model_name: str
-    api_key: str | None
-    allowed_image_dir: str | None
-    max_image_bytes: int
-    max_tokens_limit: int
-    max_request_bytes: int
-    created: int  # the `created` time `/v1/models` reports
 
 
 # ------------------------------------------------------------------ errors
@@ -87,38 +78,15 @@ async def check_auth(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() != api_key:
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
         raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                        code="invalid_api_key")
 
 
-async def read_json(request: Request) -> dict:
-    """The request's JSON object body, refused with 413 past the size limit (also for chunked uploads)."""
-    limit = request.app.state.settings.max_request_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"request body is over the server's limit of {limit} bytes", code="request_too_large")
-    body = bytearray()
-    async for piece in request.stream():  # a chunked upload has no Content-Length: count as we go
-        body += piece
-        if len(body) > limit:
-            raise APIError(413, f"request body is over the server's limit of {limit} bytes",
-                           code="request_too_large")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return data
-
-
 async def _chat_request(request: Request, settings: ServerSettings) -> tuple[ChatCompletionRequest, int | None]:
     """The validated request and its `max_tokens` (None when the client asked for none)."""
-    try:
-        req = ChatCompletionRequest.model_validate(await read_json(request))
-    except ValidationError as e:
-        raise validation_error(e.errors()) from None
+    body = await read_body(request, settings.max_request_bytes)
+    req = await asyncio.to_thread(parse_chat_request, body)  # a big body parses off the event loop
     if req.model != settings.model_name:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{settings.model_name}'",
                        param="model", code="model_not_found")
@@ -129,6 +97,16 @@ async def _chat_request(request: Request, settings: ServerSettings) -> tuple[Cha
         raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {settings.max_tokens_limit}",
                        param="max_tokens", code="invalid_value")
     return req, max_tokens
+
+
+async def _cancel_on_disconnect(request: Request, handle) -> None:
+    """Cancels `handle` when the client hangs up (the body is read: the next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            handle.cancel()
+            return
+        await asyncio.sleep(0.1)  # a server that sends more (empty) body messages: do not spin
 
 
 # ------------------------------------------------------------------ routes
@@ -173,10 +151,12 @@ async def chat_completions(request: Request):
         return StreamingResponse(_sse(handle, cid, settings.model_name, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:  # NOTE: a non-streaming client that disconnects is noticed only when its answer is done
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))  # an abandoned request frees its slots
+    try:
         async for _ in handle.events_async():
             pass
-    finally:  # cancelled by the server shutting down
+    finally:  # also when cancelled by the server shutting down
+        watcher.cancel()
         if not handle.done:
             handle.cancel()
     results = handle.results
@@ -190,27 +170,36 @@ router.include_router(v1)
 
 def create_app(engine, model_name: str, api_key: str | None = None, allowed_image_dir: str | None = None,
                max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_tokens_limit: int | None = None,
-               max_request_bytes: int | None = None) -> FastAPI:
+               max_request_bytes: int | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_images: int = DEFAULT_MAX_IMAGES) -> FastAPI:
     """Builds the FastAPI app around a running `GenerationEngine`.
 
     Args:
         engine (`GenerationEngine`): shared by all requests.
         model_name (`str`): the id clients must send as `model` (and that `/v1/models` lists).
-        api_key (`str`, *optional*): when set, `/v1/*` requires `Authorization: Bearer <api_key>`.
+        api_key (`str`, *optional*): when set, `/v1/*` requires `Authorization: Bearer <api_key>`, and the
+            `/docs`, `/redoc` and `/openapi.json` pages are off. An empty key is refused (`ValueError`).
         allowed_image_dir (`str`, *optional*): folder whose files may be named by path or `file://` URL;
             without it only `data:` URLs are accepted.
         max_image_bytes (`int`, *optional*, defaults to 20 MiB): larger images are refused with 413.
         max_tokens_limit (`int`, *optional*): most `max_tokens` a request may ask for (and the default when it asks
             for none); defaults to the engine's context.
         max_request_bytes (`int`, *optional*): larger request bodies are refused with 413; defaults to
-            8 images' worth of base64 plus 1 MiB of text.
+            `max_images` images' worth of base64 plus 1 MiB of text.
+        max_image_pixels (`int`, *optional*, defaults to 25 million): images whose header says more pixels are
+            refused with 413 before they are decoded.
+        max_images (`int`, *optional*, defaults to 8): images one request may carry.
     """
-    app = FastAPI(title="GhostVis", version="0.1.0", exception_handlers=EXCEPTION_HANDLERS)
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: any 'Authorization: Bearer' header would match it; pass None for no key")
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key is not None else {}
+    app = FastAPI(title="GhostVis", version="0.1.0", exception_handlers=EXCEPTION_HANDLERS, **docs)
     app.state.engine = engine
     app.state.settings = ServerSettings(
         model_name=model_name, api_key=api_key, allowed_image_dir=allowed_image_dir, max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, max_images=max_images,
         max_tokens_limit=max_tokens_limit or engine.max_seq_len,
-        max_request_bytes=max_request_bytes or 8 * (max_image_bytes * 4 // 3 + 4) + (1 << 20),
+        max_request_bytes=max_request_bytes or max_images * (max_image_bytes * 4 // 3 + 4) + (1 << 20),
         created=int(time.time()),
     )
     app.include_router(router)
@@ -220,30 +209,35 @@ def create_app(engine, model_name: str, api_key: str | None = None, allowed_imag
 def _sampling_params(req: ChatCompletionRequest, max_tokens: int | None):
     from ghostvis_hf.inference import SamplingParams
 
+    top_p = 1.0 if req.top_p is None else req.top_p
+    top_k = max(req.top_k or 0, 0)  # -1 is vLLM's "all tokens"
+    if top_p == 0:  # the limit of a shrinking nucleus: the most likely token alone
+        top_p, top_k = 1.0, 1
     try:
         return SamplingParams(
             max_new_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
+            top_p=top_p,
+            top_k=top_k,
             repetition_penalty=req.repetition_penalty or 1.0,
             stop=req.stop or [],
             seed=req.seed,
-            n=req.n,
+            n=req.n or 1,
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
 
 
 def _submit(engine, req: ChatCompletionRequest, max_tokens: int | None, settings: ServerSettings):
-    """Validates images and sampling options, tokenizes once and queues the request (in a worker thread)."""
+    """Checks limits, images and sampling options, tokenizes once and queues the request (in a worker thread)."""
     from ghostvis_hf.inference import ContextLengthError
 
-    messages = to_engine_messages(req, settings.allowed_image_dir, settings.max_image_bytes)
+    check_request_limits(req, settings, engine.max_prompt_chars)  # before any image is decoded or text tokenized
+    messages = to_engine_messages(req, settings.allowed_image_dir, settings.max_image_bytes, settings.max_image_pixels)
     params = _sampling_params(req, max_tokens)
     try:
-        prompt, images = engine.render_messages(messages)
-        prompt_ids = engine.encode_prompt(prompt)  # the engine takes these ids: the prompt is tokenized once
+        # Message text is tokenized as text: control tokens typed by a client stay characters.
+        prompt_ids, images = engine.encode_messages(messages)  # the engine takes these ids: tokenized once
         if max_tokens is None:  # as much as fits, up to the server's limit
             room = engine.max_seq_len - len(prompt_ids)
             params.max_new_tokens = max(1, min(settings.max_tokens_limit, room))
@@ -300,7 +294,9 @@ class BackgroundServer:
 
         import uvicorn
 
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # NOTE: proto=IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+        # and without it each response's body waits ~40 ms for the delayed ACK of its headers (Nagle).
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))  # bound here, so the port is known before uvicorn starts
         self.url = f"http://{host}:{self._socket.getsockname()[1]}"
@@ -319,6 +315,13 @@ class BackgroundServer:
         self._socket.close()
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ghostvis_hf.inference.loader import QUANTIZE_CHOICES
 
@@ -327,10 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="model id clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("GHOSTVIS_API_KEY"), help="require this Bearer token")
+    p.add_argument("--api-key", default=os.environ.get("GHOSTVIS_API_KEY"),
+                   help="require this Bearer token (also hides /docs); default: $GHOSTVIS_API_KEY")
     p.add_argument("--allowed-image-dir", help="folder whose images may be named by path / file:// URL")
-    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
-    p.add_argument("--max-tokens-limit", type=int, help="most tokens one request may generate")
+    p.add_argument("--max-image-bytes", type=_positive, default=DEFAULT_MAX_IMAGE_BYTES)
+    p.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="width x height an image may have (checked from its header, before decoding)")
+    p.add_argument("--max-images", type=_positive, default=DEFAULT_MAX_IMAGES, help="images per request")
+    p.add_argument("--max-request-bytes", type=_positive,
+                   help="request body size (default: max-images images of max-image-bytes, plus 1 MiB)")
+    p.add_argument("--max-tokens-limit", type=_positive, help="most tokens one request may generate")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="bitsandbytes quantization (CUDA only)")
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32")
@@ -347,6 +356,10 @@ def main(argv=None) -> int:
 
     from ghostvis_hf.inference import GenerationEngine, load_model
 
+    if args.api_key is not None and not args.api_key.strip():  # before minutes of loading
+        print("ghostvis serve: the API key is empty (--api-key or $GHOSTVIS_API_KEY): an empty key would let any "
+              "'Bearer' header in; give a real key, or leave both unset for no key")
+        return 2
     if args.allowed_image_dir and not os.path.isdir(args.allowed_image_dir):
         print(f"ghostvis serve: --allowed-image-dir {args.allowed_image_dir!r} is not a folder")
         return 2
@@ -363,7 +376,9 @@ def main(argv=None) -> int:
                               compile=args.compile)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, name, api_key=args.api_key, allowed_image_dir=args.allowed_image_dir,
-                     max_image_bytes=args.max_image_bytes, max_tokens_limit=args.max_tokens_limit)
+                     max_image_bytes=args.max_image_bytes, max_tokens_limit=args.max_tokens_limit,
+                     max_request_bytes=args.max_request_bytes, max_image_pixels=args.max_image_pixels,
+                     max_images=args.max_images)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
