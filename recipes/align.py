@@ -17,10 +17,12 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 from ghostvis_hf.data.validate import validate_rows
 from ghostvis_hf.training import (
     GhostVisArguments,
+    describe_data,
     finish,
     freeze,
     load_model_and_processor,
     load_train_and_eval_data,
+    parse_with_default_config,
     setup_logging,
 )
 
@@ -44,7 +46,9 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     # Dataset
     ################
-    train_dataset, _ = load_train_and_eval_data(script_args.dataset_name or "shapes_captions", gv_args)
+    dataset_name = script_args.dataset_name or "shapes_captions"  # a registry name, or a path / Hub id of your data
+    train_dataset, held_out = load_train_and_eval_data(dataset_name, gv_args, script_args.dataset_train_split,
+                                                       script_args.dataset_test_split)
     train_dataset, report = validate_rows(train_dataset, processor, training_args.max_length, gv_args.bad_rows)
 
     ################
@@ -52,13 +56,14 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=processor)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finish(trainer, processor, training_args.output_dir, origin="Aligned with `recipes/align.py` (towers frozen).",
-           summary={"parameters": counts, "data": report}, summary_file="align_summary.json",
-           plot=gv_args.plot, title="GhostVis alignment")
+    data_label = " + ".join(gv_args.dataset_mixture or [dataset_name])
+    finish(trainer, processor, training_args.output_dir,
+           origin=f"Aligned with `recipes/align.py` (towers frozen) on {data_label}.",
+           summary={"parameters": counts, "data": {**report, **describe_data(dataset_name, gv_args)}},
+           summary_file="align_summary.json", plot=gv_args.plot, title="GhostVis alignment",
+           held_out=held_out if gv_args.eval_after_training else None, eval_batch_size=gv_args.eval_batch_size)
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--config" not in argv:
-        argv = ["--config", DEFAULT_CONFIG, *argv]
-    main(*TrlParser((ScriptArguments, SFTConfig, ModelConfig, GhostVisArguments)).parse_args_and_config(argv))
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, GhostVisArguments))
+    main(*parse_with_default_config(parser, sys.argv[1:], DEFAULT_CONFIG))

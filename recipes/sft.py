@@ -13,6 +13,11 @@ With a config (dataclass default < YAML < command line; unknown YAML keys fail):
         --config recipes/configs/sft_1.5b_zero3.yaml
     accelerate launch recipes/sft.py --config recipes/configs/sft_tiny.yaml --use_peft --lora_r 16
 
+Your own data in TRL's conversational format (a jsonl/parquet file, a save_to_disk folder, an imagefolder, a Hub id),
+with a held-out tenth scored after training (exact match on the final assistant turn):
+
+    accelerate launch recipes/sft.py --dataset_name data/train.jsonl --eval_split_fraction 0.1
+
 Loss is on assistant tokens only (`assistant_only_loss`) and never on image placeholders (the collator masks them).
 """
 
@@ -28,11 +33,13 @@ from ghostvis_hf.kernels import apply_kernels
 from ghostvis_hf.training import (
     GhostVisArguments,
     build_sft_collator,
+    describe_data,
     finish,
     freeze,
     load_model_and_processor,
     load_train_and_eval_data,
     make_optimizer,
+    parse_with_default_config,
     peft_config_for,
     score_labelled_positions_only,
     set_cpu_threads,
@@ -61,8 +68,10 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     # Dataset
     ################
-    dataset_name = script_args.dataset_name or "shapes"
-    train_dataset, held_out = load_train_and_eval_data(dataset_name, gv_args)
+    dataset_name = script_args.dataset_name or "shapes"  # a registry name, or a path / Hub id of your own data
+    train_dataset, held_out = load_train_and_eval_data(dataset_name, gv_args, script_args.dataset_train_split,
+                                                       script_args.dataset_test_split)
+    data_info = describe_data(dataset_name, gv_args)  # sources, answer_style (what evaluation must use too)
     train_dataset, report = validate_rows(train_dataset, processor, training_args.max_length, gv_args.bad_rows)
     logger.info("training rows: %d (checked %d, skipped %s)", len(train_dataset), report["checked"],
                 report["skipped"] or "none")
@@ -85,8 +94,8 @@ def main(script_args, training_args, model_args, gv_args):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     # Complete checkpoint (LoRA merged, adapter kept), model card, held-out eval of the saved folder, plot, summary
     finish(trainer, processor, training_args.output_dir,
-           origin=f"Fine-tuned with `recipes/sft.py` on {dataset_name}.",
-           summary={"parameters": counts, "data": report}, summary_file="sft_summary.json",
+           origin=f"Fine-tuned with `recipes/sft.py` on {' + '.join(gv_args.dataset_mixture or [dataset_name])}.",
+           summary={"parameters": counts, "data": {**report, **data_info}}, summary_file="sft_summary.json",
            plot=gv_args.plot, title="GhostVis SFT", plot_keys=("loss", "mean_token_accuracy"),
            held_out=held_out if gv_args.eval_after_training else None, eval_batch_size=gv_args.eval_batch_size)
 
@@ -95,8 +104,10 @@ def make_parser():
     return TrlParser((ScriptArguments, SFTConfig, ModelConfig, GhostVisArguments))
 
 
+def parse_args(argv: list[str]):
+    """Without `--config`, the main job's YAML; its tiny-model settings stay with the tiny preset."""
+    return parse_with_default_config(make_parser(), argv, DEFAULT_CONFIG)
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--config" not in argv:
-        argv = ["--config", DEFAULT_CONFIG, *argv]
-    main(*make_parser().parse_args_and_config(argv))
+    main(*parse_args(sys.argv[1:]))

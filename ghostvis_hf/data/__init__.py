@@ -12,7 +12,8 @@ import datasets
 
 from .chartqa import load_chartqa
 from .coco_captions import load_coco_captions
-from .common import FEATURES
+from .common import ANSWER_STYLES, FEATURES
+from .conversations import load_conversations
 from .mixture import mix_datasets
 from .shapes import chance_accuracy, load_shapes, make_shapes_dataset
 from .text_chat import load_text_chat
@@ -40,6 +41,7 @@ DATASETS: dict[str, Callable[..., datasets.Dataset]] = {
     "textvqa": load_textvqa,
     "chartqa": load_chartqa,
     "text_chat": load_text_chat,
+    "conversations": load_conversations,
 }
 
 
@@ -49,7 +51,8 @@ def get_dataset(name: str, **kwargs) -> datasets.Dataset:
 
     Args:
         name (`str`):
-            One of `shapes`, `coco_captions`, `vqav2`, `textvqa`, `chartqa`, `text_chat`.
+            One of `shapes`, `coco_captions`, `vqav2`, `textvqa`, `chartqa`, `text_chat`, `conversations` (your own
+            data in TRL's conversational format: `load_conversations`).
         **kwargs:
             Forwarded to the loader: `path_or_hub_id`, `split`, `image_root`, `limit` for the adapters; `split`,
             `num_samples` (or `limit`), `seed`, ... for `shapes`.
@@ -70,12 +73,14 @@ def get_dataset(name: str, **kwargs) -> datasets.Dataset:
 
 
 __all__ = [
+    "ANSWER_STYLES",
     "DATASETS",
     "FEATURES",
     "chance_accuracy",
     "get_dataset",
     "load_chartqa",
     "load_coco_captions",
+    "load_conversations",
     "load_shapes",
     "load_text_chat",
     "load_textvqa",

@@ -16,6 +16,7 @@ the `Image(mode="RGB")` feature, which drops alpha like LLaVA's `convert("RGB")`
 
 import os
 from collections.abc import Sequence
+from functools import partial
 
 import datasets
 
@@ -41,6 +42,7 @@ def load_chartqa(
     subsets: Sequence[str] = SUBSETS,
     name: str | None = None,
     check_images: bool = True,
+    answer_style: str = "short",
 ) -> datasets.Dataset:
     """
     Load ChartQA in the GhostVis conversational format.
@@ -60,13 +62,18 @@ def load_chartqa(
             Hub configuration name.
         check_images (`bool`, defaults to `True`):
             Open each image header to skip corrupt files (otherwise only existence is checked).
+        answer_style (`str`, defaults to `"short"`):
+            `"short"` appends "Answer the question using a single word or phrase." to each question (LLaVA's VQA
+            prompt); `"none"` keeps the question as written. Evaluate with the setting you trained with.
 
     Returns:
-        `datasets.Dataset`: Rows with prompt `"{query}\\nAnswer the question using a single word or phrase."`,
+        `datasets.Dataset`: Rows with prompt `"{query}\\nAnswer the question using a single word or phrase."`
+        (`answer_style="short"`),
         target the label, `answers=[label]`, `question_type="chartqa"`, `source="chartqa"`.
     """
+    row = partial(_row, answer_style=answer_style)
     if not os.path.isdir(path_or_hub_id):
-        return load_image_table(path_or_hub_id, split, name, ("image", "query", "label"), _row, SOURCE,
+        return load_image_table(path_or_hub_id, split, name, ("image", "query", "label"), row, SOURCE,
                                 image_root, limit)
 
     split = normalize_split(split, ("train", "val", "test"))
@@ -81,14 +88,14 @@ def load_chartqa(
         file_name = f"{split}_{subset}.json"
         records += read_json(os.path.join(split_dir, file_name), f"ChartQA questions (root/{split}/{file_name})")
     return collect_rows(
-        records, lambda r: r["imgname"], search_dirs, _row, lambda r: f"{r.get('imgname')} has no label", SOURCE,
+        records, lambda r: r["imgname"], search_dirs, row, lambda r: f"{r.get('imgname')} has no label", SOURCE,
         limit, check_images,
     )
 
 
-def _row(record: dict, image) -> dict | None:
+def _row(record: dict, image, answer_style: str = "short") -> dict | None:
     """The row of one question (target: its first label), or None when it has no label."""
     answers = _labels(record.get("label"))
     if not answers:
         return None
-    return short_answer_row(image, record["query"], answers[0], answers, "chartqa", SOURCE)
+    return short_answer_row(image, record["query"], answers[0], answers, "chartqa", SOURCE, answer_style)

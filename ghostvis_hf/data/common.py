@@ -46,6 +46,27 @@ FEATURES = Features(
 )
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+# What an adapter does to each question: "short" appends `SHORT_ANSWER_PROMPT` (LLaVA's VQA prompt, the default of the
+# VQA-style adapters), "none" keeps the question as written (the default for conversational data).
+ANSWER_STYLES = ("short", "none")
+
+
+def apply_answer_style(question: str, answer_style: str) -> str:
+    """
+    The question as the model sees it under `answer_style`.
+
+    Example:
+    ```python
+    >>> from ghostvis_hf.data.common import apply_answer_style
+    >>> apply_answer_style("What colour is the circle?", "short")
+    'What colour is the circle?\\nAnswer the question using a single word or phrase.'
+    >>> apply_answer_style("What colour is the circle?", "none")
+    'What colour is the circle?'
+    ```
+    """
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style={answer_style!r} is not supported; allowed: {list(ANSWER_STYLES)}")
+    return f"{question}\n{SHORT_ANSWER_PROMPT}" if answer_style == "short" else question
 
 
 def answer_texts(answers: list | None) -> list[str]:
@@ -109,10 +130,12 @@ def build_vqa_row(
 
 
 def short_answer_row(
-    image: Any, question: str, target: str, answers: list[str], question_type: str, source: str
+    image: Any, question: str, target: str, answers: list[str], question_type: str, source: str,
+    answer_style: str = "short",
 ) -> dict[str, Any]:
-    """`build_vqa_row` for one image, the prompt `question` + `SHORT_ANSWER_PROMPT` (LLaVA's short-answer VQA)."""
-    return build_vqa_row([image], f"{question}\n{SHORT_ANSWER_PROMPT}", target, answers, question_type, source)
+    """`build_vqa_row` for one image; under `answer_style="short"` the prompt is `question` + `SHORT_ANSWER_PROMPT`
+    (LLaVA's short-answer VQA), under `"none"` the question as written."""
+    return build_vqa_row([image], apply_answer_style(question, answer_style), target, answers, question_type, source)
 
 
 def rows_to_dataset(rows: list[dict[str, Any]] | dict[str, list], encoded: bool = False) -> datasets.Dataset:

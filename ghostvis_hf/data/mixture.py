@@ -19,13 +19,13 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def _quotas(weights: list[float], total: int) -> list[int]:
-    # Largest remainder: exact total, each quota within 1 of total * p.
+def quotas(weights: list[float], total: int) -> list[int]:
+    """`total` split by `weights` by largest remainder: exact total, each quota within 1 of `total * p`."""
     raw = [total * w / sum(weights) for w in weights]
-    quotas = [math.floor(r) for r in raw]
-    for i in sorted(range(len(raw)), key=lambda i: raw[i] - quotas[i], reverse=True)[: total - sum(quotas)]:
-        quotas[i] += 1
-    return quotas
+    out = [math.floor(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - out[i], reverse=True)[: total - sum(out)]:
+        out[i] += 1
+    return out
 
 
 def _align(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
@@ -106,7 +106,7 @@ def mix_datasets(
         num_samples = min(math.floor(len(p) * sum(weights) / w + 1e-9) for p, w in zip(parts, weights))
     rng = np.random.default_rng(seed)
     selected = []
-    for part, quota in zip(parts, _quotas(weights, num_samples)):
+    for part, quota in zip(parts, quotas(weights, num_samples)):
         epochs = -(-quota // len(part))  # a source smaller than its quota is repeated, each pass reshuffled
         indices = np.concatenate([rng.permutation(len(part)) for _ in range(max(epochs, 1))])[:quota]
         if epochs > 1:

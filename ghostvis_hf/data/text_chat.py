@@ -5,9 +5,11 @@ Input: a `.jsonl`/`.json`/`.parquet` file, a local folder of them, or a Hub id, 
 `images=[]`, every `content` as a list of `{"type": "text", "text": ...}` parts (same Arrow schema as the vision
 sets, so `mix_datasets` can concatenate them), `answers=[last assistant reply]`, `question_type="text"`.
 
-Rows with no messages, or whose messages carry image parts (they have no images to go with them), are skipped
-with one warning.
+Rows with no messages, or with images (image parts or an `images` column), are skipped with one warning: the
+`conversations` source (`conversations.py`) takes rows with and without images.
 """
+
+import logging
 
 import datasets
 
@@ -16,6 +18,7 @@ from .loading import convert_table, load_table
 
 
 SOURCE = "text_chat"
+logger = logging.getLogger(__name__)
 
 
 def _content_parts(content) -> list[dict] | None:
@@ -70,7 +73,13 @@ def load_text_chat(
     if messages_column not in table.column_names:
         raise ValueError(f"{path_or_hub_id!r} has no {messages_column!r} column (has {table.column_names}).")
 
+    if "images" in table.column_names or "image" in table.column_names:
+        logger.warning("text_chat is text-only and drops the rows of %r that have images; the conversations source "
+                       "(--dataset_name PATH, or conversations:PATH:WEIGHT in a mixture) trains both", path_or_hub_id)
+
     def to_row(record):
+        if record.get("images") or record.get("image"):
+            return None
         messages = []
         for message in record[messages_column] or []:
             parts = _content_parts(message.get("content"))

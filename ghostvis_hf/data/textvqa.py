@@ -14,6 +14,7 @@ Rows whose image file is missing or unreadable are skipped with one warning.
 """
 
 import os
+from functools import partial
 
 import datasets
 
@@ -32,6 +33,7 @@ def load_textvqa(
     limit: int | None = None,
     name: str | None = None,
     check_images: bool = True,
+    answer_style: str = "short",
 ) -> datasets.Dataset:
     """
     Load TextVQA in the GhostVis conversational format.
@@ -50,13 +52,18 @@ def load_textvqa(
             Hub configuration name.
         check_images (`bool`, defaults to `True`):
             Open each image header to skip corrupt files (otherwise only existence is checked).
+        answer_style (`str`, defaults to `"short"`):
+            `"short"` appends "Answer the question using a single word or phrase." to each question (LLaVA's VQA
+            prompt); `"none"` keeps the question as written. Evaluate with the setting you trained with.
 
     Returns:
-        `datasets.Dataset`: Rows with prompt `"{question}\\nAnswer the question using a single word or phrase."`,
+        `datasets.Dataset`: Rows with prompt `"{question}\\nAnswer the question using a single word or phrase."`
+        (`answer_style="short"`),
         target the majority answer, `answers` the 10 human answers, `question_type="textvqa"`, `source="textvqa"`.
     """
+    row = partial(_row, answer_style=answer_style)
     if not os.path.isdir(path_or_hub_id):
-        return load_image_table(path_or_hub_id, split, name, ("image", "question", "answers"), _row, SOURCE,
+        return load_image_table(path_or_hub_id, split, name, ("image", "question", "answers"), row, SOURCE,
                                 image_root, limit)
 
     split = normalize_split(split, ("train", "val", "test"))
@@ -65,14 +72,15 @@ def load_textvqa(
 
     search_dirs = image_search_dirs(path_or_hub_id, image_root, "test_images" if split == "test" else "train_images")
     return collect_rows(
-        records, lambda r: f"{r['image_id']}.jpg", search_dirs, _row,
+        records, lambda r: f"{r['image_id']}.jpg", search_dirs, row,
         lambda r: f"question {r.get('question_id')} has no answers", SOURCE, limit, check_images,
     )
 
 
-def _row(record: dict, image) -> dict | None:
+def _row(record: dict, image, answer_style: str = "short") -> dict | None:
     """The row of one question (target: the majority answer), or None when it has no answers."""
     answers = answer_texts(record.get("answers"))
     if not answers:
         return None
-    return short_answer_row(image, record["question"], majority_answer(answers), answers, "textvqa", SOURCE)
+    return short_answer_row(image, record["question"], majority_answer(answers), answers, "textvqa", SOURCE,
+                            answer_style)

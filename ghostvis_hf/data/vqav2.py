@@ -16,6 +16,7 @@ Rows whose image file is missing or unreadable are skipped with one warning.
 """
 
 import os
+from functools import partial
 
 import datasets
 
@@ -41,6 +42,7 @@ def load_vqav2(
     limit: int | None = None,
     name: str | None = None,
     check_images: bool = True,
+    answer_style: str = "short",
 ) -> datasets.Dataset:
     """
     Load VQAv2 in the GhostVis conversational format.
@@ -59,14 +61,18 @@ def load_vqav2(
             Hub configuration name.
         check_images (`bool`, defaults to `True`):
             Open each image header to skip corrupt files (otherwise only existence is checked).
+        answer_style (`str`, defaults to `"short"`):
+            `"short"` appends "Answer the question using a single word or phrase." to each question (LLaVA's VQA
+            prompt); `"none"` keeps the question as written. Evaluate with the setting you trained with.
 
     Returns:
-        `datasets.Dataset`: Rows with prompt `"{question}\\nAnswer the question using a single word or phrase."`,
+        `datasets.Dataset`: Rows with prompt `"{question}\\nAnswer the question using a single word or phrase."`
+        (`answer_style="short"`),
         target `multiple_choice_answer`, `answers` the 10 human answers, `question_type="vqa"`, `source="vqav2"`.
     """
     if not os.path.isdir(path_or_hub_id):
-        return load_image_table(path_or_hub_id, split, name, ("image", "question", "answers"), _table_row, SOURCE,
-                                image_root, limit)
+        return load_image_table(path_or_hub_id, split, name, ("image", "question", "answers"),
+                                partial(_table_row, answer_style=answer_style), SOURCE, image_root, limit)
 
     split = normalize_split(split, ("train", "val"))
     questions = read_json(
@@ -86,7 +92,7 @@ def load_vqav2(
         if ann is None:
             return None
         answers, target = _answers_and_target(ann)
-        return short_answer_row(path, q["question"], target, answers, "vqa", SOURCE)
+        return short_answer_row(path, q["question"], target, answers, "vqa", SOURCE, answer_style)
 
     return collect_rows(
         questions, lambda q: f"COCO_{split}2014_{q['image_id']:012d}.jpg", search_dirs, to_row,
@@ -100,6 +106,8 @@ def _answers_and_target(annotation: dict) -> tuple[list[str], str]:
     return answers, annotation.get("multiple_choice_answer") or majority_answer(answers)
 
 
-def _table_row(record: dict, image) -> dict | None:
+def _table_row(record: dict, image, answer_style: str = "short") -> dict | None:
     answers, target = _answers_and_target(record)
-    return short_answer_row(image, record["question"], target, answers, "vqa", SOURCE) if target else None
+    if not target:
+        return None
+    return short_answer_row(image, record["question"], target, answers, "vqa", SOURCE, answer_style)

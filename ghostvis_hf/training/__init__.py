@@ -5,15 +5,16 @@ Kept out of `recipes/*.py` so the recipes stay thin TRL scripts; kept out of the
 with every checkpoint.
 """
 
-from .arguments import GhostVisArguments, RLArguments
+from .arguments import GhostVisArguments, RLArguments, parse_with_default_config
 from .collator import GhostVisVisionCollator, build_sft_collator
-from .data import load_train_and_eval_data, prompt_dataset
-from .finish import evaluate_checkpoint, finish
+from .data import describe_data, load_train_and_eval_data, prompt_dataset
+from .finish import evaluate_checkpoint, finish, score_final_turns
 from .model import (
     LORA_MODULES_TO_SAVE,
     LORA_TARGET_REGEX,
     freeze,
     load_model_and_processor,
+    log_parameter_counts,
     parameter_counts,
     parse_config_overrides,
     peft_config_for,
@@ -30,7 +31,7 @@ from .rl import (
     reward_summary,
     starting_checkpoint,
 )
-from .runtime import score_labelled_positions_only, set_cpu_threads, setup_logging
+from .runtime import resolve_cpu_threads, score_labelled_positions_only, set_cpu_threads, setup_logging
 
 __all__ = [
     "GhostVisArguments",
@@ -42,6 +43,7 @@ __all__ = [
     "RLArguments",
     "best_fit_decreasing",
     "build_sft_collator",
+    "describe_data",
     "evaluate_checkpoint",
     "finish",
     "finish_rl",
@@ -50,16 +52,20 @@ __all__ = [
     "held_out_before",
     "load_model_and_processor",
     "load_train_and_eval_data",
+    "log_parameter_counts",
     "make_optimizer",
     "pack_samples",
     "parameter_counts",
     "parse_config_overrides",
+    "parse_with_default_config",
     "peft_config_for",
     "plot_learning_curve",
     "prepare_packing",
     "prompt_dataset",
     "reward_funcs_for",
+    "resolve_cpu_threads",
     "reward_summary",
+    "score_final_turns",
     "score_labelled_positions_only",
     "set_cpu_threads",
     "setup_logging",

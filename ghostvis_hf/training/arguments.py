@@ -5,7 +5,10 @@
 """
 
 import json
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, fields
+
+logger = logging.getLogger("ghostvis")
 
 
 @dataclass
@@ -25,11 +28,47 @@ class GhostVisArguments:
     dataset_mixture: list[str] | None = field(
         default=None,
         metadata={"help": "Datasets to mix, each `name:path_or_hub_id:weight` (e.g. vqav2:/data/vqa:0.8 "
-                          "text_chat:/data/smoltalk.jsonl:0.2); overrides dataset_name."},
+                          "conversations:data/train.jsonl:0.5 text_chat:/data/smoltalk.jsonl:0.2); overrides "
+                          "dataset_name. `conversations` is your own data in TRL's format, with or without images."},
+    )
+    image_root: str | None = field(
+        default=None,
+        metadata={"help": "Folder that relative image paths of the data resolve against (default: the folder of "
+                          "each data file)."},
+    )
+    answer_style: str | None = field(
+        default=None,
+        metadata={"help": "short | none: append 'Answer the question using a single word or phrase.' to each "
+                          "question, or keep it as written. Default: each source's own (short for vqav2, textvqa, "
+                          "chartqa; none for conversations). The final evaluation uses the same."},
     )
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the built-in data (same held-out set as eval)."})
-    num_train_samples: int | None = field(default=None, metadata={"help": "Rows of training data to use."})
-    num_eval_samples: int | None = field(default=None, metadata={"help": "Held-out rows for the final evaluation."})
+    num_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Rows of training data: generated for shapes; for other data a cap (rows are never "
+                          "repeated; without it the data is used as given); with a mixture, the mixture's size."},
+    )
+    shapes_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Built-in shapes data: rows to generate when num_train_samples is not given (other data "
+                          "ignores it)."},
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Held-out data for the final evaluation: a registry name or a path/Hub id as for "
+                          "dataset_name (its dataset_test_split)."},
+    )
+    eval_split_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Hold out this fraction of each training source (seeded by dataset_seed, before mixing) "
+                          "for the final evaluation."},
+    )
+    num_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Held-out rows for the final evaluation: a cap on the held-out set; without "
+                          "eval_dataset_name/eval_split_fraction, that many rows held out of the training sources "
+                          "(shapes: generated test rows)."},
+    )
     shapes_max_turns: int = field(
         default=1,
         metadata={"help": "Built-in shapes data: up to this many QA turns per training image (the held-out split "
@@ -45,14 +84,23 @@ class GhostVisArguments:
                                         "defaults to learning_rate."})
     cpu_threads: int | None = field(
         default=None,
-        metadata={"help": "PyTorch threads when training on the CPU; 0 = every core this process may use. "
-                          "`accelerate launch` without a config pins a CPU run to OMP_NUM_THREADS=1."},
+        metadata={"help": "PyTorch threads when training on the CPU. Default (unset): the cores this process may use "
+                          "(affinity, cgroup quota, shared among the host's processes) minus those other work keeps "
+                          "busy (1-minute load average), at least 1, so a shared CPU is not oversubscribed (that ran "
+                          "5x slower per step); 0 = every usable core whatever else runs; N = exactly N. Replaces "
+                          "the OMP_NUM_THREADS=1 that `accelerate launch` without a config sets."},
     )
     bad_rows: str = field(default="skip", metadata={"help": "skip (count and drop) | error (refuse, naming the row)."})
     kernels: bool = field(default=True, metadata={"help": "Swap in fused kernels on CUDA (ghostvis_hf.kernels)."})
     eval_after_training: bool = field(default=True, metadata={"help": "Generate on the held-out split and score."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the final generation-based eval."})
     plot: bool = field(default=True, metadata={"help": "Save a learning-curve plot in the output folder."})
+
+    def __post_init__(self):
+        if self.answer_style not in (None, "short", "none"):
+            raise ValueError(f"answer_style={self.answer_style!r} is not supported; allowed: short, none")
+        if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
+            raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")
 
 
 @dataclass
@@ -91,3 +139,31 @@ class RLArguments:
             self.reward_kwargs = json.loads(self.reward_kwargs)
         if self.reward_kwargs is not None and not isinstance(self.reward_kwargs, dict):
             raise ValueError(f"reward_kwargs must map reward names to their arguments, got {self.reward_kwargs!r}")
+
+
+# What sft_tiny.yaml/align_tiny.yaml set for the tiny model of the main job: the recipes read that YAML when no
+# --config is given, and a run of another model must not inherit it (issue 16: a --preset 1.5b run got the tiny
+# config_overrides and max_length=256, and every row was refused as cut by truncation).
+TINY_MODEL_KEYS = ("resampler_type", "config_overrides", "max_length")
+
+
+def parse_with_default_config(parser, argv: list[str], default_config: str):
+    """`parser.parse_args_and_config(argv)`, reading `default_config` (the main job's YAML) when `argv` has no
+    `--config`; then, for a model other than the tiny preset (`--preset`, `--text_model`/`--vision_model`), the
+    YAML's `TINY_MODEL_KEYS` fall back to their dataclass defaults unless given on the command line."""
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        return parser.parse_args_and_config(argv)
+    parsed = parser.parse_args_and_config(["--config", default_config, *argv])
+    gv = next(a for a in parsed if isinstance(a, GhostVisArguments))
+    if gv.preset == "tiny" and not (gv.text_model or gv.vision_model):
+        return parsed
+    reset = []
+    for args in parsed:
+        for f in fields(args) if hasattr(args, "__dataclass_fields__") else ():
+            given = any(a == f"--{f.name}" or a.startswith(f"--{f.name}=") for a in argv)
+            if f.name in TINY_MODEL_KEYS and not given and getattr(args, f.name) != f.default:
+                setattr(args, f.name, f.default)
+                reset.append(f.name)
+    if reset:
+        logger.info("not applying %s's tiny-model settings %s to this model", default_config, reset)
+    return parsed
