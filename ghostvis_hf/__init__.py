@@ -1,6 +1,7 @@
 """GhostVis-HF: a Hugging Face-native vision-language model (config, model, processor registered with the Auto
 classes), its TRL training recipes, and fast serving."""
 
+from . import quantization  # noqa: F401  first: quiets bitsandbytes' import-time CPU "kernels" warning (see there)
 from transformers import (
     AutoConfig,
     AutoModel,

@@ -64,6 +64,104 @@ def model_card(model, repo: str = "path/to/checkpoint", origin: str = "", base_m
     )
 
 
+def training_origin(recipe: str, stage: str, data, training_args=None, model_args=None, gv_args=None) -> str:
+    r"""
+    The model card's account of a training run: a sentence and a table naming the recipe, the starting point, the
+    data actually used and the key hyper-parameters, read from the recipe's own arguments.
+
+    Args:
+        recipe (`str`): the script, e.g. `"recipes/sft.py"`.
+        stage (`str`): what it does, e.g. `"multimodal SFT"`.
+        data (`str` or `dict`): a description of the training data, or `training.describe_data(...)`'s dict
+            (`sources` = `[{"name", "path", "weight"}]`, `answer_style`, `eval_dataset`, ...).
+        training_args (`transformers.TrainingArguments`, *optional*): schedule, batch, precision, seed.
+        model_args (`trl.ModelConfig`, *optional*): starting checkpoint, LoRA / QLoRA settings.
+        gv_args (*optional*): `GhostVisArguments` (preset, backbones, overrides, frozen towers, sample count).
+
+    Returns:
+        `str`: markdown for `model_card(..., origin=...)`.
+
+    Example:
+    ```python
+    >>> from ghostvis_hf.hub import training_origin
+
+    >>> data = {"sources": [{"name": "conversations", "path": "data/train.jsonl", "weight": 1.0}]}
+    >>> print(training_origin("recipes/sft.py", "multimodal SFT", data).splitlines()[0])
+    Trained with `recipes/sft.py` (multimodal SFT) on conversations (`data/train.jsonl`).
+
+    ```
+    """
+    data_text = _describe_data(data)
+    rows = [("recipe", f"`{recipe}` ({stage})"), ("data", data_text)]
+    if gv_args is not None or model_args is not None:
+        rows.append(("started from", _starting_point(model_args, gv_args)))
+    rows += _method_rows(model_args, gv_args)
+    if training_args is not None:
+        rows += _schedule_rows(training_args)
+    table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return f"Trained with `{recipe}` ({stage}) on {data_text}.\n\n## Training\n\n{table}\n"
+
+
+def _describe_data(data) -> str:
+    if not isinstance(data, dict):
+        return str(data)
+    parts = []
+    for source in data.get("sources") or []:
+        text = source["name"] + (f" (`{source['path']}`)" if source.get("path") else "")
+        parts.append(text + (f" x{source['weight']:g}" if len(data["sources"]) > 1 and source.get("weight") else ""))
+    text = " + ".join(parts) or "unknown data"
+    extras = []
+    for key, value in data.items():
+        if key == "sources" or value in (None, "", [], {}):
+            continue
+        if isinstance(value, dict):  # e.g. answer_style per source
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        extras.append(f"{key.replace('_', ' ')} {value}")
+    return text + (f"; {'; '.join(extras)}" if extras else "")
+
+
+def _starting_point(model_args, gv_args) -> str:
+    path = getattr(model_args, "model_name_or_path", None)
+    if path:
+        return f"checkpoint `{path}`"
+    if getattr(gv_args, "text_model", None):
+        return f"composed from `{gv_args.text_model}` and `{gv_args.vision_model}` (new resampler + projector)"
+    preset = getattr(gv_args, "preset", None) or "?"
+    overrides = getattr(gv_args, "config_overrides", None)
+    return f"the `{preset}` preset, randomly initialised" + (f" (overrides `{overrides}`)" if overrides else "")
+
+
+def _method_rows(model_args, gv_args) -> list[tuple[str, str]]:
+    rows = []
+    if getattr(model_args, "use_peft", False):
+        bits = "QLoRA (4-bit base)" if model_args.load_in_4bit else "QLoRA (8-bit base)" if model_args.load_in_8bit \
+            else "LoRA"
+        rows.append(("method", f"{bits}, r={model_args.lora_r}, alpha={model_args.lora_alpha}, "
+                               f"dropout={model_args.lora_dropout}"))
+    elif model_args is not None:
+        rows.append(("method", "full fine-tune of the unfrozen parameters"))
+    frozen = [name for name, flag in (("vision tower", getattr(gv_args, "freeze_vision_tower", False)),
+                                      ("language model", getattr(gv_args, "freeze_language_model", False))) if flag]
+    if frozen:
+        rows.append(("frozen", ", ".join(frozen)))
+    if getattr(gv_args, "num_train_samples", None):
+        rows.append(("training rows", f"{gv_args.num_train_samples:,}"))
+    return rows
+
+
+def _schedule_rows(args) -> list[tuple[str, str]]:
+    epochs = f"{args.num_train_epochs:g} epoch" + ("" if args.num_train_epochs == 1 else "s")
+    length = f"{args.max_steps} steps" if args.max_steps and args.max_steps > 0 else epochs
+    lr = f"{args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}"
+    lr += f", warmup {args.warmup_steps} steps)" if getattr(args, "warmup_steps", 0) else ")"
+    batch = f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation"
+    if getattr(args, "max_length", None):
+        batch += f", max_length {args.max_length}" + (", packed" if getattr(args, "packing", False) else "")
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return [("length", length), ("learning rate", lr), ("weight decay", f"{args.weight_decay:g}"),
+            ("batch", batch), ("precision", precision), ("seed", str(args.seed))]
+
+
 def save_checkpoint(model, processor, out_dir: str, origin: str = "", base_models=()) -> str:
     """Saves weights (safetensors), config, generation config, processor, code files and a model card."""
     os.makedirs(out_dir, exist_ok=True)

@@ -12,9 +12,11 @@ import logging
 import os
 import sys
 
+import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
 from ghostvis_hf.data.validate import validate_rows
+from ghostvis_hf.hub import training_origin
 from ghostvis_hf.training import (
     GhostVisArguments,
     describe_data,
@@ -56,10 +58,11 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=processor)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    data_label = " + ".join(gv_args.dataset_mixture or [dataset_name])
+    data_info = describe_data(dataset_name, gv_args)
     finish(trainer, processor, training_args.output_dir,
-           origin=f"Aligned with `recipes/align.py` (towers frozen) on {data_label}.",
-           summary={"parameters": counts, "data": {**report, **describe_data(dataset_name, gv_args)}},
+           origin=training_origin("recipes/align.py", "vision-language alignment (towers frozen)", data_info,
+                                  training_args, model_args, gv_args),
+           summary={"parameters": counts, "data": {**report, **data_info}},
            summary_file="align_summary.json", plot=gv_args.plot, title="GhostVis alignment",
            held_out=held_out if gv_args.eval_after_training else None, eval_batch_size=gv_args.eval_batch_size)
 

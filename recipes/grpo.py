@@ -14,6 +14,7 @@ reward is logged every step, plotted (`reward_curve.png`) and summarised.
 import os
 import sys
 
+import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
 from ghostvis_hf.training import (

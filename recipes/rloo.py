@@ -9,6 +9,7 @@ rewards, data and start checkpoint as `recipes/grpo.py`.
 import os
 import sys
 
+import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import ModelConfig, RLOOConfig, RLOOTrainer, TrlParser
 
 from ghostvis_hf.training import (

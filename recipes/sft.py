@@ -26,9 +26,12 @@ import os
 import sys
 
 import torch
+
+import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
 from ghostvis_hf.data.validate import validate_rows
+from ghostvis_hf.hub import training_origin
 from ghostvis_hf.kernels import apply_kernels
 from ghostvis_hf.training import (
     GhostVisArguments,
@@ -38,6 +41,7 @@ from ghostvis_hf.training import (
     freeze,
     load_model_and_processor,
     load_train_and_eval_data,
+    log_parameter_counts,
     make_optimizer,
     parse_with_default_config,
     peft_config_for,
@@ -58,7 +62,7 @@ def main(script_args, training_args, model_args, gv_args):
     # Model
     ################
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
-    counts = freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
+    freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
     if gv_args.kernels and torch.cuda.is_available():
         logger.info("kernels: %s", apply_kernels(model))  # Liger + cuDNN/varlen attention; CPU keeps plain PyTorch
     peft_config = peft_config_for(model_args)
@@ -91,10 +95,11 @@ def main(script_args, training_args, model_args, gv_args):
         callbacks=callbacks,
         optimizers=(make_optimizer(model, training_args, gv_args), None),  # None: the trainer's own AdamW
     )
+    counts = log_parameter_counts(trainer.model)  # after TRL's LoRA wrapping
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     # Complete checkpoint (LoRA merged, adapter kept), model card, held-out eval of the saved folder, plot, summary
     finish(trainer, processor, training_args.output_dir,
-           origin=f"Fine-tuned with `recipes/sft.py` on {' + '.join(gv_args.dataset_mixture or [dataset_name])}.",
+           origin=training_origin("recipes/sft.py", "multimodal SFT", data_info, training_args, model_args, gv_args),
            summary={"parameters": counts, "data": {**report, **data_info}}, summary_file="sft_summary.json",
            plot=gv_args.plot, title="GhostVis SFT", plot_keys=("loss", "mean_token_accuracy"),
            held_out=held_out if gv_args.eval_after_training else None, eval_batch_size=gv_args.eval_batch_size)

@@ -82,3 +82,16 @@ def test_every_task_is_a_registered_dataset():
 
     assert set(TASKS) <= set(DATASETS)
     assert all(isinstance(metric, str) for metric in TASKS.values())
+
+
+def test_vqa_task_on_single_answer_data_scores_like_exact_match(tmp_path):
+    # `--task vqav2` on a table with one answer per question scored 0.0 for a model right on every row.
+    from ghostvis_hf.evaluation.run import load_task, score
+
+    Image.new("RGB", (24, 24), (200, 0, 0)).save(tmp_path / "a.png")
+    rows = [{"image": str(tmp_path / "a.png"), "question": f"Q{i}?", "answers": [a]}
+            for i, a in enumerate(["red", "two", "yes", "cat"])]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_task("vqav2", str(tmp_path / "vqa.jsonl"), None, None)
+    result = score("vqav2", ["Red.", "2", "yes", "dog"], data)
+    assert result["metric"] == "vqa_accuracy" and result["vqa_accuracy"] == result["score"] == 0.75

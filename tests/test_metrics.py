@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from ghostvis_hf.evaluation import caption_scores, exact_match, relaxed_accuracy, vqa_accuracy
+from ghostvis_hf.evaluation import anls, caption_scores, exact_match, relaxed_accuracy, vqa_accuracy
 from ghostvis_hf.rewards import vqa_soft_accuracy
 
 
@@ -25,12 +25,18 @@ def test_vqa_accuracy_is_mean_of_soft_accuracy():
     assert vqa_accuracy(preds, refs) == pytest.approx((0.9 + 1.0 + 0.3) / 3)
 
 
+def test_vqa_accuracy_on_single_answer_data_is_exact_match():
+    # 49 of 50 right against one reference each: leave-one-out VQA accuracy said 0.0
+    preds, refs = ["red"] * 50, [["red"]] * 49 + [["blue"]]
+    assert vqa_accuracy(preds, refs) == pytest.approx(0.98)
+
+
 def test_exact_and_relaxed():
     assert exact_match(["The dog.", "cat", "Yes"], [["dog"], "bird", ["yes", "no"]]) == pytest.approx(2 / 3)
     assert relaxed_accuracy(["104", "50%", "Blue", "7"], [["100"], ["50"], ["blue"], ["9"]]) == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("metric", [vqa_accuracy, exact_match, relaxed_accuracy])
+@pytest.mark.parametrize("metric", [vqa_accuracy, exact_match, relaxed_accuracy, anls])
 def test_bad_input(metric):
     with pytest.raises(ValueError):
         metric(["a", "b"], [["a"]])

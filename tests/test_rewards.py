@@ -5,6 +5,7 @@ import time
 import pytest
 
 from ghostvis_hf.rewards import (
+    anls,
     REWARD_FUNCS,
     completion_text,
     exact_match,
@@ -22,7 +23,7 @@ from ghostvis_hf.rewards import (
 from ghostvis_hf.rewards.relaxed_accuracy import relaxed_match
 
 
-REFERENCE_REWARDS = [vqa_accuracy, exact_match, relaxed_accuracy]
+REFERENCE_REWARDS = [vqa_accuracy, exact_match, relaxed_accuracy, anls]
 ALL_REWARDS = list(REWARD_FUNCS.values())
 
 
@@ -89,10 +90,24 @@ def test_vqa_soft_accuracy_known_values(n_match, expected):
 
 
 def test_vqa_soft_accuracy_fewer_than_ten_answers():
-    assert vqa_soft_accuracy("cat", ["cat"]) == 0.0  # nobody else agrees
     # 2 of 3: each matching subset sees 1 (1/3), the other sees 2 (2/3)
     assert vqa_soft_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
-    assert vqa_soft_accuracy("cat", "cat") == 0.0
+
+
+def test_vqa_accuracy_falls_back_to_exact_match_below_three_answers(caplog):
+    # Leave-one-out over one reference was always 0 (nobody else agrees), over two at most 1/3: a single-answer data
+    # set scored 0.0 for a model that is right on every row.
+    from ghostvis_hf.rewards import vqa_normalize
+
+    vqa_normalize._warn_few_answers.cache_clear()
+    with caplog.at_level("WARNING", logger="ghostvis_hf.rewards.vqa_normalize"):
+        assert vqa_soft_accuracy("cat", ["cat"]) == 1.0
+        assert vqa_soft_accuracy("Cat.", "cat") == 1.0
+        assert vqa_soft_accuracy("two", ["2", "3"]) == 1.0
+        assert vqa_soft_accuracy("dog", ["cat", "cat"]) == 0.0
+        assert vqa_accuracy(["The dog.", "two", "no"], answers=[["dog"], "2", ["yes", "yes"]]) == [1.0, 1.0, 0.0]
+    warnings = [r for r in caplog.records if "fewer than 3 reference answers" in r.getMessage()]
+    assert len(warnings) == 1  # once per process, however many rows
 
 
 def test_vqa_accuracy_reward():
@@ -101,7 +116,24 @@ def test_vqa_accuracy_reward():
     assert got == pytest.approx([0.9, 0.0, 1.0])
 
 
-# ---------------------------------------------------------------- exact match, relaxed accuracy
+# ---------------------------------------------------------------- exact match, relaxed accuracy, ANLS
+
+
+def test_relaxed_accuracy_ignores_a_trailing_period_on_both_sides():
+    # a sentence answer identical to its reference scored 0: only the prediction's period was dropped
+    assert relaxed_accuracy(["It is blue.", "It is blue", "3."], answers=[["It is blue."], ["It is blue."], ["3"]]) == [
+        1.0, 1.0, 1.0]
+
+
+def test_anls_known_values():
+    from ghostvis_hf.rewards.anls import anls_score, levenshtein
+
+    assert levenshtein("", "abc") == 3 and levenshtein("flaw", "lawn") == 2
+    assert anls_score("  CALIFORNIA ", ["california"]) == 1.0  # case and surrounding whitespace ignored
+    assert anls_score("californa", ["California"]) == pytest.approx(0.9)
+    assert anls_score("abcde", ["abxyz"]) == 0.0  # distance 3/5 >= 0.5: no credit
+    assert anls_score("abcd", ["abxy", "abcx"]) == pytest.approx(0.75)  # best reference counts
+    assert anls(["x" * 100_000], answers=[["x"]]) == [0.0]  # long completion: capped, not quadratic
 
 
 def test_exact_match():
@@ -185,6 +217,7 @@ def test_factory_rewards_are_picklable_and_named():
         "vqa_accuracy",
         "exact_match",
         "relaxed_accuracy",
+        "anls",
         "format_reward",
         "tagged_format_reward",
         "length_penalty",
@@ -250,7 +283,7 @@ def test_rewards_ignore_extra_kwargs():
 
 
 def test_registry_names():
-    names = {"vqa_accuracy", "exact_match", "relaxed_accuracy", "format", "tagged_format", "length_penalty"}
+    names = {"vqa_accuracy", "exact_match", "relaxed_accuracy", "anls", "format", "tagged_format", "length_penalty"}
     assert set(REWARD_FUNCS) == names
     assert get_reward_funcs(["format", "vqa_accuracy"]) == [format_reward, vqa_accuracy]
 

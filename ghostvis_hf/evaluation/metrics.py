@@ -1,4 +1,4 @@
-"""Dataset-level metrics for `ghostvis eval`: VQA accuracy, exact match, ChartQA relaxed accuracy, CIDEr / BLEU-4.
+"""Dataset-level metrics for `ghostvis eval`: VQA accuracy, exact match, ChartQA relaxed accuracy, ANLS, CIDEr / BLEU-4.
 
 The per-sample scores are the reward functions' own (`ghostvis_hf.rewards`), so what GRPO optimises and what
 eval reports cannot drift apart. Caption metrics use pycocoevalcap's scorers but not its PTBTokenizer (it shells
@@ -8,6 +8,7 @@ the COCO server's.
 
 import re
 
+from ghostvis_hf.rewards.anls import anls as _anls_reward
 from ghostvis_hf.rewards.exact_match import exact_match as _exact_match_reward
 from ghostvis_hf.rewards.relaxed_accuracy import relaxed_accuracy as _relaxed_accuracy_reward
 from ghostvis_hf.rewards.utils import MAX_CHARS
@@ -97,6 +98,36 @@ def relaxed_accuracy(predictions: list[str], references: list[list[str] | str]) 
     ```
     """
     return _mean_of_reward(_relaxed_accuracy_reward, predictions, references, "relaxed_accuracy")
+
+
+def anls(predictions: list[str], references: list[list[str] | str]) -> float:
+    r"""
+    Mean ANLS (DocVQA's Average Normalized Levenshtein Similarity, threshold 0.5) over a dataset.
+
+    Args:
+        predictions (`list[str]`):
+            One predicted answer per question.
+        references (`list[list[str] | str]`):
+            The accepted answer(s) of each question; the closest one counts.
+
+    Returns:
+        `float`: ANLS in [0, 1].
+
+    Example:
+    ```python
+    >>> from ghostvis_hf.evaluation import anls
+
+    >>> anls(["Californa", "Texas"], [["California"], ["Ohio"]])
+    0.45
+
+    ```
+    """
+    return _mean_of_reward(_anls_reward, predictions, references, "anls")
+
+
+# The metrics `ghostvis eval --metric` can name: one score per row, averaged.
+METRICS = {"exact_match": exact_match, "vqa_accuracy": vqa_accuracy, "relaxed_accuracy": relaxed_accuracy,
+           "anls": anls}
 
 
 _WORD = re.compile(r"\w+(?:'\w+)*")

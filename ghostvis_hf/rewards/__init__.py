@@ -9,6 +9,7 @@ import inspect
 from collections.abc import Callable
 from functools import partial
 
+from .anls import anls
 from .exact_match import exact_match
 from .format_reward import format_reward, get_format_reward, tagged_format_reward
 from .length_penalty import get_length_penalty, length_penalty
@@ -23,6 +24,7 @@ REWARD_FUNCS: dict[str, Callable] = {
     "vqa_accuracy": vqa_accuracy,
     "exact_match": exact_match,
     "relaxed_accuracy": relaxed_accuracy,
+    "anls": anls,
     "format": format_reward,
     "tagged_format": tagged_format_reward,
     "length_penalty": length_penalty,
@@ -94,6 +96,7 @@ def _build(name: str, kwargs: dict | None) -> Callable:
 __all__ = [
     "REWARD_FACTORIES",
     "REWARD_FUNCS",
+    "anls",
     "completion_text",
     "exact_match",
     "format_reward",

@@ -37,7 +37,7 @@ def relaxed_match(prediction: str, target: str, max_relative_change: float = 0.0
         prediction (`str`):
             The predicted answer (a trailing period is ignored).
         target (`str`):
-            The reference answer.
+            The reference answer (a trailing period is ignored).
         max_relative_change (`float`, *optional*, defaults to `0.05`):
             Allowed `|prediction - target| / |target|` when both are numbers.
 
@@ -53,8 +53,9 @@ def relaxed_match(prediction: str, target: str, max_relative_change: float = 0.0
 
     ```
     """
+    # a trailing period on either side is ignored (an identical sentence answer scored 0 when only one side lost it)
     prediction = prediction[:MAX_CHARS].strip().removesuffix(".").strip()
-    target = target[:MAX_CHARS].strip()
+    target = target[:MAX_CHARS].strip().removesuffix(".").strip()
     if not prediction:
         return False
     pred_num, target_num = _to_number(prediction), _to_number(target)

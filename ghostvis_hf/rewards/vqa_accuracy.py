@@ -8,8 +8,9 @@ def vqa_accuracy(completions: list, answers: list[list[str] | str | None] | None
     r"""
     Reward function that scores each completion with the official VQA soft accuracy,
     `mean over leave-one-out subsets of min(1, #matching human answers / 3)`, after VQA answer normalisation
-    (see [`~rewards.vqa_normalize.vqa_soft_accuracy`]). If the completion contains `<answer>...</answer>`, only the
-    inside of the last pair is scored.
+    (see [`~rewards.vqa_normalize.vqa_soft_accuracy`]). A sample with fewer than 3 reference answers (where that
+    formula scores a right answer 0 or 1/3) is scored by exact match after the same normalisation, with a warning
+    logged once. If the completion contains `<answer>...</answer>`, only the inside of the last pair is scored.
 
     Args:
         completions (`list[str]` or `list[list[dict]]`):
@@ -33,6 +34,8 @@ def vqa_accuracy(completions: list, answers: list[list[str] | str | None] | None
     >>> answers = [["2"] * 3 + ["3"] * 7, ["yes"] * 10]
     >>> vqa_accuracy(["two", [{"role": "assistant", "content": "No."}]], answers=answers)
     [0.9, 0.0]
+    >>> vqa_accuracy(["The dog."], answers=[["dog"]])  # a single reference: exact match
+    [1.0]
 
     ```
     """

@@ -8,12 +8,22 @@ Written from the official rules, including their quirks, so scores match the lea
 - lower-case, number words zero..ten (and "none") -> digits, articles a/an/the dropped, contractions restored
   ("dont" -> "don't"), whitespace collapsed.
 TextVQA uses the same metric (mmf's EvalAIAnswerProcessor is this normalisation).
+
+NOTE: the leave-one-out soft accuracy needs several human answers: with one reference it is always 0 (no *other*
+answer agrees) and with two it tops out at 1/3, so a single-answer data set scored 0.0 for a 98 % right model. With
+fewer than `MIN_VQA_ANSWERS` references `vqa_soft_accuracy` is exact match under the same normalisation instead
+(warned once per process).
 """
 
+import functools
+import logging
 import re
 
 from .utils import MAX_CHARS
 
+logger = logging.getLogger(__name__)
+# The fewest references the leave-one-out formula can score a right answer 1.0 with (`min(1, matches / 3)`).
+MIN_VQA_ANSWERS = 3
 
 # fmt: off
 _PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
@@ -120,6 +130,8 @@ def vqa_soft_accuracy(prediction: str, answers: list[str] | str) -> float:
 
     For each human answer, the prediction scores `min(1, matches among the *other* answers / 3)`; the result is the
     mean over all answers (the 10 leave-one-out subsets for VQAv2/TextVQA, or however many answers are given).
+    With fewer than `MIN_VQA_ANSWERS` (3) answers that formula cannot reach 1, so the score is exact match instead:
+    1.0 if the prediction equals any answer after normalisation, else 0.0 (a warning is logged once).
     Both the prediction and the answers are normalised with [`normalize_vqa_answer`] (raw TextVQA answers need it;
     the official VQAv2 answers are already normalised, so it changes nothing there).
 
@@ -140,6 +152,8 @@ def vqa_soft_accuracy(prediction: str, answers: list[str] | str) -> float:
     0.9
     >>> vqa_soft_accuracy("2", ["2"] * 10)
     1.0
+    >>> vqa_soft_accuracy("Two.", ["2"])  # one reference: exact match after normalisation
+    1.0
 
     ```
     """
@@ -149,6 +163,18 @@ def vqa_soft_accuracy(prediction: str, answers: list[str] | str) -> float:
     if not pred or not answers:
         return 0.0
     matches = sum(normalize_vqa_answer(a) == pred for a in answers)
+    if len(answers) < MIN_VQA_ANSWERS:
+        _warn_few_answers()
+        return 1.0 if matches else 0.0
     # leaving out a matching answer leaves matches-1 among the others; leaving out any other leaves all of them
     total = matches * min(1.0, (matches - 1) / 3) + (len(answers) - matches) * min(1.0, matches / 3)
     return total / len(answers)
+
+
+@functools.cache
+def _warn_few_answers() -> None:
+    logger.warning(
+        "VQA accuracy: a sample has fewer than %d reference answers, where leave-one-out soft accuracy is always 0 "
+        "(one answer) or at most 1/3 (two); such samples are scored by exact match (after VQA normalisation) instead",
+        MIN_VQA_ANSWERS,
+    )

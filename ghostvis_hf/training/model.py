@@ -1,5 +1,13 @@
 """The model a recipe trains: loaded from a checkpoint, composed from backbones or created from a preset; frozen
-towers; LoRA defaults.
+towers; LoRA defaults; parameter counts (after LoRA wrapping).
+
+A LoRA adapter is only usable next to the exact weights it was trained on. A model made here (preset or composed) has
+no folder to point at, so `load_model_and_processor` saves it to `OUTPUT_DIR/base` before training and the adapter's
+`base_model_name_or_path` names that folder (absolute path):
+`peft.AutoPeftModelForCausalLM.from_pretrained("OUTPUT_DIR/adapter", trust_remote_code=True)` loads base + adapter
+(in a process that imported `ghostvis_hf`, which registers GhostVis for `AutoModelForCausalLM`); anywhere, and after
+moving the folder, `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("OUTPUT_DIR/base",
+trust_remote_code=True), "OUTPUT_DIR/adapter")`.
 
 Config overrides (`--config_overrides`) are parsed here and checked by `ghostvis_hf.create`, which refuses keys the
 configs do not have.
@@ -7,6 +15,7 @@ configs do not have.
 
 import ast
 import logging
+import os
 
 import torch
 
@@ -18,6 +27,8 @@ logger = logging.getLogger("ghostvis")
 # LoRA goes on the decoder's projections only; the glue (resampler + projector) trains fully alongside it.
 LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_MODULES_TO_SAVE = ["resampler", "multi_modal_projector"]
+# Where a LoRA run on a model made from a preset/backbones keeps the weights its adapter applies to.
+LORA_BASE_SUBFOLDER = "base"
 
 
 def load_model_and_processor(args: GhostVisArguments, model_args, training_args):
@@ -50,7 +61,28 @@ def load_model_and_processor(args: GhostVisArguments, model_args, training_args)
         raise ValueError("QLoRA (load_in_4bit/8bit) needs --model_name_or_path of a saved GhostVis checkpoint")
     if model_args.attn_implementation and not model_args.model_name_or_path:
         model.set_attn_implementation(model_args.attn_implementation)
+    if model_args.use_peft and not model_args.model_name_or_path:
+        save_lora_base(model, processor, training_args)
     return model, processor
+
+
+def save_lora_base(model, processor, training_args) -> str:
+    """Saves a model that has no folder of its own (preset/composed) to `output_dir/base` and points the model's
+    `name_or_path` there, which is what PEFT writes as the adapter's `base_model_name_or_path`.
+
+    Without it, an adapter trained on a fresh preset saved `base_model_name_or_path: null` and nothing to load it
+    onto. Returns the base folder (absolute).
+    """
+    from ..hub import save_checkpoint
+
+    base = os.path.abspath(os.path.join(training_args.output_dir, LORA_BASE_SUBFOLDER))
+    if training_args.should_save:  # the main process; the others only need the path
+        save_checkpoint(model, processor, base,
+                        origin="The untrained starting point of the LoRA adapter in `../adapter`: load it with "
+                               "`PeftModel.from_pretrained(base_model, adapter_folder)`.")
+        logger.info("LoRA on a new model: its base weights saved to %s (the adapter's base_model_name_or_path)", base)
+    model.name_or_path = base
+    return base
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -95,7 +127,11 @@ def _glue_overrides(args: GhostVisArguments) -> dict:
 
 
 def freeze(model, vision_tower: bool, language_model: bool) -> dict:
-    """Freezes the chosen towers; returns and logs trainable vs frozen parameter counts."""
+    """Freezes the chosen towers; returns trainable vs frozen parameter counts.
+
+    With LoRA these are the counts *before* the trainer wraps the model (everything still trainable): log the
+    trainer's model with `log_parameter_counts(trainer.model)` once the trainer exists.
+    """
     parts = []
     if vision_tower:
         parts.append(model.model.vision_tower)
@@ -103,13 +139,23 @@ def freeze(model, vision_tower: bool, language_model: bool) -> dict:
         parts += [model.model.language_model, model.lm_head]
     for part in parts:
         part.requires_grad_(False)
+    return parameter_counts(model)
+
+
+def log_parameter_counts(model) -> dict:
+    """Logs and returns `parameter_counts(model)`; give it the trainer's model (`trainer.model`), which is the
+    PEFT-wrapped one under `--use_peft`."""
     counts = parameter_counts(model)
     logger.info("trainable parameters: %s | frozen: %s", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
     return counts
 
 
 def parameter_counts(model) -> dict:
-    """`{"trainable": n, "frozen": m}` parameters, tied weights counted once."""
+    """`{"trainable": n, "frozen": m}` parameters, tied weights counted once; for a PEFT model, peft's own count
+    (`get_nb_trainable_parameters`: LoRA matrices and `modules_to_save` copies trainable, the base frozen)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return {"trainable": trainable, "frozen": total - trainable}
     seen, trainable, frozen = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:

@@ -15,13 +15,71 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def set_cpu_threads(args: GhostVisArguments) -> None:
-    """Applies `cpu_threads` when no GPU is in use (a no-op when it is unset)."""
-    if args.cpu_threads is None or torch.cuda.is_available():
-        return
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(args.cpu_threads or cores)
-    logger.info("CPU threads: %d", torch.get_num_threads())
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def resolve_cpu_threads(requested: int | None, cores: int | None = None, load: float | None = None,
+                        local_processes: int | None = None) -> int:
+    """The PyTorch thread count for `cpu_threads`.
+
+    NOTE: on a CPU other work shares, more threads than free cores is far slower than fewer (every op waits for its
+    slowest thread: 5x slower per step with 2 threads on 2 cores next to another busy process than with 1), so the
+    default counts the cores other processes keep busy (the 1-minute load average) as taken.
+
+    Args:
+        requested (`int` or `None`): `None` = auto: the usable cores (affinity, cgroup quota) shared among this
+            host's training processes (`LOCAL_WORLD_SIZE`), minus the cores the load average says are busy, at least
+            1; `0` = every usable core (per process), whatever else runs; `N > 0` = exactly N.
+        cores, load, local_processes: the machine's state (default: read from the system), for tests.
+
+    Returns:
+        `int`: threads, at least 1.
+
+    Example:
+    ```python
+    >>> from ghostvis_hf.training.runtime import resolve_cpu_threads
+
+    >>> resolve_cpu_threads(None, cores=8, load=0.1), resolve_cpu_threads(None, cores=8, load=5.8)
+    (8, 2)
+    >>> resolve_cpu_threads(0, cores=8, load=5.8), resolve_cpu_threads(3, cores=8, load=5.8)
+    (8, 3)
+
+    ```
+    """
+    if requested is not None and requested < 0:
+        raise ValueError(f"cpu_threads must be None (auto), 0 (every core) or a positive count, got {requested}")
+    if requested:
+        return requested
+    cores = usable_cores() if cores is None else cores
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    per_process = max(1, cores // max(1, local_processes))
+    if requested == 0:
+        return per_process
+    load = (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) if load is None else load
+    free = cores - round(load)
+    return max(1, min(per_process, free // max(1, local_processes)))
+
+
+def set_cpu_threads(args: GhostVisArguments) -> int | None:
+    """Applies `cpu_threads` (see `resolve_cpu_threads`) when no GPU is in use; returns the thread count set."""
+    if torch.cuda.is_available():
+        return None
+    threads = resolve_cpu_threads(args.cpu_threads)
+    torch.set_num_threads(threads)
+    how = "auto: free cores" if args.cpu_threads is None else "cpu_threads"
+    logger.info("CPU threads: %d (%s of %d usable)", threads, how, usable_cores())
+    return threads
 
 
 def score_labelled_positions_only() -> bool:
