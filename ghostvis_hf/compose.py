@@ -54,6 +54,7 @@ def compose(text_model: str, vision_model: str, dtype=None, **config_overrides):
     tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # for generation, saved with the checkpoint (see presets.load_tiny_tokenizer)
     lm = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
     vision_cfg = _vision_config(AutoConfig.from_pretrained(vision_model))
     if hasattr(vision_cfg, "vision_use_head"):

@@ -136,8 +136,11 @@ def load_tiny_tokenizer():
     from .processing_ghostvis import CHAT_TEMPLATE
 
     path = os.path.join(os.path.dirname(__file__), "assets", "tiny_tokenizer", "tokenizer.json")
+    # Left padding is what generation needs, and a saved checkpoint's tokenizer carries it, so callers that pad batches
+    # without naming a side (lmms-eval) generate correctly; the training collators (TRL's, GhostVis packing) pad on
+    # the right by passing `padding_side="right"` themselves.
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=path, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right"
+        tokenizer_file=path, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
