@@ -13,20 +13,24 @@ import os
 import sys
 
 import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
-from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ghostvis_hf.data.validate import validate_rows
 from ghostvis_hf.hub import training_origin
 from ghostvis_hf.training import (
     GhostVisArguments,
+    build_sft_collator,
     describe_data,
     finish,
     freeze,
     load_model_and_processor,
     load_train_and_eval_data,
+    make_optimizer,
     parse_with_default_config,
     setup_logging,
 )
+from ghostvis_hf.training.throughput import throughput_summary
+from ghostvis_hf.training.trainer import GhostVisSFTTrainer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "align_tiny.yaml")
 logger = logging.getLogger("ghostvis")
@@ -56,13 +60,17 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     # Training
     ################
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=processor)
+    data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)  # masks image placeholders
+    trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                 processing_class=processor, data_collator=data_collator, callbacks=callbacks,
+                                 optimizers=(make_optimizer(model, training_args, gv_args), None))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     data_info = describe_data(dataset_name, gv_args)
     finish(trainer, processor, training_args.output_dir,
            origin=training_origin("recipes/align.py", "vision-language alignment (towers frozen)", data_info,
                                   training_args, model_args, gv_args),
-           summary={"parameters": counts, "data": {**report, **data_info}},
+           summary={"parameters": counts, "data": {**report, **data_info},
+                    "throughput": throughput_summary(trainer)},
            summary_file="align_summary.json", plot=gv_args.plot, title="GhostVis alignment",
            held_out=held_out if gv_args.eval_after_training else None, eval_batch_size=gv_args.eval_batch_size)
 

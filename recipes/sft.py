@@ -28,7 +28,7 @@ import sys
 import torch
 
 import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
-from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ghostvis_hf.data.validate import validate_rows
 from ghostvis_hf.hub import training_origin
@@ -49,6 +49,8 @@ from ghostvis_hf.training import (
     set_cpu_threads,
     setup_logging,
 )
+from ghostvis_hf.training.throughput import throughput_summary
+from ghostvis_hf.training.trainer import GhostVisSFTTrainer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "sft_tiny.yaml")
 logger = logging.getLogger("ghostvis")
@@ -80,12 +82,14 @@ def main(script_args, training_args, model_args, gv_args):
     logger.info("training rows: %d (checked %d, skipped %s)", len(train_dataset), report["checked"],
                 report["skipped"] or "none")
     # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
-    data_collator, callbacks = build_sft_collator(processor, training_args)
+    data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
 
     ################
     # Training
     ################
-    trainer = SFTTrainer(
+    # bf16 parameters + fp32 master weights on the GPU (--precision); None: the trainer's own AdamW
+    optimizer = make_optimizer(model, training_args, gv_args, use_peft=peft_config is not None)
+    trainer = GhostVisSFTTrainer(  # SFTTrainer + token-budget steps + speed log
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -93,14 +97,15 @@ def main(script_args, training_args, model_args, gv_args):
         peft_config=peft_config,
         data_collator=data_collator,
         callbacks=callbacks,
-        optimizers=(make_optimizer(model, training_args, gv_args), None),  # None: the trainer's own AdamW
+        optimizers=(optimizer, None),
     )
     counts = log_parameter_counts(trainer.model)  # after TRL's LoRA wrapping
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     # Complete checkpoint (LoRA merged, adapter kept), model card, held-out eval of the saved folder, plot, summary
     finish(trainer, processor, training_args.output_dir,
            origin=training_origin("recipes/sft.py", "multimodal SFT", data_info, training_args, model_args, gv_args),
-           summary={"parameters": counts, "data": {**report, **data_info}}, summary_file="sft_summary.json",
+           summary={"parameters": counts, "data": {**report, **data_info},
+                    "throughput": throughput_summary(trainer)}, summary_file="sft_summary.json",
            plot=gv_args.plot, title="GhostVis SFT", plot_keys=("loss", "mean_token_accuracy"),
            held_out=held_out if gv_args.eval_after_training else None, eval_batch_size=gv_args.eval_batch_size)
 

@@ -42,15 +42,24 @@ def _param_counts(model, kind):
     return n_text, n_vision, n_glue
 
 
-def step_flops(model, kind, seq_lens, n_images, n_patches):
-    """FLOPs of one training step on sequences of `seq_lens` tokens, by the formula in `bench.train`'s docstring."""
+def flop_coefficients(model, kind, n_patches) -> dict:
+    """The formula in `bench.train`'s docstring as three coefficients: FLOPs of a step =
+    `token` * sum(s) + `token_sq` * sum(s^2) over sequences + `image` * images (also used by the recipes' speed log,
+    `training.throughput`)."""
     tc, vc = model.config.text_config, model.config.vision_config
     n_text, n_vision, n_glue = _param_counts(model, kind)
-    tokens = sum(seq_lens)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    attn_text = 12 * tc.num_hidden_layers * tc.num_attention_heads * head_dim * sum(s * s for s in seq_lens)
-    attn_vision = 12 * vc.num_hidden_layers * vc.hidden_size * n_patches**2 * n_images
-    return 6 * n_text * tokens + attn_text + 6 * (n_vision + n_glue) * n_patches * n_images + attn_vision
+    return {
+        "token": 6 * n_text,
+        "token_sq": 12 * tc.num_hidden_layers * tc.num_attention_heads * head_dim,
+        "image": 6 * (n_vision + n_glue) * n_patches + 12 * vc.num_hidden_layers * vc.hidden_size * n_patches**2,
+    }
+
+
+def step_flops(model, kind, seq_lens, n_images, n_patches):
+    """FLOPs of one training step on sequences of `seq_lens` tokens, by the formula in `bench.train`'s docstring."""
+    c = flop_coefficients(model, kind, n_patches)
+    return c["token"] * sum(seq_lens) + c["token_sq"] * sum(s * s for s in seq_lens) + c["image"] * n_images
 
 
 # ---------------------------------------------------------------- batches

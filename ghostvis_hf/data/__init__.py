@@ -16,6 +16,7 @@ from .common import ANSWER_STYLES, FEATURES
 from .conversations import load_conversations
 from .mixture import mix_datasets
 from .shapes import chance_accuracy, load_shapes, make_shapes_dataset
+from .synthetic import load_synthetic_conversations
 from .text_chat import load_text_chat
 from .textvqa import load_textvqa
 from .vqav2 import load_vqav2
@@ -42,6 +43,7 @@ DATASETS: dict[str, Callable[..., datasets.Dataset]] = {
     "chartqa": load_chartqa,
     "text_chat": load_text_chat,
     "conversations": load_conversations,
+    "synthetic": load_synthetic_conversations,  # generated from a seed: the speed benchmarks' conversations
 }
 
 
@@ -82,6 +84,7 @@ __all__ = [
     "load_coco_captions",
     "load_conversations",
     "load_shapes",
+    "load_synthetic_conversations",
     "load_text_chat",
     "load_textvqa",
     "load_vqav2",

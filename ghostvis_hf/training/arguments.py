@@ -91,6 +91,22 @@ class GhostVisArguments:
                           "the OMP_NUM_THREADS=1 that `accelerate launch` without a config sets."},
     )
     bad_rows: str = field(default="skip", metadata={"help": "skip (count and drop) | error (refuse, naming the row)."})
+    token_budget: bool = field(
+        default=True,
+        metadata={"help": "With --packing: every step is per_device_train_batch_size rows x max_length tokens, filled "
+                          "by best-fit decreasing from a window of the shuffled stream, every conversation once per "
+                          "epoch (false: pack only the per_device_train_batch_size conversations of each batch)."})
+    packing_window: int = field(
+        default=1024, metadata={"help": "token_budget: conversations packed together by best-fit decreasing."})
+    truncate_long_rows: bool = field(
+        default=False, metadata={"help": "token_budget: cut conversations longer than max_length instead of refusing "
+                                         "the dataset (the error names the first such row)."})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "bf16_master: bf16 parameters and activations, fp32 master weights and AdamW state in the "
+                          "optimizer (single GPU / DDP); autocast: the Trainer's --bf16 autocast over fp32 weights; "
+                          "auto: bf16_master on CUDA with --bf16 where it applies (not DeepSpeed/FSDP, LoRA, "
+                          "quantized), else autocast."})
     kernels: bool = field(default=True, metadata={"help": "Swap in fused kernels on CUDA (ghostvis_hf.kernels)."})
     eval_after_training: bool = field(default=True, metadata={"help": "Generate on the held-out split and score."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the final generation-based eval."})

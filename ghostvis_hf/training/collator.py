@@ -19,9 +19,17 @@ class GhostVisVisionCollator(DataCollatorForVisionLanguageModeling):
         return batch
 
 
-def build_sft_collator(processor, training_args):
-    """`(collator, callbacks)` for `SFTTrainer`: GhostVis packing with `--packing`, else the masking collator."""
-    collator, callbacks = prepare_packing(processor, training_args)
+def build_sft_collator(processor, training_args, args=None):
+    """`(collator, callbacks)` for `SFTTrainer`: GhostVis packing with `--packing`, else the masking collator.
+
+    With `--packing` and `args.token_budget` (`GhostVisArguments`), a step is `per_device_train_batch_size` rows of
+    `max_length` tokens (`packing.TokenBudget`, with `args.packing_window` and `args.truncate_long_rows`); the trainer
+    then needs `training.sampler.TokenBudgetMixin`.
+    """
+    collator, callbacks = prepare_packing(
+        processor, training_args, token_budget=bool(getattr(args, "token_budget", False)),
+        window=getattr(args, "packing_window", 1024), truncation=bool(getattr(args, "truncate_long_rows", False)),
+    )
     if collator is not None:
         return collator, callbacks
     collator = GhostVisVisionCollator(

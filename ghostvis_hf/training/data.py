@@ -153,6 +153,8 @@ def _load_source(source: Source, split: str, args: GhostVisArguments, styles: di
             kw["max_turns"] = args.shapes_max_turns
         return data.load_shapes("train" if split == "train" else "test", num_samples=limit, seed=args.dataset_seed,
                                 **kw)
+    if source.name == "synthetic":  # generated from the seed (ghostvis_hf.data.synthetic): no path
+        return data.get_dataset("synthetic", split=split, limit=limit, seed=args.dataset_seed)
     if not source.path:
         raise ValueError(f"{source.name!r} needs its data: --dataset_mixture {source.name}:PATH_OR_HUB_ID:1")
     kwargs = {"path_or_hub_id": source.path, "split": split, "image_root": args.image_root, "limit": limit}

@@ -1,6 +1,23 @@
-"""Per-part learning rates (LLaVA's `mm_vision_tower_lr` / `mm_projector_lr`) as AdamW parameter groups."""
+"""The recipes' optimizer: per-part learning rates (LLaVA's `mm_vision_tower_lr` / `mm_projector_lr`) as AdamW
+parameter groups, and bf16 parameters with fp32 master weights (issue 16).
+
+Master weights: the model's parameters and activations are bf16, so the forward and backward run without autocast
+and without casting every fp32 weight to bf16 at every step (15 % of the kernel time in docs/benchmarks/
+train_profile.txt); the optimizer keeps an fp32 copy of every bf16 parameter and its fp32 state, steps the copies
+(torch's own AdamW, fused or foreach) with the gradients upcast, and writes them back rounded to bf16: the
+Megatron / DeepSpeed bf16-optimizer scheme. The copies are in the optimizer's `state_dict` (`master_weight`), so a
+resumed run continues exactly.
+
+NOTE: why our own (about 100 lines): torch, accelerate, transformers and TRL have no master-weight optimizer for
+unsharded training; DeepSpeed's `BF16_Optimizer` lives inside the DeepSpeed engine (use it through the ZeRO
+configs); FSDP2's `MixedPrecisionPolicy` is for sharded runs and casts the fp32 shards at every step; torchao's
+bf16 AdamW (stochastic rounding) and transformers' `adamw_anyprecision` (Kahan summation) keep no fp32 weights.
+So: single GPU and DDP only. Gradients stay bf16 on the parameters (what autograd, DDP and the Trainer's clipping
+expect): they are clipped, and with gradient accumulation summed, in bf16.
+"""
 
 import logging
+import os
 
 import torch
 
@@ -9,17 +26,149 @@ from .arguments import GhostVisArguments
 logger = logging.getLogger("ghostvis")
 
 
-def make_optimizer(model, training_args, args: GhostVisArguments):
-    """AdamW with separate learning rates for the vision tower and the glue, as LLaVA's `mm_*_lr`; or `None`.
+class MasterWeightOptimizer(torch.optim.Optimizer):
+    """Steps fp32 master copies of low-precision parameters with an fp32 optimizer and writes them back.
 
-    `None` (the trainer's own optimizer) unless `vision_tower_lr` or `projector_lr` is set. Pass the result to
-    `SFTTrainer(optimizers=(optimizer, None))`: the trainer still builds the LR schedule, which scales every group.
-    Biases and norm weights get no weight decay, like the trainer's default.
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        optimizer_cls (`type`, *optional*, defaults to `torch.optim.AdamW`): the optimizer run on the fp32 copies.
+        param_dtype (`torch.dtype`, *optional*): cast the parameters to this dtype after taking their fp32 copies
+            (e.g. `torch.bfloat16` on an fp32 model). Without it, fp32 parameters are their own master weights
+            (the wrapper is then exactly `optimizer_cls`) and others get an fp32 copy.
+        **kwargs: the hyperparameters of `optimizer_cls` (`lr`, `betas`, `weight_decay`, `fused`, ...).
+
+    The LR scheduler and the Trainer see this optimizer's `param_groups` (the model's parameters); their
+    hyperparameters are copied to the inner optimizer at every step.
     """
-    if args.vision_tower_lr is None and args.projector_lr is None:
-        return None
-    if training_args.optim not in ("adamw_torch", "adamw_torch_fused"):
-        raise ValueError(f"vision_tower_lr/projector_lr build AdamW; optim={training_args.optim!r} is not supported")
+
+    def __init__(self, params, optimizer_cls=torch.optim.AdamW, param_dtype: torch.dtype | None = None, **kwargs):
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        groups = [{**g, "params": list(g["params"])} for g in groups]
+        self._params = [p for g in groups for p in g["params"]]
+        own = param_dtype in (None, torch.float32)
+        self._masters = [p if own and p.dtype == torch.float32 else
+                         torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in self._params]
+        if param_dtype is not None:
+            for p in self._params:
+                p.data = p.data.to(param_dtype)
+        masters = iter(self._masters)
+        self.optimizer = optimizer_cls([{**g, "params": [next(masters) for _ in g["params"]]} for g in groups],
+                                       **kwargs)
+        super().__init__([{**_hyper(ig), "params": g["params"]} for g, ig in zip(groups, self.optimizer.param_groups)],
+                         self.optimizer.defaults)
+
+    def _low_precision(self):
+        return [(p, m) for p, m in zip(self._params, self._masters) if m is not p]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, inner in zip(self.param_groups, self.optimizer.param_groups):
+            inner.update(_hyper(group))  # lr from the scheduler, etc.
+        stepped = []
+        for p, m in self._low_precision():
+            if m.device != p.device:  # the model moved after the optimizer was made
+                self._move(m, p.device)
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            if m.grad is not None:
+                stepped.append((p, m))
+        self.optimizer.step()
+        if stepped:
+            torch._foreach_copy_([p for p, _ in stepped], [m for _, m in stepped])  # round to the parameter dtype
+            for _, m in stepped:
+                m.grad = None
+        return loss
+
+    def _move(self, master, device):
+        master.data = master.data.to(device)
+        group = next(g for g in self.optimizer.param_groups if any(q is master for q in g["params"]))
+        keep_step_on_cpu = not (group.get("fused") or group.get("capturable"))
+        for k, v in self.optimizer.state.get(master, {}).items():
+            if torch.is_tensor(v) and not (k == "step" and keep_step_on_cpu):
+                self.optimizer.state[master][k] = v.to(device)
+
+    def state_dict(self):
+        """The inner optimizer's state dict, with each low-precision parameter's fp32 copy as `master_weight`."""
+        sd = self.optimizer.state_dict()
+        sd["param_groups"] = [{**_hyper(g), "params": ig["params"]}
+                              for g, ig in zip(self.param_groups, sd["param_groups"])]
+        for i, (p, m) in enumerate(zip(self._params, self._masters)):
+            if m is not p:
+                sd["state"][i] = {**sd["state"].get(i, {}), "master_weight": m.detach()}
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        state = {}
+        for i, s in state_dict["state"].items():
+            s = dict(s)
+            master = s.pop("master_weight", None)
+            if master is not None:
+                p, m = self._params[int(i)], self._masters[int(i)]
+                if m is not p:
+                    m.data = master.to(device=p.device, dtype=torch.float32, copy=True)
+                    p.copy_(m)
+            if s:
+                state[i] = s
+        self.optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+        for group, inner in zip(self.param_groups, self.optimizer.param_groups):
+            group.update(_hyper(inner))
+
+    @property
+    def master_weights(self) -> list[torch.Tensor]:
+        """The fp32 weights, one per parameter (the parameter itself where it is fp32 and `param_dtype` unset)."""
+        return list(self._masters)
+
+
+def _hyper(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def cast_parameters(model, dtype: torch.dtype) -> None:
+    """Casts the model's floating-point parameters (not its buffers: RoPE frequencies stay fp32) to `dtype`."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: bool = False) -> str:
+    """`"bf16_master"` or `"autocast"` from `args.precision` (`auto` | `bf16_master` | `autocast`).
+
+    `auto` means bf16 + master weights where they apply (CUDA, `--bf16`, AdamW, no DeepSpeed/FSDP, no LoRA or
+    quantized model) and the Trainer's autocast elsewhere; `bf16_master` refuses the cases it does not cover.
+    """
+    precision = getattr(args, "precision", "autocast")
+    if precision not in ("auto", "bf16_master", "autocast"):
+        raise ValueError(f"precision must be auto, bf16_master or autocast, got {precision!r}")
+    if precision == "autocast":
+        return precision
+    deepspeed = getattr(training_args, "deepspeed", None) or _env_true("ACCELERATE_USE_DEEPSPEED")
+    fsdp = getattr(training_args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP")
+    sharded = "DeepSpeed (its bf16 optimizer)" if deepspeed else "FSDP (its MixedPrecisionPolicy)" if fsdp else None
+    problems = [why for bad, why in (
+        (sharded is not None, f"sharded runs keep master weights in {sharded}"),
+        (use_peft, "LoRA trains adapters the trainer adds later"),
+        (getattr(model, "is_quantized", False), "the model is quantized"),
+        (training_args.optim not in ("adamw_torch", "adamw_torch_fused"), f"optim={training_args.optim!r}"),
+    ) if bad]
+    if precision == "bf16_master":
+        if problems:
+            raise ValueError("precision=bf16_master does not apply: " + "; ".join(problems))
+        return precision
+    on_gpu_bf16 = getattr(training_args, "bf16", False) and torch.cuda.is_available()
+    return "bf16_master" if on_gpu_bf16 and not problems else "autocast"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _param_groups(model, training_args, args: GhostVisArguments) -> list[dict]:
     lr = training_args.learning_rate
     group_lr = {"vision": args.vision_tower_lr or lr, "glue": args.projector_lr or lr, "text": lr}
     groups = {}
@@ -30,8 +179,38 @@ def make_optimizer(model, training_args, args: GhostVisArguments):
                 "glue" if (".resampler." in f".{name}" or ".multi_modal_projector." in f".{name}") else "text")
         decay = p.ndim >= 2 and "norm" not in name
         groups.setdefault((part, decay), []).append(p)
-    param_groups = [{"params": ps, "lr": group_lr[part], "weight_decay": training_args.weight_decay if decay else 0.0}
-                    for (part, decay), ps in groups.items()]
     logger.info("optimizer learning rates: %s", group_lr)
-    return torch.optim.AdamW(param_groups, lr=lr, betas=(training_args.adam_beta1, training_args.adam_beta2),
-                             eps=training_args.adam_epsilon)
+    return [{"params": ps, "lr": group_lr[part], "weight_decay": training_args.weight_decay if decay else 0.0}
+            for (part, decay), ps in groups.items()]
+
+
+def make_optimizer(model, training_args, args: GhostVisArguments, use_peft: bool = False):
+    """The optimizer for `SFTTrainer(optimizers=(optimizer, None))`, or `None` for the trainer's own AdamW.
+
+    - bf16 master weights (`resolve_precision`): a `MasterWeightOptimizer` over AdamW; the model's parameters are cast
+      to bf16 and the Trainer's autocast is switched off (`training_args.bf16`/`mixed_precision`), since the
+      parameters already are bf16.
+    - else AdamW with separate learning rates for the vision tower and the glue, as LLaVA's `mm_*_lr`, if
+      `vision_tower_lr` or `projector_lr` is set; else `None`.
+
+    The trainer still builds the LR schedule, which scales every group. Biases and norm weights get no weight decay,
+    like the trainer's default.
+    """
+    precision = resolve_precision(model, training_args, args, use_peft)
+    if precision == "autocast" and args.vision_tower_lr is None and args.projector_lr is None:
+        return None
+    if training_args.optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ValueError(f"vision_tower_lr/projector_lr build AdamW; optim={training_args.optim!r} is not supported")
+    kwargs = dict(lr=training_args.learning_rate, betas=(training_args.adam_beta1, training_args.adam_beta2),
+                  eps=training_args.adam_epsilon)
+    if training_args.optim == "adamw_torch_fused":
+        kwargs["fused"] = True
+    groups = _param_groups(model, training_args, args)
+    if precision == "autocast":
+        return torch.optim.AdamW(groups, **kwargs)
+    optimizer = MasterWeightOptimizer(groups, torch.optim.AdamW, param_dtype=torch.bfloat16, **kwargs)
+    cast_parameters(model, torch.bfloat16)  # the frozen ones too
+    training_args.bf16, training_args.mixed_precision = False, "no"
+    logger.info("precision: bf16 parameters and activations, fp32 master weights and AdamW state in the optimizer "
+                "(autocast off)")
+    return optimizer

@@ -15,6 +15,11 @@ TRL refuses `packing` and `padding_free` for image datasets. GhostVis packs in t
 
 Padding between rows, if any, is a separate pseudo-sample (positions 0..n-1, labels -100): it never attends to or
 is attended by a real token.
+
+Token-budget batches (`TokenBudget`, issue 16): a step is `rows` x `max_length` tokens. The batch sampler
+(`training.sampler`) picks the conversations of a step by best-fit decreasing over a window of the shuffled stream
+and hands them over bin after bin; the collator then cuts that sequence greedily into rows (`in_order`), which never
+needs more rows than the sampler's bins, and pads to exactly `rows` rows of `max_length` (static shapes).
 """
 
 import bisect
@@ -64,8 +69,57 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+@dataclass(frozen=True)
+class TokenBudget:
+    """What a token-budget step is: `rows` rows of `max_length` tokens.
+
+    Args:
+        rows (`int`): rows per step and device (`per_device_train_batch_size`).
+        max_length (`int`): tokens per row.
+        window (`int`, *optional*, defaults to 1024): conversations of the shuffled stream the sampler packs together
+            by best-fit decreasing (larger: fuller rows, less mixing of the stream order).
+        truncation (`bool`, *optional*, defaults to `False`): cut conversations longer than `max_length` instead of
+            refusing the dataset.
+    """
+
+    rows: int
+    max_length: int
+    window: int = 1024
+    truncation: bool = False
+
+    def __post_init__(self):
+        if self.rows < 1 or self.max_length < 1 or self.window < 1:
+            raise ValueError(f"rows, max_length and window must be positive, got {self}")
+
+
+def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Cuts the items, in their order, into consecutive bins of at most `capacity`.
+
+    Greedy consecutive cutting is optimal among consecutive cuttings: it never needs more bins than any partition of
+    the same sequence into consecutive groups that fit, such as the sampler's best-fit bins laid end to end.
+
+    Example:
+    ```python
+    >>> next_fit([5, 3, 4, 2, 6], capacity=8)
+    [[0, 1], [2, 3], [4]]
+
+    ```
+    """
+    if any(n > capacity or n <= 0 for n in lengths):
+        raise ValueError(f"every length must be in [1, {capacity}], got max {max(lengths)} / min {min(lengths)}")
+    bins: list[list[int]] = []
+    used = capacity
+    for i, n in enumerate(lengths):
+        if used + n > capacity:
+            bins.append([])
+            used = 0
+        bins[-1].append(i)
+        used += n
+    return bins
+
+
 def pack_samples(samples: list[dict], max_length: int, pad_token_id: int, padding_free: bool = False,
-                 pad_to_multiple_of: int | None = None) -> dict:
+                 pad_to_multiple_of: int | None = None, rows: int | None = None, in_order: bool = False) -> dict:
     """Packs tokenized samples into rows.
 
     Args:
@@ -75,6 +129,10 @@ def pack_samples(samples: list[dict], max_length: int, pad_token_id: int, paddin
         pad_token_id (`int`): id for the padding at the end of short rows.
         padding_free (`bool`, *optional*, defaults to `False`): concatenate all rows into one row without padding.
         pad_to_multiple_of (`int`, *optional*): round the row length up to a multiple of this.
+        rows (`int`, *optional*): return exactly this many rows of `max_length` (padding rows added); more only if
+            the samples need more (logged).
+        in_order (`bool`, *optional*, defaults to `False`): cut the samples into rows in their order (`next_fit`)
+            instead of best-fit decreasing.
 
     Returns:
         `dict`: `input_ids`, `labels`, `position_ids` (`[rows, L]`), `pixel_values` (if any sample has images),
@@ -82,12 +140,18 @@ def pack_samples(samples: list[dict], max_length: int, pad_token_id: int, paddin
         `num_real_tokens` / `num_slots` (ints, for the packing efficiency; popped by the collator).
     """
     lengths = [len(s["input_ids"]) for s in samples]
-    bins = best_fit_decreasing(lengths, max_length)
+    bins = (next_fit if in_order else best_fit_decreasing)(lengths, max_length)
     if padding_free:
         bins = [[i for b in bins for i in b]]
     row_len = max(sum(lengths[i] for i in b) for b in bins)
     if pad_to_multiple_of:
         row_len = -(-row_len // pad_to_multiple_of) * pad_to_multiple_of
+    if rows is not None and not padding_free:
+        if len(bins) > rows:  # the lengths the sampler planned with were shorter than these: still train on them
+            logger.warning("token budget: %d conversations need %d rows of %d, more than %d", len(samples),
+                           len(bins), max_length, rows)
+        bins += [[] for _ in range(rows - len(bins))]
+        row_len = max_length
     ids, labels, pos, pixels, segments = [], [], [], [], []
     for b in bins:
         row_ids, row_labels, row_pos = [], [], []
@@ -161,6 +225,10 @@ class GhostVisPackingCollator:
         pad_to_multiple_of (`int`, *optional*): round the row length up.
         chat_template (`str`, *optional*): overrides the processor's template.
         log_every (`int`, *optional*, defaults to 50): log the running packing efficiency every this many batches.
+        token_budget (`TokenBudget`, *optional*): token-budget steps: the examples arrive bin after bin from
+            `training.sampler.TokenBudgetBatchSampler`, are cut into rows in that order and padded to exactly
+            `token_budget.rows` rows of `max_length`; conversations longer than `max_length` are refused unless
+            `token_budget.truncation`.
 
     The running efficiency (real tokens / token slots) is `self.efficiency`; `PackingStatsCallback` adds it to the
     Trainer logs.
@@ -173,7 +241,13 @@ class GhostVisPackingCollator:
     pad_to_multiple_of: int | None = None
     chat_template: str | None = None
     log_every: int = 50
+    token_budget: TokenBudget | None = None
     stats: dict = field(default_factory=lambda: {"batches": 0, "real_tokens": 0, "slots": 0, "rows": 0, "samples": 0})
+
+    def __post_init__(self):
+        if self.token_budget is not None and (self.token_budget.max_length != self.max_length or self.padding_free):
+            raise ValueError(f"token_budget {self.token_budget} needs max_length={self.token_budget.max_length} and "
+                             f"padding_free=False, got {self.max_length} / {self.padding_free}")
 
     @property
     def efficiency(self) -> float:
@@ -185,7 +259,7 @@ class GhostVisPackingCollator:
         processor_kwargs = {
             "padding": True,
             "padding_side": "right",
-            "truncation": True,
+            "truncation": self.token_budget is None or self.token_budget.truncation,
             "max_length": self.max_length,
             "add_special_tokens": False,
         }
@@ -221,6 +295,8 @@ class GhostVisPackingCollator:
             pad_token_id=self.processor.tokenizer.pad_token_id,
             padding_free=self.padding_free,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            rows=self.token_budget.rows if self.token_budget else None,
+            in_order=self.token_budget is not None,
         )
         s = self.stats
         s["batches"] += 1
@@ -254,16 +330,24 @@ class PackingStatsCallback(TrainerCallback):
                 state.log_history[-1]["packing_efficiency"] = logs["packing_efficiency"]
 
 
-def prepare_packing(processor, training_args) -> tuple[GhostVisPackingCollator | None, list]:
+def prepare_packing(processor, training_args, token_budget: bool = False, window: int = 1024,
+                    truncation: bool = False) -> tuple[GhostVisPackingCollator | None, list]:
     """What `recipes/sft.py --packing` calls: a packing collator and its logging callback.
 
     If `training_args.packing` (TRL's own `SFTConfig.packing` flag) is set, it is switched off again, because TRL
     raises for packed image datasets, and GhostVis packs in the collator instead. `max_length` (default 2048),
     `assistant_only_loss` and `pad_to_multiple_of` are read from the same config; `padding_free` must be off.
 
+    With `token_budget`, a step is `per_device_train_batch_size` rows of `max_length` tokens (`TokenBudget`); the
+    trainer needs `training.sampler.TokenBudgetMixin` to pick the conversations of each step.
+
     Args:
         processor: the GhostVis processor.
         training_args (`trl.SFTConfig`): the training config.
+        token_budget (`bool`, *optional*, defaults to `False`): token-budget steps instead of packing the
+            `per_device_train_batch_size` conversations of each batch.
+        window (`int`, *optional*, defaults to 1024): `TokenBudget.window`.
+        truncation (`bool`, *optional*, defaults to `False`): `TokenBudget.truncation`.
 
     Returns:
         `(collator, callbacks)`: `(None, [])` when packing is off.
@@ -273,13 +357,19 @@ def prepare_packing(processor, training_args) -> tuple[GhostVisPackingCollator |
     if getattr(training_args, "padding_free", False):
         raise ValueError("--packing and --padding_free are exclusive for image datasets: use --packing alone")
     training_args.packing = False  # TRL: "Packing is not supported for vision datasets"
+    max_length = training_args.max_length or 2048
+    budget = None
+    if token_budget:
+        budget = TokenBudget(training_args.per_device_train_batch_size, max_length, window, truncation)
     collator = GhostVisPackingCollator(
         processor,
-        max_length=training_args.max_length or 2048,
+        max_length=max_length,
         assistant_only_loss=bool(getattr(training_args, "assistant_only_loss", False)),
-        pad_to_multiple_of=getattr(training_args, "pad_to_multiple_of", None),
+        pad_to_multiple_of=None if budget else getattr(training_args, "pad_to_multiple_of", None),
+        token_budget=budget,
     )
     return collator, [PackingStatsCallback(collator)]
 
 
-__all__ = ["best_fit_decreasing", "pack_samples", "GhostVisPackingCollator", "PackingStatsCallback", "prepare_packing"]
+__all__ = ["TokenBudget", "best_fit_decreasing", "next_fit", "pack_samples", "GhostVisPackingCollator",
+           "PackingStatsCallback", "prepare_packing"]

@@ -1,0 +1,218 @@
+"""Token-budget batches (issue 16): every step is `rows` x `max_length` tokens, filled from the shuffled stream.
+
+The plan of an epoch is a pure function of (lengths, seed, epoch): the conversations are shuffled, cut into windows
+of `window` conversations, each window is packed into bins of `max_length` tokens by best-fit decreasing (the bins
+shuffled again, as BFD emits the long ones first), and consecutive bins make the steps, `rows` bins each. Every
+conversation is in exactly one bin per epoch. Rank r of W takes global steps r, r + W, r + 2W, ...: disjoint bins and
+the same number of steps on every rank (the global step count is rounded up to a multiple of W; the last steps of an
+epoch then carry fewer bins, and the collator pads them to `rows` rows).
+
+The Trainer needs one length for every epoch, so `len()` is the largest step count of the epochs it will run (an
+epoch that packs tighter spreads its bins over the same number of steps). Resuming needs nothing of its own: the
+Trainer skips the steps already done (`accelerate.skip_first_batches`) and the plan of that epoch is the same again.
+
+Conversation lengths come from the chat template and the tokenizer alone, as the collator will count them (every
+`<image>` marker grows into the image's placeholder run), without decoding a single image. Over-long conversations
+are refused up front, naming the row, unless truncation is configured.
+
+NOTE: `TokenBudgetBatchSampler` subclasses transformers' `BatchRebalanceSampler` for one reason:
+`Trainer._get_dataloader` passes that class as `batch_sampler` and turns accelerate's re-sharding of it into a
+pass-through, since it already yields each rank's own batches. None of the parent's logic is used.
+TRL's `pack_dataset(strategy="bfd")` packs a tokenized dataset once, globally, into rows; it knows nothing of
+images, steps or ranks, so it is not reused here.
+"""
+
+import logging
+import math
+import random
+
+from transformers.trainer_callback import TrainerCallback
+from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+from .packing import best_fit_decreasing
+
+logger = logging.getLogger("ghostvis")
+
+
+def conversation_lengths(dataset, processor, max_length: int | None = None, truncation: bool = False,
+                         batch_size: int = 1000) -> list[int]:
+    """Token count of every conversation as the packing collator will tokenize it, without decoding images.
+
+    Args:
+        dataset (`datasets.Dataset`): rows with `messages` (TRL's conversational format).
+        processor (`GhostVisProcessor`): its chat template and tokenizer; `num_image_tokens` per image.
+        max_length (`int`, *optional*): refuse (or with `truncation`, clip to) this length.
+        truncation (`bool`, *optional*, defaults to `False`): clip instead of refusing.
+        batch_size (`int`, *optional*, defaults to 1000): rows tokenized together.
+
+    Returns:
+        `list[int]`: one length per row.
+
+    Raises:
+        `ValueError`: a conversation is longer than `max_length` and `truncation` is off (the first such row named).
+    """
+    grow = processor.num_image_tokens + 1  # an <image> marker becomes start + N placeholders + end
+    lengths: list[int] = []
+    first_long = None  # (row, its text): the index alone may not find it once bad rows were dropped
+    for batch in dataset.select_columns(["messages"]).with_format("arrow").iter(batch_size=batch_size):
+        texts = [processor.apply_chat_template(row["messages"]) for row in batch.to_pylist()]
+        for text, ids in zip(texts, processor.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            lengths.append(len(ids) + grow * ids.count(processor.image_marker_id))
+            if first_long is None and max_length is not None and lengths[-1] > max_length:
+                first_long = (len(lengths) - 1, text)
+    if first_long is not None:
+        if truncation:
+            return [min(n, max_length) for n in lengths]
+        i, text = first_long
+        raise ValueError(
+            f"conversation {i} of the training set ({text[:80]!r}...) has {lengths[i]} tokens, more than "
+            f"max_length={max_length} ({sum(n > max_length for n in lengths)} such rows): raise max_length, drop "
+            "those rows, or allow truncation (--truncate_long_rows)")
+    return lengths
+
+
+class TokenBudgetBatchSampler(BatchRebalanceSampler):
+    """Yields, per step, the dataset indices of this rank's `rows` bins, bin after bin.
+
+    Args:
+        lengths (`list[int]`): tokens of every conversation, each in `[1, max_length]`.
+        rows (`int`): bins (rows) per step and rank.
+        max_length (`int`): tokens per bin.
+        window (`int`, *optional*, defaults to 1024): conversations packed together by best-fit decreasing.
+        seed (`int`, *optional*, defaults to 0): the plan of epoch e is a function of `seed` and e.
+        num_replicas (`int`, *optional*, defaults to 1): data-parallel ranks.
+        rank (`int`, *optional*, defaults to 0): this rank.
+        num_epochs (`int`, *optional*, defaults to 1): epochs `len()` must cover (see `plan_epochs`).
+    """
+
+    def __init__(self, lengths: list[int], rows: int, max_length: int, *, window: int = 1024, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0, num_epochs: int = 1):
+        # NOTE: no super().__init__(): see the module docstring.
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        bad = next((i for i, n in enumerate(lengths) if not 0 < n <= max_length), None)
+        if bad is not None:
+            raise ValueError(f"conversation {bad} has {lengths[bad]} tokens, not in [1, max_length={max_length}]")
+        self.lengths, self.rows, self.max_length, self.window = list(lengths), rows, max_length, window
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.epoch = 0
+        self.drop_last = True  # read by accelerate's BatchSamplerShard: never loop back to the start
+        self._plans: dict[int, list[list[list[int]]]] = {}
+        self._bin_counts: dict[int, int] = {}
+        self.steps_per_rank = 0
+        self.plan_epochs(num_epochs)
+
+    def plan_epochs(self, num_epochs: int) -> int:
+        """Makes `len()` cover epochs `0 .. num_epochs - 1`; returns the steps per epoch and rank."""
+        for epoch in range(num_epochs):
+            if epoch not in self._bin_counts:
+                self._bin_counts[epoch] = len(self._bins(epoch))
+            self.steps_per_rank = max(self.steps_per_rank,
+                                      math.ceil(self._bin_counts[epoch] / self.rows / self.num_replicas))
+        if len(self.lengths) < self.steps_per_rank * self.num_replicas:
+            raise ValueError(f"{len(self.lengths)} conversations cannot fill {self.steps_per_rank} steps on each of "
+                             f"{self.num_replicas} ranks")
+        self._plans.clear()
+        return self.steps_per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _bins(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"ghostvis-token-budget/{self.seed}/{epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        bins: list[list[int]] = []
+        for start in range(0, len(order), self.window):
+            window = order[start : start + self.window]
+            packed = [[window[i] for i in b] for b in best_fit_decreasing([self.lengths[j] for j in window],
+                                                                          self.max_length)]
+            rng.shuffle(packed)
+            bins += packed
+        return bins
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        """The global steps of `epoch` (all ranks), each a list of bins; rank r takes steps r, r + W, ..."""
+        if epoch not in self._plans:
+            self._plans = {epoch: self._steps(self._bins(epoch))}  # keep one epoch
+        return self._plans[epoch]
+
+    def _steps(self, bins: list[list[int]]) -> list[list[list[int]]]:
+        n_steps = self.steps_per_rank * self.num_replicas
+        while len(bins) < n_steps:  # an epoch that packs tighter than the longest one: more, smaller bins
+            k = max(range(len(bins)), key=lambda i: len(bins[i]))
+            if len(bins[k]) < 2:
+                raise RuntimeError(f"{len(self.lengths)} conversations cannot fill {n_steps} steps")
+            bins[k : k + 1] = [bins[k][:-1], bins[k][-1:]]
+        if len(bins) > n_steps * self.rows:
+            raise RuntimeError(f"{len(bins)} bins do not fit {n_steps} steps of {self.rows} rows; "
+                               "plan_epochs() was not called for this epoch")
+        steps, i = [], 0
+        for s in range(n_steps):  # full steps first, the tail spread so that no step is empty
+            take = min(self.rows, len(bins) - i - (n_steps - s - 1))
+            steps.append(bins[i : i + take])
+            i += take
+        return steps
+
+    def __iter__(self):
+        for step in self.plan(self.epoch)[self.rank :: self.num_replicas]:
+            yield [i for b in step for i in b]
+
+    def __len__(self) -> int:
+        return self.steps_per_rank
+
+
+class _EpochSync(TrainerCallback):
+    """Sets the sampler's epoch from the Trainer's step count at every epoch start.
+
+    NOTE: on resume the Trainer wraps the batch sampler in accelerate's `SkipBatchSampler` before calling
+    `set_epoch`. On one process it still reaches the sampler under it, but in a distributed run that is
+    `SkipBatchSampler(BatchSamplerShard(sampler))`, which neither `DataLoaderShard.set_epoch` nor the Trainer reach
+    (transformers 5.24, accelerate 1.15): a run resumed in epoch 2 would replay epoch 0's plan. Remove when they do.
+    """
+
+    def __init__(self, sampler: TokenBudgetBatchSampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # the Trainer's own `epochs_trained` (global_step // update steps per epoch), which is the loop's epoch
+        per_epoch = max(len(self.sampler) // args.gradient_accumulation_steps
+                        + int(len(self.sampler) % args.gradient_accumulation_steps > 0), 1)
+        self.sampler.set_epoch(state.global_step // per_epoch)
+
+
+class TokenBudgetMixin:
+    """Trainer mixin: token-budget steps when the data collator has a `token_budget` (`packing.TokenBudget`).
+
+    `class GhostVisSFTTrainer(TokenBudgetMixin, SFTTrainer)`; otherwise the trainer's own sampler is used.
+    """
+
+    def _get_train_sampler(self, train_dataset=None):
+        budget = getattr(self.data_collator, "token_budget", None)
+        if budget is None:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = conversation_lengths(dataset, self.data_collator.processor, budget.max_length, budget.truncation)
+        args = self.args
+        sampler = TokenBudgetBatchSampler(
+            lengths, budget.rows, budget.max_length, window=budget.window,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            num_replicas=max(args.world_size, 1), rank=args.process_index if args.world_size > 1 else 0,
+        )
+        if args.max_steps > 0:  # the epochs that many steps take, at the first epoch's length (which only grows)
+            per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
+            sampler.plan_epochs(math.ceil(args.max_steps / per_epoch))
+        else:
+            sampler.plan_epochs(math.ceil(args.num_train_epochs))
+        tokens = sum(lengths)
+        logger.info("token budget: %d conversations (%d tokens) -> %d steps per epoch and rank of %d x %d "
+                    "(%.1f%% of the token slots filled)", len(lengths), tokens, len(sampler), budget.rows,
+                    budget.max_length, 100 * tokens / (len(sampler) * sampler.num_replicas * budget.rows
+                                                        * budget.max_length))
+        for cb in [cb for cb in self.callback_handler.callbacks if isinstance(cb, _EpochSync)]:
+            self.callback_handler.remove_callback(cb)
+        self.add_callback(_EpochSync(sampler))
+        return sampler
+
+
+__all__ = ["TokenBudgetBatchSampler", "TokenBudgetMixin", "conversation_lengths"]

@@ -1,0 +1,195 @@
+"""bf16 parameters with fp32 master weights (issue 16): exact AdamW on fp32, masters = fp32 AdamW on the same
+gradients, updates too small for bf16 kept, state_dict round trip resumes identically, Trainer resume + clipping."""
+
+import copy
+import io
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ghostvis_hf.training.optimizer import MasterWeightOptimizer, make_optimizer, resolve_precision
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def model_and_batch(tiny):
+    model, _ = tiny
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 800, (4, 48), generator=g)
+    return model, {"input_ids": ids, "labels": ids.clone()}
+
+
+def _step(model, opt, batch, clip=None):
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _rel(a, b):
+    num = sum((x.float() - y.float()).pow(2).sum() for x, y in zip(a, b)).sqrt()
+    return (num / sum(y.float().pow(2).sum() for y in b).sqrt()).item()
+
+
+def _groups(model):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+def test_fp32_model_is_exactly_adamw(model_and_batch):
+    model, batch = model_and_batch
+    ref = copy.deepcopy(model)
+    opt = MasterWeightOptimizer(_groups(model), torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95))
+    ref_opt = torch.optim.AdamW(_groups(ref), lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(20):
+        assert _step(model, opt, batch, clip=1.0) == _step(ref, ref_opt, batch, clip=1.0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert {id(m) for m in opt.master_weights} == {id(p) for p in model.parameters()}  # no fp32 copies of fp32
+
+
+def test_bf16_master_weights_are_fp32_adamw_on_the_same_gradients(model_and_batch):
+    model, batch = model_and_batch
+    ref = copy.deepcopy(model)  # fp32 AdamW fed with the bf16 model's (clipped) gradients
+    opt = MasterWeightOptimizer(_groups(model), torch.optim.AdamW, param_dtype=torch.bfloat16, lr=1e-3)
+    ref_opt = torch.optim.AdamW(_groups(ref), lr=1e-3)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for _ in range(20):
+        model(**batch, use_cache=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # what the Trainer does before the step
+        for p, q in zip(model.parameters(), ref.parameters()):
+            q.grad = None if p.grad is None else p.grad.float()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert _rel(opt.master_weights, [p for g in ref_opt.param_groups for p in g["params"]]) < 1e-5
+    for p, m in zip(opt._params, opt.master_weights):
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(p, m.to(torch.bfloat16), rtol=0, atol=0)  # the parameters are the rounded masters
+
+
+def test_bf16_training_follows_fp32_and_keeps_small_updates(model_and_batch):
+    model, batch = model_and_batch
+    ref, low, pure = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model).to(torch.bfloat16)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    opt = MasterWeightOptimizer(low.parameters(), param_dtype=torch.bfloat16, lr=1e-3)
+    ref_losses = [_step(ref, ref_opt, batch) for _ in range(20)]
+    losses = [_step(low, opt, batch) for _ in range(20)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-2, atol=0)
+    moved = _rel(list(ref.parameters()), list(model.parameters()))
+    assert _rel(opt.master_weights, list(ref.parameters())) < 0.1 * moved
+    # lr 1e-6: updates below bf16's resolution are lost by plain bf16 AdamW, kept by the masters
+    start = [p.detach().clone() for p in model.parameters()]
+    pure_start = [p.detach().clone() for p in pure.parameters()]
+    small_model = copy.deepcopy(model)
+    small = MasterWeightOptimizer(small_model.parameters(), param_dtype=torch.bfloat16, lr=1e-6)
+    pure_opt = torch.optim.AdamW(pure.parameters(), lr=1e-6)
+    for _ in range(3):
+        _step(pure, pure_opt, batch)
+        _step(small_model, small, batch)
+    changed = lambda ws, ref: sum((w != r).sum().item() for w, r in zip(ws, ref))  # noqa: E731
+    masters_changed = changed(small.master_weights, start)
+    assert masters_changed > 0.5 * sum(p.numel() for p in start if p.ndim >= 2)
+    assert changed(pure.parameters(), pure_start) < 0.05 * masters_changed
+
+
+def test_state_dict_round_trip_resumes_identically(model_and_batch):
+    model, batch = model_and_batch
+    fresh = copy.deepcopy(model)
+    opt = MasterWeightOptimizer(_groups(model), param_dtype=torch.bfloat16, lr=1e-3)
+    for _ in range(10):
+        _step(model, opt, batch, clip=1.0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    for _ in range(10):
+        _step(model, opt, batch, clip=1.0)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)  # as the Trainer loads optimizer.pt
+    assert all("master_weight" in s and s["master_weight"].dtype == torch.float32 for s in saved["opt"]["state"].values())
+    opt2 = MasterWeightOptimizer(_groups(fresh), param_dtype=torch.bfloat16, lr=1e-3)  # a restarted process
+    fresh.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    for _ in range(10):
+        _step(fresh, opt2, batch, clip=1.0)
+    for p, q in zip(fresh.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for m, n in zip(opt2.master_weights, opt.master_weights):
+        torch.testing.assert_close(m, n, rtol=0, atol=0)
+
+
+def _args(**kwargs):
+    base = dict(bf16=True, deepspeed=None, fsdp="", optim="adamw_torch", learning_rate=1e-3, weight_decay=0.0,
+                adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, mixed_precision="bf16")
+    return SimpleNamespace(**{**base, **kwargs})
+
+
+def test_resolve_precision(tiny, monkeypatch):
+    model, _ = tiny
+    gv = SimpleNamespace(precision="auto", vision_tower_lr=None, projector_lr=None)
+    expected = "bf16_master" if torch.cuda.is_available() else "autocast"
+    assert resolve_precision(model, _args(), gv) == expected
+    assert resolve_precision(model, _args(bf16=False), gv) == "autocast"
+    assert resolve_precision(model, _args(), gv, use_peft=True) == "autocast"
+    assert resolve_precision(model, _args(), SimpleNamespace(precision="bf16_master")) == "bf16_master"
+    assert resolve_precision(model, _args(), SimpleNamespace()) == "autocast"  # arguments without the field
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert resolve_precision(model, _args(), gv) == "autocast"
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        resolve_precision(model, _args(), SimpleNamespace(precision="bf16_master"))
+    with pytest.raises(ValueError, match="precision must be"):
+        resolve_precision(model, _args(), SimpleNamespace(precision="fp8"))
+
+
+def test_make_optimizer_casts_the_model_and_turns_autocast_off(tiny):
+    model, _ = tiny
+    model.model.vision_tower.requires_grad_(False)
+    args = _args()
+    opt = make_optimizer(model, args, SimpleNamespace(precision="bf16_master", vision_tower_lr=None,
+                                                      projector_lr=3e-4))
+    assert isinstance(opt, MasterWeightOptimizer)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # frozen towers too
+    assert args.bf16 is False and args.mixed_precision == "no"
+    assert sorted({g["lr"] for g in opt.param_groups}) == [3e-4, 1e-3]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(m.numel() for m in opt.master_weights) == trainable
+
+
+def test_trainer_resume_with_master_weights_and_clipping(tmp_path, tiny):
+    trl = pytest.importorskip("trl")
+    import ghostvis_hf
+    from datasets import Dataset
+
+    _, processor = tiny
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": f"q{i} " * (i % 4 + 1)}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": f"a{i} " * (i % 3 + 2)}]}]}
+            for i in range(12)]
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        model, _ = ghostvis_hf.create("tiny")
+        args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=3, learning_rate=1e-3,
+                             report_to="none", max_length=64, use_cpu=True, save_strategy="steps", save_steps=2,
+                             logging_steps=1, max_grad_norm=0.05, gradient_checkpointing=False, bf16=False, seed=1)
+        opt = make_optimizer(model, args, SimpleNamespace(precision="bf16_master", vision_tower_lr=None,
+                                                          projector_lr=None))
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=processor.tokenizer, optimizers=(opt, None))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, opt
+
+    full, opt = run()
+    assert all(p.dtype == torch.bfloat16 for p in full.model.parameters())
+    norms = [h["grad_norm"] for h in full.state.log_history if "grad_norm" in h]
+    assert len(norms) == 4 and all(n > 0.05 for n in norms)  # clipping was active at every step
+    resumed, opt2 = run(resume=str(tmp_path / "checkpoint-2"))
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for m, n in zip(opt2.master_weights, opt.master_weights):
+        torch.testing.assert_close(m, n, rtol=0, atol=0)
