@@ -35,8 +35,8 @@ from .train_scenarios import build_stock, fixed_batches, mix_runs, step_flops
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
 
 
-RUNS = ["stock", "swaps", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
-COMPILE_RUNS = ["compile", "compile_ckpt2", "compile_liger"]
+RUNS = ["stock", "swaps", "master", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
+COMPILE_RUNS = ["compile", "compile_ckpt2", "compile_liger", "compile_liger_master"]
 
 
 def _parser():
@@ -223,6 +223,10 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
             results.append(_run(gv, opt, fixed, args, "ghostvis", n_patches, label, "fixed"))
 
     fixed_run("swaps", "GhostVis, all swaps")
+    if fixed and "master" in runs:  # the recipes' GPU default: no per-step casts of fp32 weights under autocast
+        opt = _bf16_master(gv, opt)
+        fixed_run("master", "GhostVis, all swaps, bf16 params + fp32 master weights")
+        opt = _fp32_params(gv, opt)
     if fixed and args.profile:
         _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, "train_profile.txt"))
     if "mix" in scenarios:
@@ -244,6 +248,31 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
               lambda: enable_gradient_checkpointing(gv, every_n_layers=2))
     ckpt_off()
     fixed_run("compile_liger", "GhostVis, compiled layers + all Liger swaps", lambda: apply_kernels(gv))
+    if fixed and "compile_liger_master" in runs:
+        opt = _bf16_master(gv, opt)
+        fixed_run("compile_liger_master", "GhostVis, compiled layers + all Liger swaps, bf16 params + fp32 master")
+        opt = _fp32_params(gv, opt)
+
+
+def _bf16_master(model, opt):
+    """Drops `opt` and returns the recipes' `MasterWeightOptimizer`: bf16 parameters, fp32 masters + AdamW state."""
+    from ghostvis_hf.training.optimizer import MasterWeightOptimizer
+
+    del opt
+    gc.collect()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return MasterWeightOptimizer(params, param_dtype=torch.bfloat16, lr=1e-5, fused=params[0].is_cuda)
+
+
+def _fp32_params(model, opt):
+    """Back to fp32 parameters and a plain fused AdamW for the runs after a master-weight run."""
+    from ghostvis_hf.kernels import fused_adamw
+
+    del opt
+    gc.collect()
+    for p in model.parameters():
+        p.data = p.data.float()
+    return fused_adamw(model, lr=1e-5)
 
 
 def main(argv=None) -> int:
