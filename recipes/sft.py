@@ -89,7 +89,9 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     # bf16 parameters + fp32 master weights on the GPU (--precision); None: the trainer's own AdamW
     optimizer = make_optimizer(model, training_args, gv_args, use_peft=peft_config is not None)
+    fused_loss = getattr(model, "linear_cross_entropy", None) is not None
     trainer = GhostVisSFTTrainer(  # SFTTrainer + token-budget steps + speed log
+        model_loss=gv_args.loss == "model" or (gv_args.loss == "auto" and fused_loss),
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -126,3 +126,30 @@ def test_trainer_logs_tokens_per_second_with_the_right_count(tiny, conversations
         assert h["tokens_per_second"] == pytest.approx(interval["tokens"] / interval["seconds"], rel=1e-3)
     summary = throughput_summary(trainer)
     assert summary["tokens"] == sum(collator.real_tokens[1:]) and summary["logging_intervals"] == 2
+
+
+def test_model_loss_path_trains_and_matches_trl_loss(tmp_path):
+    """`--loss model` takes the loss from the model's forward; on the same batch it equals TRL's fused-head loss."""
+    import ghostvis_hf
+    from trl import SFTConfig
+
+    from ghostvis_hf.data import load_shapes
+    from ghostvis_hf.training import build_sft_collator
+    from ghostvis_hf.training.trainer import GhostVisSFTTrainer
+
+    torch.manual_seed(0)
+    model, processor = ghostvis_hf.create("tiny")
+    rows = load_shapes("train", num_samples=8, seed=0)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to="none",
+                     use_cpu=True, max_length=256, save_strategy="no")
+    collator, _ = build_sft_collator(processor, args)  # the recipe's: image placeholders masked in the labels
+    trainer = GhostVisSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor,
+                                 data_collator=collator, model_loss=True)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch.pop("ghostvis_batch_stats", None)
+    model.train()
+    ours = trainer.compute_loss(model, dict(batch))
+    trainer.model_loss = False
+    trls = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(ours, trls, rtol=1e-4, atol=1e-5)
+    assert "entropy" in trainer._metrics["train"]  # TRL's path logged its metrics; ours did not add any

@@ -101,6 +101,11 @@ class GhostVisArguments:
     truncate_long_rows: bool = field(
         default=False, metadata={"help": "token_budget: cut conversations longer than max_length instead of refusing "
                                          "the dataset (the error names the first such row)."})
+    loss: str = field(
+        default="auto",
+        metadata={"help": "model: the training loss from the model's forward (the fused linear cross-entropy with "
+                          "the kernels; no per-step GPU reads, no entropy/token-accuracy logs); trl: TRL's fused LM "
+                          "head and its metrics; auto: model when the fused cross-entropy is active (CUDA)."})
     precision: str = field(
         default="auto",
         metadata={"help": "bf16_master: bf16 parameters and activations, fp32 master weights and AdamW state in the "
@@ -115,6 +120,8 @@ class GhostVisArguments:
     def __post_init__(self):
         if self.answer_style not in (None, "short", "none"):
             raise ValueError(f"answer_style={self.answer_style!r} is not supported; allowed: short, none")
+        if self.loss not in ("auto", "model", "trl"):
+            raise ValueError(f"loss={self.loss!r} is not supported; allowed: auto, model, trl")
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")
 
