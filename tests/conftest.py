@@ -40,6 +40,27 @@ def make_image(color=(255, 0, 0), size=(40, 30), mode="RGB"):
     return Image.new(mode, size, color)
 
 
+def png_bytes(size=(40, 30), color=(255, 0, 0)) -> bytes:
+    """An RGB PNG file's bytes."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A small PNG whose header claims `width` x `height` pixels (what a decompression bomb looks like)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 def user_turn(text, n_images=1):
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 

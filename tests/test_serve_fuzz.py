@@ -28,6 +28,7 @@ pytest.importorskip("uvicorn")
 from ghostvis_hf.inference import GenerationEngine, load_model  # noqa: E402
 from ghostvis_hf.serve.schemas import ChatCompletionRequest  # noqa: E402
 from ghostvis_hf.serve.server import BackgroundServer, create_app  # noqa: E402
+from conftest import png_bytes, png_header_only  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,18 +39,7 @@ LIMITS = dict(max_image_bytes=64 * 1024, max_image_pixels=1_000_000, max_images=
 SAMPLES = {"null": None, "boolean": True, "integer": 7, "number": 2.5, "string": "x", "array": [1], "object": {"a": 1}}
 
 
-def png(size=(24, 16), color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+SMALL = (24, 16)  # image size of the requests here
 
 
 def data_url(data: bytes, mime="image/png") -> str:
@@ -58,7 +48,7 @@ def data_url(data: bytes, mime="image/png") -> str:
 
 def base_request() -> dict:
     """A valid request with every model of the schema present, to mutate one field at a time."""
-    content = [{"type": "image_url", "image_url": {"url": data_url(png())}}, {"type": "text", "text": "hi"}]
+    content = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(SMALL))}}, {"type": "text", "text": "hi"}]
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2}
 
 
@@ -149,12 +139,12 @@ def _with_image(url: str) -> bytes:
 
 
 def image_cases(rng: random.Random, allowed_dir: str) -> dict[str, bytes]:
-    good = png()
-    corrupt = bytearray(png((64, 64)))
+    good = png_bytes(SMALL)
+    corrupt = bytearray(png_bytes((64, 64)))
     corrupt[60:80] = rng.randbytes(20)
     blobs = {"random bytes": rng.randbytes(300), "truncated png": good[:40], "corrupt idat": bytes(corrupt),
-             "text": b"just text", "empty": b"", "bomb header": png_claiming(20000, 20000),
-             "wide header": png_claiming(1_000_001, 1), "zero width": png_claiming(0, 10),
+             "text": b"just text", "empty": b"", "bomb header": png_header_only(20000, 20000),
+             "wide header": png_header_only(1_000_001, 1), "zero width": png_header_only(0, 10),
              "svg": b"<svg xmlns='http://www.w3.org/2000/svg'/>", "pdf": b"%PDF-1.4\n%\xe2\xe3\n",
              "gif header only": b"GIF89a\xff\xff\xff\xff\x00\x00\x00", "png signature only": good[:8]}
     cases = {f"image: {k}": _with_image(data_url(v)) for k, v in blobs.items()}
@@ -166,7 +156,7 @@ def image_cases(rng: random.Random, allowed_dir: str) -> dict[str, bytes]:
             "missing file": f"file://{allowed_dir}/missing.png", "long path": f"{allowed_dir}/" + "a" * 5000,
             "dir itself": allowed_dir, "empty url": "", "javascript": "javascript:alert(1)"}
     cases.update({f"image url: {k}": _with_image(v) for k, v in urls.items()})
-    three = [{"type": "image_url", "image_url": {"url": data_url(png(color=(i, 9, 9)))}} for i in range(3)]
+    three = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(SMALL, (i, 9, 9)))}} for i in range(3)]
     cases["image: over max_images"] = json.dumps(_set(base_request(), ("messages", 0, "content"), three)).encode()
     return cases
 
@@ -235,7 +225,7 @@ def served(tiny_checkpoint, tmp_path_factory):
     model, processor = load_model(tiny_checkpoint, device="cpu")
     engine = GenerationEngine(model, processor)
     images = tmp_path_factory.mktemp("allowed")
-    (images / "ok.png").write_bytes(png())
+    (images / "ok.png").write_bytes(png_bytes(SMALL))
     server = BackgroundServer(create_app(engine, MODEL, allowed_image_dir=str(images), **LIMITS))
     yield {"url": server.url, "engine": engine, "images": str(images)}
     server.stop()

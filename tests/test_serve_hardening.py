@@ -22,27 +22,13 @@ pytest.importorskip("uvicorn")
 from ghostvis_hf.inference import ContextLengthError, GenerationEngine, SamplingParams, load_model  # noqa: E402
 from ghostvis_hf.serve import server as serve  # noqa: E402
 from ghostvis_hf.serve.server import BackgroundServer, create_app  # noqa: E402
+from conftest import png_bytes, png_header_only  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODEL = "ghostvis-tiny"
 LIMITS = dict(max_image_bytes=64 * 1024, max_image_pixels=100_000, max_images=3, max_request_bytes=2 << 20,
               max_tokens_limit=4000)
-
-
-def png_bytes(size=(40, 30), color=(255, 0, 0)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A small PNG whose header claims `width` x `height` pixels (what a decompression bomb looks like)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def data_url(data: bytes) -> str:
