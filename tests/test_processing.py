@@ -218,24 +218,16 @@ def test_options_given_twice_are_refused(tiny):
     assert isinstance(out["input_ids"], torch.Tensor)
 
 
-def test_tokenizer_defaults_apply_unless_overridden(tiny):
+def test_tokenizer_defaults_apply_unless_overridden(tiny, tmp_path):
     # Options the tokenizer was created with (here padding to max_length=12) are the processor's defaults.
     from ghostvis_hf import GhostVisProcessor
 
     _, processor = tiny
-    tokenizer = processor.tokenizer.__class__.from_pretrained(_saved_tokenizer(processor), padding="max_length",
-                                                               max_length=12)
+    processor.tokenizer.save_pretrained(tmp_path)
+    tokenizer = processor.tokenizer.__class__.from_pretrained(tmp_path, padding="max_length", max_length=12)
     padded = GhostVisProcessor(processor.image_processor, tokenizer, num_image_tokens=processor.num_image_tokens)
     assert len(padded(text=["hi"])["input_ids"][0]) == 12
     assert len(padded(text=["hi"], padding=False)["input_ids"][0]) == len(processor(text=["hi"])["input_ids"][0])
-
-
-def _saved_tokenizer(processor):
-    import tempfile
-
-    folder = tempfile.mkdtemp()
-    processor.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_num_multimodal_tokens_counts_the_placeholders_features_fill(tiny):

@@ -267,11 +267,11 @@ def _bf16_master(model, opt):
 def _fp32_params(model, opt):
     """Back to fp32 parameters and a plain fused AdamW for the runs after a master-weight run."""
     from ghostvis_hf.kernels import fused_adamw
+    from ghostvis_hf.training.optimizer import cast_parameters
 
     del opt
     gc.collect()
-    for p in model.parameters():
-        p.data = p.data.float()
+    cast_parameters(model, torch.float32)
     return fused_adamw(model, lr=1e-5)
 
 

@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+def _check_lengths(lengths: list[int], capacity: int) -> None:
+    if any(n > capacity or n <= 0 for n in lengths):
+        raise ValueError(f"every length must be in [1, {capacity}], got max {max(lengths)} / min {min(lengths)}")
+
+
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Packs items into as few bins of `capacity` as best-fit decreasing finds.
 
@@ -52,8 +57,7 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
     ```
     """
-    if any(n > capacity or n <= 0 for n in lengths):
-        raise ValueError(f"every length must be in [1, {capacity}], got max {max(lengths)} / min {min(lengths)}")
+    _check_lengths(lengths, capacity)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin id)
@@ -105,8 +109,7 @@ def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
     ```
     """
-    if any(n > capacity or n <= 0 for n in lengths):
-        raise ValueError(f"every length must be in [1, {capacity}], got max {max(lengths)} / min {min(lengths)}")
+    _check_lengths(lengths, capacity)
     bins: list[list[int]] = []
     used = capacity
     for i, n in enumerate(lengths):

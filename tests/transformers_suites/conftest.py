@@ -50,6 +50,8 @@ def _download_suites(version: str, dest: Path) -> None:
 def _draw_fixtures(folder: Path) -> None:
     rng = np.random.default_rng(0)
     for name, size in zip(IMAGE_FIXTURES, ((640, 480), (500, 333))):
+        if (folder / name).exists():  # deterministic: drawn once per cache folder
+            continue
         pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / name)
 
