@@ -12,11 +12,14 @@ import logging
 import os
 import sys
 
+import torch
+
 import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ghostvis_hf.data.validate import validate_rows
 from ghostvis_hf.hub import training_origin
+from ghostvis_hf.kernels import apply_kernels
 from ghostvis_hf.training import (
     GhostVisArguments,
     build_sft_collator,
@@ -47,6 +50,8 @@ def main(script_args, training_args, model_args, gv_args):
         raise ValueError("Alignment trains the resampler + projector fully; LoRA belongs to recipes/sft.py")
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
     counts = freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
+    if gv_args.kernels and torch.cuda.is_available():  # Liger + cuDNN/varlen attention for the trainer's GPU
+        logger.info("kernels: %s", apply_kernels(model, device="cuda"))
     print(f"trainable parameters: {counts['trainable']:,} | frozen: {counts['frozen']:,}", flush=True)
 
     ################

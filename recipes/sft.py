@@ -66,7 +66,8 @@ def main(script_args, training_args, model_args, gv_args):
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
     freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
     if gv_args.kernels and torch.cuda.is_available():
-        logger.info("kernels: %s", apply_kernels(model))  # Liger + cuDNN/varlen attention; CPU keeps plain PyTorch
+        # Liger + cuDNN/varlen attention for the GPU the trainer moves the model to; the CPU keeps plain PyTorch
+        logger.info("kernels: %s", apply_kernels(model, device="cuda"))
     peft_config = peft_config_for(model_args)
     if peft_config is not None and (gv_args.vision_tower_lr or gv_args.projector_lr):
         raise ValueError("vision_tower_lr/projector_lr apply to full fine-tuning, not LoRA")

@@ -309,3 +309,23 @@ def test_attention_fast_paths_plumbing_on_cpu(tiny, monkeypatch):
     torch.testing.assert_close(packed, ref_packed, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dense, ref_dense, rtol=1e-4, atol=1e-5)
     reset_kernels(model)
+
+
+def test_a_model_still_on_the_cpu_gets_the_kernels_of_the_device_it_will_run_on(tiny, monkeypatch):
+    """The recipes swap kernels before the trainer moves the model to the GPU: `device="cuda"` decides, not where the
+    parameters are now (else every recipe trained with the plain-PyTorch fallbacks)."""
+    from ghostvis_hf.kernels import liger as _liger
+
+    model = copy.deepcopy(tiny[0])
+    patched = []
+    monkeypatch.setattr(kernels, "liger_available", lambda: True)
+    for name in ("patch_rms_norm", "patch_swiglu", "patch_rope"):
+        monkeypatch.setattr(_liger, name, lambda m, _n=name: patched.append(_n))
+    try:
+        assert apply_kernels(model, fused_ce=False, attention=None)["rms_norm"] == "torch"  # on the CPU: fallbacks
+        assert patched == []
+        active = apply_kernels(model, fused_ce=False, attention=None, device="cuda")
+        assert active["rms_norm"] == active["swiglu"] == active["rope"] == "liger"
+        assert patched == ["patch_rms_norm", "patch_swiglu", "patch_rope"]
+    finally:
+        ACTIVE.clear()

@@ -50,7 +50,9 @@ def _parser():
     p.add_argument("--scenarios", default="fixed,mix")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd decoder layers")
     p.add_argument("--runs", default=None, help="comma list of runs (default: all; see RUNS)")
-    p.add_argument("--profile", action="store_true", help="write a kernel profile of 2 'swaps' steps")
+    p.add_argument("--profile", nargs="?", const="swaps", default=None, metavar="RUN",
+                   help="write a kernel profile of a few steps of this fixed-scenario run (default: swaps) to "
+                        "train_profile_<RUN>.txt")
     p.add_argument("--mix-median", type=float, default=450.0, help="median GhostVis length of the mix (tokens)")
     p.add_argument("--mix-sigma", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
@@ -145,12 +147,33 @@ def _profile(model, opt, batches, args, path):
     attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     # kernels only: the aten ops above them report the same device time again
     busy = sum(getattr(e, attr) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    table = events.table(sort_by=attr, row_limit=25)
+    table = events.table(sort_by=attr, row_limit=30)
+    kinds = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kind = _kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + getattr(e, attr) / 1e6
+    share = ", ".join(f"{k} {v / len(inputs) * 1e3:.1f} ms ({v / busy:.0%})"
+                      for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
     text = (f"{len(inputs)} steps: wall {wall:.3f} s under the profiler, GPU kernel time {busy:.3f} s "
-            f"({busy / wall:.0%} busy)\n{table}")
+            f"({busy / wall:.0%} busy)\nper step, by kind: {share}\n{table}")
     with open(path, "w") as f:
         f.write(text)
     print(text[:6000], flush=True)
+
+
+_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "gemv")),
+          ("attention", ("flash", "fmha", "cudnn", "attention", "attn")),
+          ("optimizer", ("adam", "multi_tensor", "foreach")),
+          ("copy/cast", ("copy", "cast")),
+          ("triton (fused)", ("triton",)),
+          ("reduction", ("reduce",)),
+          ("elementwise", ("elementwise", "vectorized")))
+
+
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in _KINDS if any(k in low for k in keys)), "other")
 
 
 def _env(args, argv):
@@ -221,14 +244,14 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
                 results.append({"scenario": "fixed", "run": label, "steps": 0, "failed": repr(e)[:300]})
                 return
             results.append(_run(gv, opt, fixed, args, "ghostvis", n_patches, label, "fixed"))
+            if key in (args.profile or "").split(","):
+                _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, f"train_profile_{key}.txt"))
 
     fixed_run("swaps", "GhostVis, all swaps")
     if fixed and "master" in runs:  # the recipes' GPU default: no per-step casts of fp32 weights under autocast
         opt = _bf16_master(gv, opt)
         fixed_run("master", "GhostVis, all swaps, bf16 params + fp32 master weights")
         opt = _fp32_params(gv, opt)
-    if fixed and args.profile:
-        _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, "train_profile.txt"))
     if "mix" in scenarios:
         labels = {"padded": "GhostVis, all swaps, padded",
                   "packed_b": f"GhostVis, all swaps, packed ({args.batch} conversations/step)",

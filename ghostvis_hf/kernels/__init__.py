@@ -10,6 +10,8 @@ cross-entropy (still never materialising `[tokens, vocab]` logits). `ACTIVE` rec
 `force("fallback" | "fast" | None)` switches paths for tests, `reset_kernels(model)` undoes everything.
 """
 
+import torch
+
 from . import _compat
 from ._compat import ACTIVE, force, forced, liger_available
 from .attention import set_attention
@@ -18,7 +20,7 @@ from .memory import cast_frozen_params, compile_decoder_layers, enable_gradient_
 
 
 def apply_kernels(model, rms_norm: bool = True, swiglu: bool = True, rope: bool = True, fused_ce: bool = True,
-                  attention: str | None = "auto", ce_chunk_mem_const: int = 8) -> dict[str, str]:
+                  attention: str | None = "auto", ce_chunk_mem_const: int = 8, device=None) -> dict[str, str]:
     """Swaps fast kernels into a built GhostVis model (in place) and returns what is now active per swap.
 
     Args:
@@ -33,6 +35,8 @@ def apply_kernels(model, rms_norm: bool = True, swiglu: bool = True, rope: bool 
         attention (`str` or `None`, *optional*, defaults to `"auto"`): see `kernels.attention.set_attention`;
             `None` leaves the attention alone.
         ce_chunk_mem_const (`int`, *optional*, defaults to 8): Liger fused-CE chunk budget (see `cross_entropy`).
+        device (`str` or `torch.device`, *optional*): where the model will run, for a model still on the CPU that a
+            trainer moves later (the recipes: `device="cuda"`); defaults to where its parameters are now.
 
     Returns:
         `dict[str, str]`: per swap, `"liger"`, `"torch"` (fallback), `"off"` or the attention implementation.
@@ -40,7 +44,7 @@ def apply_kernels(model, rms_norm: bool = True, swiglu: bool = True, rope: bool 
     from . import liger as _liger
 
     ACTIVE.clear()
-    on_cuda = next(model.parameters()).is_cuda
+    on_cuda = next(model.parameters()).is_cuda if device is None else torch.device(device).type == "cuda"
     family = _liger.decoder_family(model)
     fast_layers = _compat.want_fast(on_cuda and liger_available() and family is not None, "Liger decoder kernels")
     if fast_layers and rms_norm:
