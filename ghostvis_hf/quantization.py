@@ -1,10 +1,23 @@
-"""Which GhostVis modules stay unquantized under bitsandbytes int8/nf4, for QLoRA training and quantized serving; and
+"""GhostVis's quantization choices: which modules stay unquantized, the int8 weight-only format the engine reads, and
 the one bitsandbytes start-up message that is noise here.
 
-The vision tower, resampler, projector and `lm_head` stay in bf16: they are a small share of the bytes (the decoder's
-linear layers are ~90% of a 1.5B model) and quantizing them costs the most accuracy (image features, output
+- `--quantize int8` is weight-only int8 in torchao's format (`TorchAoConfig(Int8WeightOnlyConfig())`): per output
+  channel symmetric int8 weights with float32 scales, for the text decoder's q/k/v/o/gate/up/down projections. It
+  round-trips through `save_pretrained` / `from_pretrained(trust_remote_code=True)` (safetensors; the loading side
+  needs `torchao` installed, nothing of GhostVis), and the engine's fused decode kernels read its int8 data and
+  scales directly (`int8_weight_only`). NOTE: so GhostVis needs no quantizer of its own and no extra file travelling
+  with checkpoints. With transformers 5.24 a checkpoint *loaded* int8 cannot be saved again (its torchao
+  deserialisation has no reverse op: `NotImplementedError` in `revert_weight_conversion`); quantize from the
+  unquantized checkpoint and save that.
+- `--quantize bnb-int8|bnb-nf4` are bitsandbytes' (CUDA only; nf4 for QLoRA-size memory, both decode eagerly).
+
+The vision tower, resampler, projector and `lm_head` stay unquantized: they are a small share of the bytes (the
+decoder's linear layers are ~90% of a 1.5B model) and quantizing them costs the most accuracy (image features, output
 distribution). Training (`ghostvis_hf.training`) and loading for inference (`ghostvis_hf.inference.loader`) both read
-this one list.
+this one list. NOTE: the names carry the `model.` prefix because transformers >= 5.x matches a skip pattern from the
+start of a parameter's full name (or as its suffix): a bare `"vision_tower"` matched nothing, and every `Linear` of
+the vision tower, resampler and projector was quantized (measured with transformers 5.24, torchao and bitsandbytes
+alike).
 
 NOTE: peft imports bitsandbytes whenever it is installed (so every TRL recipe start does), and bitsandbytes >= 0.49 on
 a CPU with AVX512-BF16 then warns "Failed to load CPU gemm_4bit_forward from kernels-community: No module named
@@ -16,8 +29,10 @@ imports `ghostvis_hf` before `trl`/`peft` never prints it. Remove when bitsandby
 
 import logging
 
-# A tuple so that no caller can change it for the others; `BitsAndBytesConfig` gets `list(QUANT_SKIP_MODULES)`.
-QUANT_SKIP_MODULES = ("vision_tower", "resampler", "multi_modal_projector", "lm_head")
+import torch
+
+# A tuple so that no caller can change it for the others; the quantization configs get `list(QUANT_SKIP_MODULES)`.
+QUANT_SKIP_MODULES = ("model.vision_tower", "model.resampler", "model.multi_modal_projector", "lm_head")
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_KERNEL_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -50,3 +65,46 @@ def quiet_bitsandbytes_cpu_kernel_warning() -> None:
 
 
 quiet_bitsandbytes_cpu_kernel_warning()
+
+
+def quantization_kind(model) -> str | None:
+    """`"int8"` for torchao int8 weight-only, `"bnb"` for bitsandbytes, the `quant_method` of any other
+    quantization, `None` for an unquantized model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None) or getattr(model.config, "quantization_config", None)
+    if config is None:
+        return "unknown" if getattr(model, "is_quantized", False) else None
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method == "torchao":
+        quant_type = config.get("quant_type") if isinstance(config, dict) else getattr(config, "quant_type", None)
+        name = quant_type.get("default", {}).get("_type") if isinstance(quant_type, dict) else type(quant_type).__name__
+        return "int8" if name == "Int8WeightOnlyConfig" else f"torchao {name}"
+    return "bnb" if method == "bitsandbytes" else str(method)
+
+
+def int8_weight_only(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(qdata, scale)` of a weight in the int8 weight-only format (torchao's `Int8Tensor`, one symmetric scale per
+    output row): int8 `[N, K]` and float `[N]`, the tensors the weight itself holds (no copy). `None` for any other
+    weight: a plain float tensor, bitsandbytes, or another torchao layout (per group, zero points, int8 activations).
+    """
+    qdata = getattr(weight, "qdata", None)
+    if not isinstance(qdata, torch.Tensor) or qdata.dtype != torch.int8 or qdata.dim() != 2:
+        return None
+    zero_point = getattr(weight, "zero_point", None)
+    if (list(getattr(weight, "block_size", ())) != [1, qdata.shape[1]]
+            or getattr(weight, "act_quant_kwargs", None) is not None
+            or getattr(weight, "act_pre_scale", None) is not None
+            or (zero_point is not None and bool(zero_point.any()))):
+        return None
+    return qdata, weight.scale.reshape(-1)
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes a parameter really occupies: int8 data + scales for the int8 format (`numel() * element_size()` would
+    count it at the model dtype), else `numel() * element_size()`."""
+    int8 = int8_weight_only(tensor)
+    if int8 is not None:
+        qdata, scale = int8
+        return qdata.numel() + scale.numel() * scale.element_size()
+    return tensor.numel() * tensor.element_size()

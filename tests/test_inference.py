@@ -245,11 +245,12 @@ def test_sampling_helpers():
     assert kept.tolist() == [[True, True, False, False], [True, False, False, False]]
 
 
-def test_quantize_needs_cuda(tiny_checkpoint):
+def test_bitsandbytes_quantize_needs_cuda(tiny_checkpoint):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU error")
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        load_model(tiny_checkpoint, quantize="int8", device="cpu")
+    for choice in ("bnb-int8", "bnb-nf4"):
+        with pytest.raises(RuntimeError, match=f"--quantize {choice} needs a CUDA GPU.*--quantize int8"):
+            load_model(tiny_checkpoint, quantize=choice, device="cpu")
 
 
 def test_chat_one_shot(tiny_checkpoint, tmp_path):

@@ -6,7 +6,7 @@ import sys
 BENCHMARKS = {
     "train": ("ghostvis_hf.bench.train", "training throughput"),
     "generate": ("ghostvis_hf.bench.generate", "generation: stock generate vs the engine, time to first token"),
-    "quantize": ("ghostvis_hf.bench.quantize", "unquantized vs int8 vs nf4: memory, logits agreement, decode speed"),
+    "quantize": ("ghostvis_hf.bench.quantize", "unquantized vs int8 vs bnb-int8 vs bnb-nf4: memory, logits, decode speed"),
 }
 
 

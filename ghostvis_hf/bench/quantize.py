@@ -1,14 +1,15 @@
-"""`ghostvis bench quantize`: the same checkpoint loaded unquantized, int8 and nf4 (bitsandbytes), side by side.
+"""`ghostvis bench quantize`: the same checkpoint loaded unquantized, int8 weight-only (torchao) and bitsandbytes
+int8 / nf4, side by side.
 
 For a preset saved with random weights, each mode is loaded the way `ghostvis chat/serve --quantize` load it
 (`ghostvis_hf.inference.loader.load_model`: vision tower, resampler, projector and `lm_head` unquantized) and
-measured: weight memory (`get_memory_footprint`), GPU memory allocated after loading and peak while generating,
+measured: weight memory (`loader.footprint_bytes`), GPU memory allocated after loading and peak while generating,
 agreement of its logits with the unquantized model's on one image+text prompt (cosine similarity, top-1 agreement
-per position), and batch-1 decode speed of stock `generate` and of `GenerationEngine` (quantized models decode
-eagerly: bitsandbytes layers are not captured in CUDA graphs).
+per position), and batch-1 decode speed of stock `generate` and of `GenerationEngine` (int8 decodes with the fused
+kernels in CUDA graphs; bitsandbytes models decode eagerly: their layers are not captured in CUDA graphs).
 
     ghostvis bench quantize                     # on the GPU, 1.5b preset, writes docs/benchmarks/quantize.{json,md}
-    ghostvis bench quantize --preset tiny --device cpu --modes none --out-dir /tmp/q   # CPU smoke test
+    ghostvis bench quantize --preset tiny --device cpu --modes none,int8 --out-dir /tmp/q   # CPU smoke test
 """
 
 import argparse
@@ -23,6 +24,7 @@ import traceback
 
 import torch
 
+from ..inference.loader import QUANTIZE_CHOICES
 from .common import machine_name, random_image, random_prompts, record_header, run_engine, run_stock
 
 
@@ -30,7 +32,8 @@ def _parser():
     p = argparse.ArgumentParser(prog="ghostvis bench quantize", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="1.5b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--modes", default="none,int8,nf4", help="comma-separated: none (bf16/fp32), int8, nf4")
+    p.add_argument("--modes", default="none," + ",".join(QUANTIZE_CHOICES),
+                   help="comma-separated: none (bf16/fp32), " + ", ".join(QUANTIZE_CHOICES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +58,7 @@ def _memory(device) -> dict:
 
 def measure(path: str, mode: str, device, args, reference_logits=None) -> tuple[dict, torch.Tensor]:
     from ghostvis_hf.inference import GenerationEngine
-    from ghostvis_hf.inference.loader import load_model
+    from ghostvis_hf.inference.loader import footprint_bytes, load_model
 
     if device.type == "cuda":
         gc.collect()
@@ -63,7 +66,7 @@ def measure(path: str, mode: str, device, args, reference_logits=None) -> tuple[
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     model, processor = load_model(path, quantize=None if mode == "none" else mode, device=device)
-    row = {"mode": mode, "load_s": time.perf_counter() - t0, "footprint_gb": model.get_memory_footprint() / 1e9,
+    row = {"mode": mode, "load_s": time.perf_counter() - t0, "footprint_gb": footprint_bytes(model) / 1e9,
            **{f"after_load_{k}": v for k, v in _memory(device).items()}}
     with torch.no_grad():
         logits = model(**_image_prompt(model, processor, args.prompt_len, args.seed)).logits[0].float().cpu()
@@ -92,12 +95,12 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in ("none", "int8", "nf4")]
+    bad = [m for m in modes if m not in ("none", *QUANTIZE_CHOICES)]
     if bad:
-        raise SystemExit(f"ghostvis bench quantize: unknown mode(s) {bad}; allowed: none, int8, nf4")
+        raise SystemExit(f"ghostvis bench quantize: unknown mode(s) {bad}; allowed: none, {', '.join(QUANTIZE_CHOICES)}")
     os.makedirs(args.out_dir, exist_ok=True)
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "bitsandbytes"):
+    for name in ("transformers", "torchao", "bitsandbytes"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
@@ -137,7 +140,7 @@ def markdown(out: dict) -> str:
     base = next((r for r in out["results"] if r["mode"] == "none"), None)
     lines = record_header(out) + [
         f"- preset `{out['preset']}` (random weights), loaded with `load_model(path, quantize=...)`; vision tower, "
-        "resampler, projector and `lm_head` stay bf16. Logits compared with the unquantized model on one image + "
+        "resampler, projector and `lm_head` stay unquantized. Logits compared with the unquantized model on one image + "
         f"{out['prompt_len']} text tokens; decode: batch 1, {out['new_tokens']} new tokens, greedy.", "",
         "| mode | weights GB | vs unquantized | GPU allocated after load GB | peak while generating GB | logits cosine "
         "| top-1 agreement | stock generate tok/s | engine tok/s | engine greedy == generate |",

@@ -1,7 +1,7 @@
 """`ghostvis chat --model PATH`: a streaming chat REPL, or a one-shot answer with `--prompt` (and `--image`).
 
     ghostvis chat --model ./ghostvis-tiny --prompt "What color?" --image img.png
-    ghostvis chat --model ./ghostvis-1.5b --quantize nf4        # interactive: /image PATH, /clear, /quit
+    ghostvis chat --model ./ghostvis-1.5b --quantize int8       # interactive: /image PATH, /clear, /quit
 
 Images attached with `/image` join the next message. Earlier turns keep their images, so the whole conversation is
 re-sent each turn; the engine's vision cache makes the repeated images free.
@@ -10,7 +10,7 @@ re-sent each turn; the engine's vision cache makes the repeated images free.
 import argparse
 import sys
 
-from .loader import QUANTIZE_CHOICES
+from .loader import QUANTIZE_CHOICES, QUANTIZE_HELP
 
 HELP = "commands: /image PATH (attach to the next message), /clear (new conversation), /quit"
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="one-shot: answer this and exit")
     p.add_argument("--image", action="append", default=[], help="image for the one-shot prompt (repeatable)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="bitsandbytes quantization (CUDA only)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -25,7 +25,8 @@ class GenerationEngine:
         max_seq_len (`int`, *optional*): context per sequence (prompt + output); defaults to
             `min(max_position_embeddings, 4096)`.
         cuda_graphs (`bool`, *optional*): run decode steps, vision encoder and single prefills as CUDA graphs;
-            defaults to `True` on CUDA for unquantized models (on the CPU, `True` runs the same code uncaptured).
+            defaults to `True` on CUDA for unquantized and int8 weight-only models (on the CPU, `True` runs the same
+            code uncaptured).
         compile (`bool` or `dict`, *optional*, defaults to `False`): `torch.compile` the decode step (before
             capturing it); a dict is passed as inductor `options`, e.g. `{"coordinate_descent_tuning": True}`.
         vision_cache_size (`int`, *optional*, defaults to 256): images whose features are kept (0 disables).
@@ -36,8 +37,9 @@ class GenerationEngine:
             `max_seq_len`. Fewer buckets mean fewer captures (and compilations).
         fused (`bool`, *optional*): decode with `FusedDecoder` (4-5 Triton kernels per layer, stacked q|k|v and
             gate|up weights) instead of the `transformers` forward; defaults to `True` on CUDA when the decoder is
-            supported, Triton is installed and neither `compile` nor quantization is asked for. `True` raises a
-            `ValueError` naming the reason when it cannot (off CUDA it runs in Triton's interpreter: tests only).
+            supported (float or int8 weight-only projections), Triton is installed and `compile` is not asked for.
+            `True` raises a `ValueError` naming the reason when it cannot (off CUDA it runs in Triton's interpreter:
+            tests only).
     """
 
     def __init__(self, model, processor, max_batch_size=None, max_seq_len=None, cuda_graphs=None, compile=False,

@@ -17,6 +17,7 @@ import logging
 import torch
 
 from ..modeling_ghostvis import CACHE_KWARG
+from ..quantization import quantization_kind
 from .cuda_graphs import GraphCache
 from .kv_cache import SlotKVCache, decode_mask, install_slot_attention
 from .requests import PendingRequest, Sequence
@@ -77,7 +78,9 @@ class ModelRunner:
         self.device, self.dtype = embed.weight.device, embed.weight.dtype
         self.vocab_size = self.lm_head.weight.shape[0]
         on_cuda = self.device.type == "cuda"
-        quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
+        # int8 weight-only (torchao) runs plain torch ops in `transformers`' forward and the fused kernels read it:
+        # graphs and the fused step as unquantized; other quantizations (bitsandbytes) decode eagerly.
+        quantized = quantization_kind(model) not in (None, "int8")
         self.max_batch_size = max_batch_size or (32 if on_cuda else 8)
         self.max_seq_len = max_seq_len or min(getattr(self.text_config, "max_position_embeddings", 4096), 4096)
         self.compile = compile
@@ -147,7 +150,8 @@ class ModelRunner:
             return None
         from .fused_decoder import FusedDecoder, unsupported_reason
 
-        reason = "quantized weights" if quantized else unsupported_reason(self.lm)
+        reason = f"{quantization_kind(self.model)} quantized weights (the kernels read --quantize int8 only)" \
+            if quantized else unsupported_reason(self.lm)
         if reason is None:
             try:
                 import triton  # noqa: F401

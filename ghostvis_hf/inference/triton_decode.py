@@ -9,7 +9,10 @@ these kernels do a layer in four or five:
   tiles for more). The RMSNorm of the input is computed in
   the prologue (x is tiny; every program recomputes it), the epilogue adds a bias, a residual, or applies SwiGLU to a
   stacked `[gate; up]` weight. Used for q|k|v (norm + bias), o (+ residual), gate|up (norm + SwiGLU), down
-  (+ residual) and the LM head (final norm).
+  (+ residual) and the LM head (final norm). The weight may be int8 with one scale per output row
+  (`ghostvis_hf.quantization.int8_weight_only`): each tile is converted in registers (int8 values are exact in
+  bf16), the products accumulate in float32 and the row scales multiply the sums in the epilogue, before bias,
+  SwiGLU and residual; the weight bytes moved per step halve.
 - `rope_attention`: rotary embedding of q and k, the write of k and v into the slot KV cache, and attention of one
   query token per row against its own slot's columns `0..position` (no mask tensor): grouped-query heads share each
   K/V load, online softmax, the columns split over several programs when rows x KV heads would not fill the GPU
@@ -79,10 +82,10 @@ _GEMV_CONFIGS = [  # M == 1: a few weight rows per program, reduced on CUDA core
 
 @_jit
 def _linear_kernel(
-    x_ptr, w_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, scale_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K, stride_x, stride_out, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, INT8: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     dtype = out_ptr.dtype.element_ty
@@ -111,7 +114,9 @@ def _linear_kernel(
             g = tl.load(norm_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             xt = (xt.to(tl.float32) * rstd[:, None]).to(dtype)
             xt = (g[None, :] * xt.to(tl.float32)).to(dtype)
-        wt = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
+        if INT8 and BLOCK_M > 1 and not F32_DOT:  # tensor-core operand: exact in bf16/fp16 (|q| <= 128)
+            wt = wt.to(dtype)
         if BLOCK_M == 1:  # matrix-vector: multiply-add on CUDA cores, no padding of x to a tensor-core tile
             xv = tl.sum(xt.to(tl.float32), axis=0)
             acc += tl.sum(wt.to(tl.float32) * xv[None, :], axis=1)[None, :]
@@ -121,7 +126,9 @@ def _linear_kernel(
             acc += tl.dot(xt, tl.trans(wt))
         if SWIGLU:  # the up rows sit N rows below the gate rows of the stacked weight
             ut = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                         other=0.0)
+                         other=0)
+            if INT8 and BLOCK_M > 1 and not F32_DOT:
+                ut = ut.to(dtype)
             if BLOCK_M == 1:
                 acc_up += tl.sum(ut.to(tl.float32) * xv[None, :], axis=1)[None, :]
             elif F32_DOT:
@@ -129,6 +136,10 @@ def _linear_kernel(
             else:
                 acc_up += tl.dot(xt, tl.trans(ut))
 
+    if INT8:  # per-row scales of the int8 weight (the up rows' scales sit N below the gate rows')
+        acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc_up *= tl.load(scale_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
@@ -143,7 +154,7 @@ def _linear_kernel(
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=mask)
 
 
-_KEY = ["M", "N", "K", "NORM", "SWIGLU"]
+_KEY = ["M", "N", "K", "NORM", "SWIGLU", "INT8"]
 _linear_dot = _autotune(_DOT_CONFIGS, key=_KEY)(_linear_kernel)
 _linear_gemv = _autotune(_GEMV_CONFIGS, key=_KEY)(_linear_kernel)
 
@@ -152,12 +163,16 @@ def _block_m(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swiglu=False):
+def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swiglu=False, weight_scale=None):
     """`epilogue(rmsnorm(x) @ weight.T)` for a few rows.
 
     Args:
         x (`torch.Tensor` of shape `[M, K]`): rows contiguous in the last dimension.
-        weight (`torch.Tensor` of shape `[N, K]`, or `[2N, K]` stacked `[gate; up]` with `swiglu=True`).
+        weight (`torch.Tensor` of shape `[N, K]`, or `[2N, K]` stacked `[gate; up]` with `swiglu=True`): in `x`'s
+            dtype, or int8 with `weight_scale`.
+        weight_scale (`torch.Tensor` of shape `[N]` (`[2N]` with `swiglu`), *optional*): the scale of each row of
+            an int8 `weight` (symmetric: the row is `weight[n] * weight_scale[n]`); required for int8, refused
+            otherwise.
         norm_weight (`torch.Tensor` of shape `[K]`, *optional*): apply RMSNorm (with `eps`) to `x` first.
         bias (`torch.Tensor` of shape `[N]`, *optional*), residual (`torch.Tensor` of shape `[M, N]`, *optional*):
             added to the output (bias before rounding, residual after, as `transformers`' modules do).
@@ -169,16 +184,21 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
     m, k = x.shape
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     assert weight.shape[1] == k and x.stride(1) == 1 and weight.is_contiguous(), (x.shape, weight.shape)
+    int8 = weight.dtype == torch.int8
+    if int8 != (weight_scale is not None):
+        raise ValueError(f"weight_scale goes with an int8 weight and only with one (weight is {weight.dtype})")
+    if int8 and (weight_scale.shape != (weight.shape[0],) or not weight_scale.is_contiguous()):
+        raise ValueError(f"weight_scale must be contiguous of shape ({weight.shape[0]},), not {tuple(weight_scale.shape)}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride() == out.stride()
     bm = _block_m(m)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm))  # noqa: E731
     (_linear_gemv if bm == 1 else _linear_dot)[grid](
-        x, weight, norm_weight if norm_weight is not None else x, bias if bias is not None else x,
-        residual if residual is not None else x, out, m, n, k, x.stride(0), out.stride(0), eps,
-        BLOCK_M=bm, NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        SWIGLU=swiglu, F32_DOT=INTERPRET or x.dtype == torch.float32,
+        x, weight, weight_scale if int8 else x, norm_weight if norm_weight is not None else x,
+        bias if bias is not None else x, residual if residual is not None else x, out, m, n, k, x.stride(0),
+        out.stride(0), eps, BLOCK_M=bm, NORM=norm_weight is not None, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, SWIGLU=swiglu, INT8=int8, F32_DOT=INTERPRET or x.dtype == torch.float32,
     )
     return out
 

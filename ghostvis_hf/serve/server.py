@@ -323,7 +323,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ghostvis_hf.inference.loader import QUANTIZE_CHOICES
+    from ghostvis_hf.inference.loader import QUANTIZE_CHOICES, QUANTIZE_HELP
 
     p = argparse.ArgumentParser(prog="ghostvis serve", description="OpenAI-compatible GhostVis server + web page.")
     p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=_positive,
                    help="request body size (default: max-images images of max-image-bytes, plus 1 MiB)")
     p.add_argument("--max-tokens-limit", type=_positive, help="most tokens one request may generate")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="bitsandbytes quantization (CUDA only)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32")
     p.add_argument("--max-batch-size", type=int, help="sequences decoded together")
