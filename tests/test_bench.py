@@ -24,6 +24,23 @@ def test_bench_quantize_on_cpu_measures_unquantized_and_int8_and_reports_why_bnb
     assert "bnb-int8: `RuntimeError: --quantize bnb-int8 needs a CUDA GPU" in table
 
 
+def test_bench_generate_int8_rows_next_to_the_unquantized_ones(tmp_path):
+    pytest.importorskip("torchao")
+    rc = bench_main(["generate", "--preset", "tiny", "--device", "cpu", "--modes", "eager", "--batch-sizes", "1,2",
+                     "--prompt-len", "40", "--new-tokens", "8", "--quantize", "int8", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    out = json.loads((tmp_path / "generate.json").read_text())
+    assert out["benchmark"] == "generate" and not out["errors"]
+    rows = {(r["mode"], r["batch"]): r for r in out["results"]}
+    assert set(rows) == {(m, b) for m in ("stock", "eager", "stock-int8", "eager-int8") for b in (1, 2)}
+    assert all(r["tok_s"] > 0 and "pct_roofline" in r for r in rows.values())
+    assert rows[("eager-int8", 2)]["greedy_vs_stock"]["identical_rows"] == 2  # engine == generate on the int8 model
+    assert 0.3 < out["int8"]["weight_ratio"] < 0.6 and out["int8"]["weight_bytes"] < out["weight_bytes"]
+    table = (tmp_path / "generate.md").read_text()
+    assert "| eager-int8 | 1 |" in table and "int8 / unquantized tok/s: stock batch 1 " in table
+    assert ", eager batch 2 " in table
+
+
 def test_bench_unknown_benchmark_is_refused(capsys):
     assert bench_main(["nope"]) == 2
     assert "usage: ghostvis bench" in capsys.readouterr().err

@@ -10,16 +10,23 @@ decoder forward in CUDA graphs), `eager` (no graphs), `compile` / `compile-tuned
 graphs). Stock baselines: `generate` (`stock`) and, with `--stock-cb`, `transformers`' continuous batching
 (`generate_batch`, paged cache, its own CUDA graphs) on the same decoder and weights.
 
+`--quantize int8` then saves the same random weights, loads them back as `ghostvis chat/serve --quantize int8` do
+(torchao int8 weight-only, `load_model`) and times the same modes again: rows `<mode>-int8`, whose roofline counts the
+int8 weights + their scales (+ the unquantized LM head) a step reads.
+
     ghostvis bench generate                                                   # on the GPU, writes docs/benchmarks/
+    ghostvis bench generate --modes fused --quantize int8                     # bf16 and int8 rows, one run
     ghostvis bench generate --preset tiny --device cpu --new-tokens 16 --out-dir /tmp/b   # CPU smoke test
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -41,6 +48,7 @@ def _parser():
     p.add_argument("--stock-cb", action="store_true",
                    help="also time transformers' continuous batching (generate_batch) on the same decoder")
     p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--quantize", choices=["int8"], help="also time the same weights quantized (rows <mode>-int8)")
     p.add_argument("--check-fp32", action="store_true", help="finally: greedy engine vs generate in float32")
     p.add_argument("--ttft-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -68,13 +76,12 @@ def measure_bandwidth(device, gib: float = 2.0) -> float | None:
 
 
 def decode_weight_bytes(model) -> int:
-    """Bytes one decode step reads: decoder + LM head parameters (a tied embedding/head counted once)."""
-    seen, total = set(), 0
-    for p in list(model.model.language_model.parameters()) + list(model.get_output_embeddings().parameters()):
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
+    """Bytes one decode step reads: decoder + LM head parameters (a tied embedding/head counted once; int8 weights
+    as their int8 data + scales)."""
+    from ghostvis_hf.quantization import tensor_bytes
+
+    params = list(model.model.language_model.parameters()) + list(model.get_output_embeddings().parameters())
+    return sum(tensor_bytes(p) for p in {id(p): p for p in params}.values())
 
 
 def causal_lm(model):
@@ -224,9 +231,11 @@ def _save(out: dict, out_dir: str) -> None:
 
 
 def _record(out: dict, args, name: str, batch: int, seconds: float) -> dict:
-    """Adds (and saves) one throughput row: tok/s end to end, and as a % of the roofline when there is one."""
+    """Adds (and saves) one throughput row: tok/s end to end, and as a % of the roofline when there is one (the int8
+    roofline for `-int8` rows)."""
     tok_s = batch * args.new_tokens / seconds
-    roof = out["roofline_tok_s_batch1"] * batch if out["bandwidth_bytes_per_s"] else None
+    base = out["int8"]["roofline_tok_s_batch1"] if name.endswith("-int8") else out["roofline_tok_s_batch1"]
+    roof = base * batch if base else None
     row = {"mode": name, "batch": batch, "seconds": seconds, "tok_s": tok_s,
            "pct_roofline": 100 * tok_s / roof if roof else None}
     out["results"].append(row)
@@ -235,28 +244,55 @@ def _record(out: dict, args, name: str, batch: int, seconds: float) -> dict:
     return row
 
 
-def _time_stock(out: dict, args, model, device, batch_sizes) -> dict[int, list[list[int]]]:
+def _time_stock(out: dict, args, model, device, batch_sizes, suffix="") -> dict[int, list[list[int]]]:
     """Stock `generate` (unless `--no-stock`) and, with `--stock-cb`, continuous batching; returns `generate`'s
     greedy tokens per batch size, which the engine's are compared with."""
     stock_tokens = {}
     for batch in [] if args.no_stock else batch_sizes:
         prompts = random_prompts(batch, args.prompt_len, args.seed)
         seconds, stock_tokens[batch] = run_stock(model, prompts, args.new_tokens, device)
-        _record(out, args, "stock", batch, seconds)
+        _record(out, args, "stock" + suffix, batch, seconds)
     for batch in batch_sizes if args.stock_cb else []:
         try:
             prompts = random_prompts(batch, args.prompt_len, args.seed)
             seconds, tokens = run_stock_cb(model, prompts, args.new_tokens, device)
-            row = _record(out, args, "stock-cb", batch, seconds)
+            row = _record(out, args, "stock-cb" + suffix, batch, seconds)
             if batch in stock_tokens:
                 row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
             _save(out, args.out_dir)
         except Exception as e:
-            _error(out, f"stock-cb batch {batch}", e)
+            _error(out, f"stock-cb{suffix} batch {batch}", e)
     return stock_tokens
 
 
-def _time_engine(out: dict, args, mode: str, model, processor, device, batch_sizes, stock_tokens) -> None:
+def _time_all(out: dict, args, model, processor, device, batch_sizes, suffix="") -> None:
+    """Stock baselines, then every engine mode of `--modes` (rows named `<mode><suffix>`)."""
+    stock_tokens = _time_stock(out, args, model, device, batch_sizes, suffix)
+    for mode in [m for m in args.modes.split(",") if m]:
+        if device.type != "cuda" and mode in ("graphs", "fused"):
+            continue
+        try:
+            _time_engine(out, args, mode, model, processor, device, batch_sizes, stock_tokens, suffix)
+        except Exception as e:  # keep the other modes' numbers
+            _error(out, mode + suffix, e)
+            _save(out, args.out_dir)
+
+
+def _time_int8(out: dict, args, path: str, device, dtype, batch_sizes) -> None:
+    """The checkpoint at `path` loaded int8 weight-only (`load_model(..., quantize="int8")`, as chat/serve load it)
+    and timed like the unquantized one."""
+    from ghostvis_hf.inference.loader import load_model
+
+    model, processor = load_model(path, quantize="int8", dtype=dtype, device=device)
+    weight_bytes = decode_weight_bytes(model)
+    bandwidth = out["bandwidth_bytes_per_s"]
+    out["int8"] = {"weight_bytes": weight_bytes, "weight_ratio": weight_bytes / out["weight_bytes"],
+                   "roofline_tok_s_batch1": bandwidth / weight_bytes if bandwidth else None}
+    print(f"int8: weights read per step {weight_bytes / 1e9:.2f} GB ({out['int8']['weight_ratio']:.2f}x)", flush=True)
+    _time_all(out, args, model, processor, device, batch_sizes, suffix="-int8")
+
+
+def _time_engine(out: dict, args, mode: str, model, processor, device, batch_sizes, stock_tokens, suffix="") -> None:
     """One engine mode at every batch size; the first mode that works also measures time to first token."""
     from ghostvis_hf.inference import GenerationEngine
 
@@ -269,11 +305,11 @@ def _time_engine(out: dict, args, mode: str, model, processor, device, batch_siz
     )
     t0 = time.perf_counter()
     engine.warmup(batch_sizes=batch_sizes, seq_lens=[max_seq])
-    out.setdefault("warmup_s", {})[mode] = time.perf_counter() - t0
+    out.setdefault("warmup_s", {})[mode + suffix] = time.perf_counter() - t0
     for batch in batch_sizes:
         prompts = random_prompts(batch, args.prompt_len, args.seed)
         seconds, tokens = run_engine(engine, prompts, args.new_tokens)
-        row = _record(out, args, mode, batch, seconds)
+        row = _record(out, args, mode + suffix, batch, seconds)
         if batch in stock_tokens:
             row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
         if device.type == "cuda":
@@ -321,15 +357,7 @@ def main(argv=None) -> int:
     print(f"weights read per step: {weight_bytes / 1e9:.2f} GB; bandwidth: {(bandwidth or 0) / 1e12:.2f} TB/s",
           flush=True)
 
-    stock_tokens = _time_stock(out, args, model, device, batch_sizes)
-    for mode in [m for m in args.modes.split(",") if m]:
-        if device.type != "cuda" and mode in ("graphs", "fused"):
-            continue
-        try:
-            _time_engine(out, args, mode, model, processor, device, batch_sizes, stock_tokens)
-        except Exception as e:  # keep the other modes' numbers
-            _error(out, mode, e)
-            _save(out, args.out_dir)
+    _time_all(out, args, model, processor, device, batch_sizes)
     for fused in [False, True] if args.check_fp32 else []:
         if fused and device.type != "cuda":
             continue
@@ -338,6 +366,18 @@ def main(argv=None) -> int:
             print(f"fp32 check: {json.dumps(out['check_fp32'][-1])}", flush=True)
         except Exception as e:
             _error(out, f"check_fp32 fused={fused}", e)
+    if args.quantize == "int8":  # the same random weights, saved and loaded back int8
+        with tempfile.TemporaryDirectory() as tmp:
+            model.to(dtype).save_pretrained(tmp)  # (--check-fp32 made it float32)
+            processor.save_pretrained(tmp)
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                _time_int8(out, args, tmp, device, dtype, batch_sizes)
+            except Exception as e:
+                _error(out, "int8", e)
     _save(out, args.out_dir)
     print(markdown(out))
     return 0
@@ -352,6 +392,12 @@ def markdown(out: dict) -> str:
     if roof:
         lines.append(f"- roofline: {out['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s measured copy bandwidth / "
                      f"{out['weight_bytes'] / 1e9:.2f} GB of weights per decode step = {roof:.0f} tok/s per sequence")
+    int8 = out.get("int8")
+    if int8:
+        roof8 = f" = {int8['roofline_tok_s_batch1']:.0f} tok/s per sequence" if int8["roofline_tok_s_batch1"] else ""
+        lines.append(f"- `-int8` rows: the same weights loaded with `--quantize int8` (torchao int8 weight-only; LM head, "
+                     f"vision tower, resampler and projector unquantized): {int8['weight_bytes'] / 1e9:.2f} GB per "
+                     f"decode step ({int8['weight_ratio']:.2f}x){roof8}")
     lines += ["", "| mode | batch | tok/s | % of roofline | device ms/step | greedy == stock (rows) |",
               "|---|---:|---:|---:|---:|---|"]
     for r in out["results"]:
@@ -360,6 +406,11 @@ def markdown(out: dict) -> str:
         m = r.get("greedy_vs_stock")
         match = f"{m['identical_rows']}/{m['rows']} (min common prefix {m['min_common_prefix']})" if m else ""
         lines.append(f"| {r['mode']} | {r['batch']} | {r['tok_s']:.1f} | {pct} | {step} | {match} |")
+    speedups = [f"{r['mode'][:-5]} batch {r['batch']} {r['tok_s'] / base['tok_s']:.2f}x" for r in out["results"]
+                for base in out["results"] if r["mode"].endswith("-int8") and base["mode"] == r["mode"][:-5]
+                and base["batch"] == r["batch"]]
+    if speedups:
+        lines += ["", "int8 / unquantized tok/s: " + ", ".join(speedups)]
     if "ttft" in out:
         t = out["ttft"]
         lines += ["", f"Time to first token, one {t['image_px']}-px image (engine mode `{t['engine_mode']}`, median):",
