@@ -4,8 +4,8 @@ parameter groups, and bf16 parameters with fp32 master weights (issue 16).
 Master weights: the model's parameters and activations are bf16, so the forward and backward run without autocast
 and without casting every fp32 weight to bf16 at every step (15 % of the kernel time in docs/benchmarks/
 train_profile.txt); the optimizer keeps an fp32 copy of every bf16 parameter and its fp32 state, steps the copies
-(torch's own AdamW, fused or foreach) with the gradients upcast, and writes them back rounded to bf16: the
-Megatron / DeepSpeed bf16-optimizer scheme. The copies are in the optimizer's `state_dict` (`master_weight`), so a
+with the gradients upcast, and writes them back rounded to bf16: the Megatron / DeepSpeed bf16-optimizer scheme. On
+CUDA one Triton kernel per tensor does all three (`kernels.adamw`); elsewhere torch's own AdamW steps the copies. The copies are in the optimizer's `state_dict` (`master_weight`), so a
 resumed run continues exactly.
 
 NOTE: why our own (about 100 lines): torch, accelerate, transformers and TRL have no master-weight optimizer for
@@ -16,6 +16,7 @@ So: single GPU and DDP only. Gradients stay bf16 on the parameters (what autogra
 expect): they are clipped, and with gradient accumulation summed, in bf16.
 """
 
+import functools
 import logging
 import os
 
@@ -35,13 +36,19 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         param_dtype (`torch.dtype`, *optional*): cast the parameters to this dtype after taking their fp32 copies
             (e.g. `torch.bfloat16` on an fp32 model). Without it, fp32 parameters are their own master weights
             (the wrapper is then exactly `optimizer_cls`) and others get an fp32 copy.
+        kernel (`str`, *optional*, defaults to `"auto"`): `"triton"`: step AdamW with `kernels.adamw`'s fused
+            master-weight kernel (one pass per tensor: bf16 gradient in, fp32 master and moments updated, bf16
+            parameter written); `"torch"`: cast the gradients, run `optimizer_cls`, copy back; `"auto"`: `"triton"`
+            for `torch.optim.AdamW` on CUDA parameters with Triton installed, else `"torch"`. Both keep the same
+            state (a run resumes on either).
         **kwargs: the hyperparameters of `optimizer_cls` (`lr`, `betas`, `weight_decay`, `fused`, ...).
 
     The LR scheduler and the Trainer see this optimizer's `param_groups` (the model's parameters); their
     hyperparameters are copied to the inner optimizer at every step.
     """
 
-    def __init__(self, params, optimizer_cls=torch.optim.AdamW, param_dtype: torch.dtype | None = None, **kwargs):
+    def __init__(self, params, optimizer_cls=torch.optim.AdamW, param_dtype: torch.dtype | None = None,
+                 kernel: str = "auto", **kwargs):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
@@ -58,7 +65,13 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                                        **kwargs)
         super().__init__([{**_hyper(ig), "params": g["params"]} for g, ig in zip(groups, self.optimizer.param_groups)],
                          self.optimizer.defaults)
-
+        if kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel must be auto, triton or torch, got {kernel!r}")
+        if kernel == "triton" and optimizer_cls is not torch.optim.AdamW:
+            raise ValueError("kernel='triton' steps AdamW; optimizer_cls is " + optimizer_cls.__name__)
+        self.kernel = kernel
+        self._adamw = optimizer_cls is torch.optim.AdamW
+        self._host_steps: dict[int, int] = {}  # master id -> AdamW step count, read once from the state
     def _low_precision(self):
         return [(p, m) for p, m in zip(self._params, self._masters) if m is not p]
 
@@ -70,6 +83,8 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group, inner in zip(self.param_groups, self.optimizer.param_groups):
             inner.update(_hyper(group))  # lr from the scheduler, etc.
+        if self.uses_kernel and self._kernel_step():
+            return loss
         stepped = []
         for p, m in self._low_precision():
             if m.device != p.device:  # the model moved after the optimizer was made
@@ -83,6 +98,57 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             for _, m in stepped:
                 m.grad = None
         return loss
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether steps run the fused kernel: `kernel="triton"`, or `"auto"` with AdamW on CUDA parameters (decided
+        at each step: the recipes build the optimizer before the trainer moves the model to the GPU)."""
+        if self.kernel == "auto":
+            return self._adamw and bool(self._params) and self._params[0].is_cuda and _has_triton()
+        return self.kernel == "triton"
+
+    def _kernel_step(self) -> bool:
+        """AdamW through `kernels.adamw.adamw_master_step`, on the inner AdamW's own state; `False` (nothing done)
+        where it does not apply (amsgrad, maximize, sparse or non-contiguous tensors): the torch path runs then."""
+        from ..kernels.adamw import adamw_master_step
+
+        work = []
+        for inner in self.optimizer.param_groups:
+            if inner.get("amsgrad") or inner.get("maximize") or inner.get("differentiable"):
+                return False
+            for m in inner["params"]:
+                p = self._param_of[id(m)]
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or not (p.is_contiguous() and p.grad.is_contiguous() and m.is_contiguous()):
+                    return False
+                if m.device != p.device:
+                    self._move(m, p.device)
+                work.append((inner, p, m))
+        steps = []
+        for inner, p, m in work:
+            state = self.optimizer.state[m]
+            if not state:  # what torch's AdamW creates on its first step
+                on_device = inner.get("fused") or inner.get("capturable")
+                state["step"] = torch.zeros((), dtype=torch.float32, device=m.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+            if id(m) not in self._host_steps:
+                self._host_steps[id(m)] = int(state["step"])  # one sync per tensor, at the first step or resume
+            self._host_steps[id(m)] += 1
+            steps.append(state["step"])
+            beta1, beta2 = inner["betas"]
+            adamw_master_step(p.data, p.grad, m.data, state["exp_avg"], state["exp_avg_sq"], self._host_steps[id(m)],
+                              float(inner["lr"]), beta1, beta2, inner["eps"], inner["weight_decay"])
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+        return True
+
+    @property
+    def _param_of(self) -> dict[int, torch.Tensor]:
+        if getattr(self, "_param_of_cache", None) is None:
+            self._param_of_cache = {id(m): p for p, m in zip(self._params, self._masters)}
+        return self._param_of_cache
 
     def _move(self, master, device):
         master.data = master.data.to(device)
@@ -115,6 +181,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                     p.copy_(m)
             if s:
                 state[i] = s
+        self._host_steps.clear()  # re-read from the loaded state
         self.optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
         for group, inner in zip(self.param_groups, self.optimizer.param_groups):
             group.update(_hyper(inner))
@@ -123,6 +190,13 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
     def master_weights(self) -> list[torch.Tensor]:
         """The fp32 weights, one per parameter (the parameter itself where it is fp32 and `param_dtype` unset)."""
         return list(self._masters)
+
+
+@functools.cache
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _hyper(group: dict) -> dict:

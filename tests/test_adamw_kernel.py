@@ -1,0 +1,147 @@
+"""The fused master-weight AdamW kernel (`ghostvis_hf.kernels.adamw`) against torch's AdamW, and the optimizer's
+two paths (`kernel="triton"` / `"torch"`) against each other, resume included.
+
+The kernel runs on CUDA, or in Triton's interpreter (`TRITON_INTERPRET=1`, set before Triton is imported): on a CPU
+machine `test_in_triton_interpreter` runs this file again in a subprocess with it set.
+"""
+
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from ghostvis_hf.inference.triton_decode import interpreting  # noqa: E402
+from ghostvis_hf.training.optimizer import MasterWeightOptimizer  # noqa: E402
+
+RUNS = torch.cuda.is_available() or interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest), so the trajectories of the two paths
+# would part there: the interpreter checks the low-precision parameters in float16, which it rounds like torch.
+LOW = torch.bfloat16 if torch.cuda.is_available() else torch.float16
+needs_kernel = pytest.mark.skipif(not RUNS, reason="needs CUDA or TRITON_INTERPRET=1 (see test_in_triton_interpreter)")
+
+
+def _rounded(low, master):
+    """`low` is `master` rounded to nearest on the GPU; within one ulp in the interpreter (its own conversions)."""
+    torch.testing.assert_close(low, master.to(low.dtype), rtol=0 if torch.cuda.is_available() else 2e-3, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_kernel_is_torch_adamw_on_fp32_weights(weight_decay):
+    from ghostvis_hf.kernels.adamw import adamw_master_step
+
+    g = torch.Generator().manual_seed(0)
+    n = 5000  # not a multiple of the block: the masked tail
+    w = torch.randn(n, generator=g).to(DEVICE)
+    ref = torch.nn.Parameter(w.clone())
+    opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    master, m, v = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
+    param = w.to(LOW)
+    for step, lr in enumerate([1e-2, 5e-3, 2e-3, 1e-3, 1e-3], start=1):
+        grad = torch.randn(n, generator=g).to(DEVICE) * 10 ** (step - 3)  # gradients of changing scale
+        ref.grad = grad.to(torch.bfloat16).float()
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        adamw_master_step(param, grad.to(torch.bfloat16), master, m, v, step, lr, 0.9, 0.95, 1e-8, weight_decay)
+        torch.testing.assert_close(master, ref.detach(), rtol=2e-6, atol=1e-7)
+        for ours, theirs in ((m, opt.state[ref]["exp_avg"]), (v, opt.state[ref]["exp_avg_sq"])):
+            # fp32 rounding of a fused multiply-add where torch rounds twice: 1e-6 of the moment's scale
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * theirs.abs().max().item())
+        _rounded(param, master)
+    assert (master - w).abs().max() > 1e-3  # it moved
+
+
+@needs_kernel
+def test_kernel_refuses_mismatched_tensors():
+    from ghostvis_hf.kernels.adamw import adamw_master_step
+
+    w = torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="same number of elements"):
+        adamw_master_step(w.bfloat16(), w[:4], w, w.clone(), w.clone(), 1, 1e-3, 0.9, 0.99, 1e-8, 0.0)
+    big = torch.zeros(4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        adamw_master_step(big.t().bfloat16().t(), big.t(), big.t(), big.clone(), big.clone(), 1, 1e-3, 0.9, 0.99,
+                          1e-8, 0.0)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.LayerNorm(40),
+                               torch.nn.Linear(40, 7)).to(DEVICE)
+
+
+def _groups(model):
+    return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0, "lr": 3e-3}]
+
+
+def _train(model, opt, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 24, generator=g).to(DEVICE, LOW)
+        loss = model(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@needs_kernel
+def test_triton_and_torch_paths_step_the_same_masters_and_resume_across_each_other():
+    a, b = _model(), _model()
+    opt_a = MasterWeightOptimizer(_groups(a), torch.optim.AdamW, param_dtype=LOW, kernel="triton", lr=1e-2)
+    opt_b = MasterWeightOptimizer(_groups(b), torch.optim.AdamW, param_dtype=LOW, kernel="torch", lr=1e-2)
+    assert opt_a.uses_kernel and not opt_b.uses_kernel
+    _train(a, opt_a, 4)
+    _train(b, opt_b, 4)
+    for ma, mb in zip(opt_a.master_weights, opt_b.master_weights):
+        torch.testing.assert_close(ma, mb, rtol=1e-5, atol=1e-6)
+    sd = opt_a.state_dict()
+    assert all(int(s["step"]) == 4 for s in sd["state"].values())
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "master_weight"}  # torch AdamW's, + masters
+    # the kernel path's state resumes on the torch path, and the other way round
+    c, d = _model(seed=5), _model(seed=6)
+    opt_c = MasterWeightOptimizer(_groups(c), torch.optim.AdamW, param_dtype=LOW, kernel="torch", lr=1e-2)
+    opt_d = MasterWeightOptimizer(_groups(d), torch.optim.AdamW, param_dtype=LOW, kernel="triton", lr=1e-2)
+    opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    opt_d.load_state_dict(copy.deepcopy(opt_b.state_dict()))
+    _train(a, opt_a, 3, seed=2)
+    _train(c, opt_c, 3, seed=2)
+    _train(d, opt_d, 3, seed=2)
+    for ma, mc, md in zip(opt_a.master_weights, opt_c.master_weights, opt_d.master_weights):
+        torch.testing.assert_close(mc, ma, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(md, ma, rtol=1e-5, atol=1e-6)
+    for p, m in zip([p for g in opt_a.param_groups for p in g["params"]], opt_a.master_weights):
+        assert p.dtype == LOW
+        _rounded(p, m)
+
+
+def test_auto_picks_the_kernel_only_for_adamw_on_cuda():
+    model = torch.nn.Linear(4, 4)
+    opt = MasterWeightOptimizer(model.parameters(), torch.optim.AdamW, param_dtype=torch.bfloat16)
+    assert not opt.uses_kernel  # parameters on the CPU
+    if torch.cuda.is_available():
+        model.cuda()  # as the trainer does after the recipe built the optimizer
+        assert opt.uses_kernel
+    assert not MasterWeightOptimizer(model.parameters(), torch.optim.Adam, param_dtype=torch.bfloat16).uses_kernel
+    with pytest.raises(ValueError, match="steps AdamW"):
+        MasterWeightOptimizer(model.parameters(), torch.optim.SGD, kernel="triton", lr=0.1)
+    with pytest.raises(ValueError, match="kernel must be"):
+        MasterWeightOptimizer(model.parameters(), torch.optim.AdamW, kernel="cuda")
+
+
+@pytest.mark.skipif(RUNS, reason="the kernel runs directly here")
+def test_in_triton_interpreter():
+    """On a CPU machine: this file's kernel tests, run by Triton's interpreter in a subprocess."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+                           "not interpreter and not auto_picks"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) == 4 and "skipped" not in proc.stdout, proc.stdout[-500:]
