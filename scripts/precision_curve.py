@@ -1,34 +1,124 @@
-"""Loss curves of the two GPU training precisions on the same run (issue 16).
+"""Loss curves of the two GPU training precisions on the same runs, over several seeds (issue 16).
 
-`recipes/sft.py` on the shapes data twice, identical but for `--precision`: `autocast` (fp32 weights, bf16 autocast:
-the weights are cast every step) and `bf16_master` (bf16 weights and activations, fp32 master weights and AdamW
-state in the optimizer). Writes the logged losses of both, their largest relative gap after warm-up and a plot to
-`--out` (precision_curve.json / .md / .png).
+`recipes/sft.py` on the shapes data, identical but for `--precision`: `autocast` (fp32 weights, bf16 autocast: the
+weights are cast every step) and `bf16_master` (bf16 weights and activations, fp32 master weights and AdamW state
+in the optimizer), each with every seed of `--seeds` (the seed draws the initial weights and the data order; the
+data are the same). All runs go at once (`--parallel`).
 
-    python scripts/precision_curve.py --preset small --steps 200          # on a GPU
+Why seeds: from scratch at the main job's learning rate a run's loss drops in a sudden phase whose timing is chaotic:
+two autocast runs that differ only in the seed part by ~10-20 % for a hundred steps, and so do two runs with the same
+seed that differ in any rounding. One pair of runs measures that noise, not the precision. So the comparison is of
+the mean curves over seeds, next to the autocast seeds' own spread.
+
+Writes precision_curve.json / .md / .png to `--out`.
+
+    python scripts/precision_curve.py --preset small --steps 200 --seeds 0,1,2      # on a GPU
 """
 
 import argparse
 import json
 import os
+import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 
-RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "sft.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "sft.py")
+PRECISIONS = ("autocast", "bf16_master")
 
 
-def run(precision: str, args, out_root: str) -> list[tuple[int, float]]:
-    out = os.path.join(out_root, precision)
-    cmd = [sys.executable, RECIPE, "--config", os.path.join(os.path.dirname(RECIPE), "configs", "sft_tiny.yaml"),
-           "--preset", args.preset, "--config_overrides=", "--max_steps", str(args.steps), "--bf16", "true",
-           "--precision", precision, "--logging_steps", "10", "--save_strategy", "steps", "--save_steps",
-           str(args.steps), "--eval_after_training", "false", "--plot", "false", "--output_dir", out,
-           "--seed", str(args.seed)]
-    subprocess.run(cmd, check=True)
-    with open(os.path.join(out, f"checkpoint-{args.steps}", "trainer_state.json")) as f:
-        history = json.load(f)["log_history"]
-    return [(h["step"], h["loss"]) for h in history if "loss" in h]
+def command(precision: str, seed: int, args, out: str) -> list[str]:
+    return [sys.executable, RECIPE, "--config", os.path.join(ROOT, "recipes", "configs", "sft_tiny.yaml"),
+            "--preset", args.preset, "--config_overrides=", "--max_steps", str(args.steps), "--bf16", "true",
+            "--precision", precision, "--logging_steps", "10", "--save_strategy", "steps", "--save_steps",
+            str(args.steps), "--eval_after_training", "false", "--plot", "false", "--output_dir", out,
+            "--seed", str(seed), *shlex.split(args.recipe_args)]
+
+
+def losses(out: str, steps: int) -> dict[int, float]:
+    with open(os.path.join(out, f"checkpoint-{steps}", "trainer_state.json")) as f:
+        return {h["step"]: h["loss"] for h in json.load(f)["log_history"] if "loss" in h}
+
+
+def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
+    """{precision: {seed: {step: loss}}}; `--parallel` runs at a time, each logging to its own file."""
+    jobs = [(p, s) for s in args.seeds for p in PRECISIONS]
+    curves = {p: {} for p in PRECISIONS}
+    for start in range(0, len(jobs), args.parallel):
+        procs = []
+        for precision, seed in jobs[start : start + args.parallel]:
+            out = os.path.join(tmp, f"{precision}-{seed}")
+            log = open(os.path.join(args.out, f"precision_curve_{precision}_{seed}.log"), "w")
+            procs.append((precision, seed, out, log, subprocess.Popen(command(precision, seed, args, out), stdout=log,
+                                                                      stderr=subprocess.STDOUT)))
+        for precision, seed, out, log, proc in procs:
+            if proc.wait() != 0:
+                raise RuntimeError(f"{precision} seed {seed} failed: see {log.name}")
+            log.close()
+            curves[precision][seed] = losses(out, args.steps)
+    return curves
+
+
+def summarize(curves, warmup: int) -> dict:
+    steps = sorted(set.intersection(*(set(c) for p in curves.values() for c in p.values())))
+    mean = {p: {s: statistics.fmean(c[s] for c in curves[p].values()) for s in steps} for p in curves}
+    late = [s for s in steps if s > warmup]
+    ref, new = mean["autocast"], mean["bf16_master"]
+    gaps = [abs(new[s] - ref[s]) / ref[s] for s in late]
+    # the noise: how far apart the autocast seeds are at each step, relative to their mean
+    spread = [(max(c[s] for c in curves["autocast"].values()) - min(c[s] for c in curves["autocast"].values())) / ref[s]
+              for s in late]
+    window = {p: [statistics.fmean(c[s] for s in late) for c in curves[p].values()] for p in curves}
+    return {"steps": steps, "mean": mean, "late_steps": late,
+            "max_rel_gap_of_means_after_warmup": max(gaps), "mean_rel_gap_of_means_after_warmup": statistics.fmean(gaps),
+            "autocast_seed_spread_after_warmup": {"max": max(spread), "mean": statistics.fmean(spread)},
+            "late_window_loss": {p: {"per_seed": v, "mean": statistics.fmean(v),
+                                     "stdev": statistics.stdev(v) if len(v) > 1 else None} for p, v in window.items()}}
+
+
+def write(report: dict, args) -> None:
+    s = report["summary"]
+    with open(os.path.join(args.out, "precision_curve.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    seeds = args.seeds
+    head = "| step | " + " | ".join(f"{p} s{x}" for p in PRECISIONS for x in seeds) + " | autocast mean | bf16_master mean | gap |"
+    rows = [head, "|" + "---|" * (3 + len(PRECISIONS) * len(seeds))]
+    for step in s["steps"]:
+        cells = [f"{report['curves'][p][x][step]:.4f}" for p in PRECISIONS for x in seeds]
+        a, b = s["mean"]["autocast"][step], s["mean"]["bf16_master"][step]
+        rows.append(f"| {step} | " + " | ".join(cells) + f" | {a:.4f} | {b:.4f} | {(b - a) / a:+.1%} |")
+    lw = s["late_window_loss"]
+    text = (f"# bf16 + fp32 master weights vs autocast: {args.preset} preset, {args.steps} steps, seeds {seeds}\n\n"
+            f"Machine: {report['device']} · torch {report['torch']}\n\nCommand: `{report['command']}`\n\n"
+            f"Mean curves over the seeds, after step {args.warmup}: largest relative gap "
+            f"**{s['max_rel_gap_of_means_after_warmup']:.2%}**, mean {s['mean_rel_gap_of_means_after_warmup']:.2%}. "
+            f"The noise it sits in: the autocast seeds alone are up to {s['autocast_seed_spread_after_warmup']['max']:.1%} "
+            f"apart (mean {s['autocast_seed_spread_after_warmup']['mean']:.1%}) of their mean at a step.\n\n"
+            f"Mean loss over steps {s['late_steps'][0]}-{s['late_steps'][-1]}: autocast {lw['autocast']['mean']:.4f} "
+            f"(per seed {', '.join(f'{v:.4f}' for v in lw['autocast']['per_seed'])}), bf16 + master "
+            f"{lw['bf16_master']['mean']:.4f} (per seed {', '.join(f'{v:.4f}' for v in lw['bf16_master']['per_seed'])})."
+            f"\n\n" + "\n".join(rows) + "\n")
+    with open(os.path.join(args.out, "precision_curve.md"), "w") as f:
+        f.write(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p, color in zip(PRECISIONS, ("tab:blue", "tab:orange")):
+        lo = [min(c[x] for c in report["curves"][p].values()) for x in s["steps"]]
+        hi = [max(c[x] for c in report["curves"][p].values()) for x in s["steps"]]
+        ax.fill_between(s["steps"], lo, hi, color=color, alpha=0.2)
+        ax.plot(s["steps"], [s["mean"][p][x] for x in s["steps"]], color=color, label=f"{p} (mean, seed range)")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend()
+    ax.set_title(f"{args.preset}: training precision, {len(seeds)} seeds")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "precision_curve.png"), dpi=120)
 
 
 def main(argv=None) -> int:
@@ -36,39 +126,26 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=50, help="steps left out of the comparison")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2])
+    p.add_argument("--parallel", type=int, default=6, help="runs at a time (they share the GPU)")
+    p.add_argument("--recipe-args", default="--shapes_train_samples 6400 --dataloader_num_workers 1 --cpu_threads 1",
+                   help="extra recipes/sft.py arguments for every run (default: only the rows 200 steps use)")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        curves = {precision: run(precision, args, tmp) for precision in ("autocast", "bf16_master")}
-    ref, new = dict(curves["autocast"]), dict(curves["bf16_master"])
-    gaps = {s: abs(new[s] - ref[s]) / ref[s] for s in ref if s in new and s > args.warmup}
-    report = {"benchmark": "precision_curve", "preset": args.preset, "steps": args.steps, "seed": args.seed,
-              "command": "python " + " ".join(sys.argv), "curves": curves,
-              "max_rel_gap_after_warmup": max(gaps.values()) if gaps else None,
-              "mean_rel_gap_after_warmup": sum(gaps.values()) / len(gaps) if gaps else None}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "precision_curve.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    rows = "\n".join(f"| {s} | {ref[s]:.4f} | {new.get(s, float('nan')):.4f} |" for s in sorted(ref))
-    with open(os.path.join(args.out, "precision_curve.md"), "w") as f:
-        f.write(f"# bf16 + fp32 master weights vs autocast: {args.preset} preset, {args.steps} steps\n\n"
-                f"`{report['command']}`\n\nLargest relative loss gap after step {args.warmup}: "
-                f"{report['max_rel_gap_after_warmup']:.2%}; mean {report['mean_rel_gap_after_warmup']:.2%}.\n\n"
-                f"| step | autocast | bf16 + master |\n|---|---|---|\n{rows}\n")
-    try:
-        import matplotlib
+    import torch
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        for name, curve in curves.items():
-            plt.plot(*zip(*curve), label=name)
-        plt.xlabel("step"), plt.ylabel("loss"), plt.legend(), plt.title(f"{args.preset}: training precision")
-        plt.savefig(os.path.join(args.out, "precision_curve.png"), dpi=120)
-    except ImportError:
-        pass
-    print(json.dumps({k: report[k] for k in ("max_rel_gap_after_warmup", "mean_rel_gap_after_warmup")}))
+    with tempfile.TemporaryDirectory() as tmp:
+        curves = run_all(args, tmp)
+    report = {"benchmark": "precision_curve", "preset": args.preset, "steps": args.steps, "seeds": args.seeds,
+              "warmup": args.warmup, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+              "curves": curves}
+    report["summary"] = summarize(curves, args.warmup)
+    write(report, args)
+    print(json.dumps({k: report["summary"][k] for k in ("max_rel_gap_of_means_after_warmup",
+                                                         "mean_rel_gap_of_means_after_warmup",
+                                                         "autocast_seed_spread_after_warmup")}))
     return 0
 
 
