@@ -25,6 +25,9 @@ a CPU with AVX512-BF16 then warns "Failed to load CPU gemm_4bit_forward from ker
 which falls back to its own. `quiet_bitsandbytes_cpu_kernel_warning` drops that one record (only when the optional
 `kernels` package is missing; any other failure still shows); importing `ghostvis_hf` installs it, so a script that
 imports `ghostvis_hf` before `trl`/`peft` never prints it. Remove when bitsandbytes stops warning at import.
+Likewise torchao 0.18 warns "Failed to load .../torchao/_C_mxfp8...so" (and `_C_cutlass_90a`) at import on a CPU-only
+torch build: those are its CUDA kernels, which `--quantize int8` never uses on the CPU; the same filter drops them
+there (only when torch has no CUDA).
 """
 
 import logging
@@ -36,6 +39,15 @@ QUANT_SKIP_MODULES = ("model.vision_tower", "model.resampler", "model.multi_moda
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_KERNEL_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+TORCHAO_LOGGER = "torchao"
+
+
+class _TorchaoCudaExtensionFilter(logging.Filter):
+    """Drops torchao's import-time warnings about its CUDA extensions on a CPU-only torch build."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (torch.version.cuda is None and message.startswith("Failed to load ") and "torchao/_C" in message)
 
 
 class _MissingKernelsPackageFilter(logging.Filter):
@@ -57,11 +69,12 @@ class _MissingKernelsPackageFilter(logging.Filter):
 
 
 def quiet_bitsandbytes_cpu_kernel_warning() -> None:
-    """Installs the filter on bitsandbytes' CPU-backend logger (idempotent); it must run before bitsandbytes is
-    imported, since the warning is logged at import."""
-    logger = logging.getLogger(BNB_CPU_LOGGER)
-    if not any(isinstance(f, _MissingKernelsPackageFilter) for f in logger.filters):
-        logger.addFilter(_MissingKernelsPackageFilter())
+    """Installs the filters on bitsandbytes' CPU-backend logger and torchao's (idempotent); it must run before they
+    are imported, since the warnings are logged at import."""
+    for name, kind in ((BNB_CPU_LOGGER, _MissingKernelsPackageFilter), (TORCHAO_LOGGER, _TorchaoCudaExtensionFilter)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 quiet_bitsandbytes_cpu_kernel_warning()

@@ -130,3 +130,18 @@ def test_int8_weight_only_refuses_other_layouts():
     qdata, scale = int8_weight_only(Int8Tensor.from_hp(w, PerRow()))
     assert qdata.dtype == torch.int8 and scale.shape == (8,)
     assert int8_weight_only(Int8Tensor.from_hp(w, PerGroup(32))) is None, torchao.__version__  # one scale per group
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="the filter acts on CPU-only torch builds")
+def test_torchao_cuda_extension_warnings_are_dropped_on_cpu_torch_only_those(caplog):
+    import logging
+
+    from ghostvis_hf.quantization import TORCHAO_LOGGER, quiet_bitsandbytes_cpu_kernel_warning
+
+    quiet_bitsandbytes_cpu_kernel_warning()
+    logger = logging.getLogger(TORCHAO_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=TORCHAO_LOGGER):
+        logger.warning("Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load")
+        logger.warning("Skipping import of cpp extensions due to incompatible torch version.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipping import of cpp extensions due to incompatible torch version."]
