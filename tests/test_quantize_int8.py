@@ -145,3 +145,22 @@ def test_torchao_cuda_extension_warnings_are_dropped_on_cpu_torch_only_those(cap
         logger.warning("Skipping import of cpp extensions due to incompatible torch version.")
     assert [r.getMessage() for r in caplog.records] == [
         "Skipping import of cpp extensions due to incompatible torch version."]
+
+
+def test_fused_decoder_names_the_weights_it_cannot_read(tiny):
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8Tensor
+    from torchao.quantization.granularity import PerGroup, PerRow
+
+    from ghostvis_hf.inference.fused_decoder import unsupported_reason
+
+    model, _ = tiny
+    lm = model.model.language_model
+    assert unsupported_reason(lm) is None
+    layers = lm.layers
+    with torch.no_grad():
+        up = layers[1].mlp.up_proj
+        up.weight = torch.nn.Parameter(Int8Tensor.from_hp(up.weight.detach(), PerRow()), requires_grad=False)
+        assert unsupported_reason(lm) == "some projections int8 and some not"
+        up.weight = torch.nn.Parameter(Int8Tensor.from_hp(up.weight.dequantize(), PerGroup(32)), requires_grad=False)
+        assert "other than int8 weight-only" in unsupported_reason(lm)
