@@ -25,9 +25,11 @@ a CPU with AVX512-BF16 then warns "Failed to load CPU gemm_4bit_forward from ker
 which falls back to its own. `quiet_bitsandbytes_cpu_kernel_warning` drops that one record (only when the optional
 `kernels` package is missing; any other failure still shows); importing `ghostvis_hf` installs it, so a script that
 imports `ghostvis_hf` before `trl`/`peft` never prints it. Remove when bitsandbytes stops warning at import.
-Likewise torchao 0.18 warns "Failed to load .../torchao/_C_mxfp8...so" (and `_C_cutlass_90a`) at import on a CPU-only
-torch build: those are its CUDA kernels, which `--quantize int8` never uses on the CPU; the same filter drops them
-there (only when torch has no CUDA).
+Likewise torchao 0.18, which transformers imports with its quantizers (so every GhostVis process where torchao is
+installed): on a CPU-only torch build it warns "Failed to load .../torchao/_C_mxfp8...so" (its CUDA kernels, which
+`--quantize int8` never uses on the CPU), and on torch >= 2.13 its `register_constant` calls for two Enums make
+torch warn "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile ...". Both
+are dropped the same way; remove when torchao stops registering Enums and ships loadable extensions.
 """
 
 import logging
@@ -39,14 +41,16 @@ QUANT_SKIP_MODULES = ("model.vision_tower", "model.resampler", "model.multi_moda
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_KERNEL_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-TORCHAO_LOGGER = "torchao"
+TORCHAO_LOGGER, PYTREE_LOGGER = "torchao", "torch.utils._pytree"
 
 
-class _TorchaoCudaExtensionFilter(logging.Filter):
-    """Drops torchao's import-time warnings about its CUDA extensions on a CPU-only torch build."""
+class _TorchaoImportFilter(logging.Filter):
+    """Drops torchao's import-time noise: its CUDA extensions failing on a CPU-only torch, its Enum registrations."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
+        message = record.getMessage()
+        if record.name == PYTREE_LOGGER:
+            return "is an Enum subclass and is now natively supported by torch.compile" not in message
         return not (torch.version.cuda is None and message.startswith("Failed to load ") and "torchao/_C" in message)
 
 
@@ -71,7 +75,8 @@ class _MissingKernelsPackageFilter(logging.Filter):
 def quiet_bitsandbytes_cpu_kernel_warning() -> None:
     """Installs the filters on bitsandbytes' CPU-backend logger and torchao's (idempotent); it must run before they
     are imported, since the warnings are logged at import."""
-    for name, kind in ((BNB_CPU_LOGGER, _MissingKernelsPackageFilter), (TORCHAO_LOGGER, _TorchaoCudaExtensionFilter)):
+    for name, kind in ((BNB_CPU_LOGGER, _MissingKernelsPackageFilter), (TORCHAO_LOGGER, _TorchaoImportFilter),
+                       (PYTREE_LOGGER, _TorchaoImportFilter)):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())

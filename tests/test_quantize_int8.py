@@ -136,15 +136,18 @@ def test_int8_weight_only_refuses_other_layouts():
 def test_torchao_cuda_extension_warnings_are_dropped_on_cpu_torch_only_those(caplog):
     import logging
 
-    from ghostvis_hf.quantization import TORCHAO_LOGGER, quiet_bitsandbytes_cpu_kernel_warning
+    from ghostvis_hf.quantization import PYTREE_LOGGER, TORCHAO_LOGGER, quiet_bitsandbytes_cpu_kernel_warning
 
     quiet_bitsandbytes_cpu_kernel_warning()
-    logger = logging.getLogger(TORCHAO_LOGGER)
-    with caplog.at_level(logging.WARNING, logger=TORCHAO_LOGGER):
+    logger, pytree = logging.getLogger(TORCHAO_LOGGER), logging.getLogger(PYTREE_LOGGER)
+    with caplog.at_level(logging.WARNING):
         logger.warning("Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load")
         logger.warning("Skipping import of cpp extensions due to incompatible torch version.")
+        pytree.warning("%s is an Enum subclass and is now natively supported by torch.compile as an opaque value "
+                       "type. Calling register_constant() ...", "<enum 'KernelPreference'>")
+        pytree.warning("something else about pytrees")
     assert [r.getMessage() for r in caplog.records] == [
-        "Skipping import of cpp extensions due to incompatible torch version."]
+        "Skipping import of cpp extensions due to incompatible torch version.", "something else about pytrees"]
 
 
 def test_fused_decoder_names_the_weights_it_cannot_read(tiny):
