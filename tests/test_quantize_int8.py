@@ -167,3 +167,30 @@ def test_fused_decoder_names_the_weights_it_cannot_read(tiny):
         assert unsupported_reason(lm) == "some projections int8 and some not"
         up.weight = torch.nn.Parameter(Int8Tensor.from_hp(up.weight.dequantize(), PerGroup(32)), requires_grad=False)
         assert "other than int8 weight-only" in unsupported_reason(lm)
+
+
+def test_int8_checkpoint_saved_after_stacking_reloads_equal(varied_checkpoint, tmp_path):
+    """A fused engine points each int8 weight at rows of a stacked q|k|v (gate|up) matrix; saving afterwards must
+    still write every weight in full."""
+    pytest.importorskip("torchao")
+    from transformers import AutoModelForImageTextToText
+
+    from ghostvis_hf.inference.fused_decoder import _stack_int8
+
+    model, processor = load_model(varied_checkpoint, quantize="int8", device="cpu")
+    before = greedy(model)
+    for layer in model.model.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, scales = _stack_int8([attn.q_proj, attn.k_proj, attn.v_proj], torch.float32)
+        _stack_int8([mlp.gate_proj, mlp.up_proj], torch.float32)
+        assert attn.k_proj.weight.qdata.data_ptr() > qkv.data_ptr() == attn.q_proj.weight.qdata.data_ptr()
+        assert scales.shape == (qkv.shape[0],)
+    assert greedy(model) == before  # the model's own forward on the stacked data
+    expected = {k: v.qdata.clone() if hasattr(v, "qdata") else v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+    state = reloaded.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in state.items():
+        assert torch.equal(value.qdata if hasattr(value, "qdata") else value, expected[key]), key
+    assert greedy(reloaded) == before
