@@ -49,7 +49,8 @@ def test_kernel_is_torch_adamw_on_fp32_weights(weight_decay):
         ref.grad = grad.to(torch.bfloat16).float()
         opt.param_groups[0]["lr"] = lr
         opt.step()
-        adamw_master_step(param, grad.to(torch.bfloat16), master, m, v, step, lr, 0.9, 0.95, 1e-8, weight_decay)
+        adamw_master_step([param], [grad.to(torch.bfloat16)], [master], [m], [v], [step], lr, 0.9, 0.95, 1e-8,
+                          weight_decay)
         torch.testing.assert_close(master, ref.detach(), rtol=2e-6, atol=1e-7)
         for ours, theirs in ((m, opt.state[ref]["exp_avg"]), (v, opt.state[ref]["exp_avg_sq"])):
             # fp32 rounding of a fused multiply-add where torch rounds twice: 1e-6 of the moment's scale
@@ -63,12 +64,40 @@ def test_kernel_refuses_mismatched_tensors():
     from ghostvis_hf.kernels.adamw import adamw_master_step
 
     w = torch.zeros(8, device=DEVICE)
+    hyper = (1e-3, 0.9, 0.99, 1e-8, 0.0)
     with pytest.raises(ValueError, match="same number of elements"):
-        adamw_master_step(w.bfloat16(), w[:4], w, w.clone(), w.clone(), 1, 1e-3, 0.9, 0.99, 1e-8, 0.0)
+        adamw_master_step(w.bfloat16(), w[:4], w, w.clone(), w.clone(), 1, *hyper)
+    with pytest.raises(ValueError, match="same length"):
+        adamw_master_step([w.bfloat16()], [w], [w], [w.clone()], [w.clone()], [1, 2], *hyper)
+    with pytest.raises(ValueError, match="float32"):
+        adamw_master_step(w.bfloat16(), w, w.bfloat16(), w.clone(), w.clone(), 1, *hyper)
+    with pytest.raises(ValueError, match="one parameter dtype"):
+        adamw_master_step([w.bfloat16(), w.half()], [w, w], [w, w.clone()], [w.clone()] * 2, [w.clone()] * 2, [1, 1],
+                          *hyper)
     big = torch.zeros(4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="contiguous"):
-        adamw_master_step(big.t().bfloat16().t(), big.t(), big.t(), big.clone(), big.clone(), 1, 1e-3, 0.9, 0.99,
-                          1e-8, 0.0)
+        adamw_master_step(big.t().bfloat16().t(), big.t(), big.t(), big.clone(), big.clone(), 1, *hyper)
+
+
+@needs_kernel
+def test_one_launch_steps_tensors_of_different_sizes_and_step_counts_like_one_launch_each():
+    from ghostvis_hf.kernels.adamw import BLOCK, adamw_master_step
+
+    g = torch.Generator().manual_seed(3)
+    sizes, steps = [1, BLOCK, BLOCK + 7, 3 * BLOCK - 1, 0, 130], [1, 5, 2, 9, 1, 3]
+    make = lambda: [torch.randn(n, generator=g).to(DEVICE) for n in sizes]  # noqa: E731
+    masters, ms, grads = make(), [x.abs() for x in make()], make()
+    vs = [x * x for x in make()]
+    params = [x.to(LOW) for x in masters]
+    copies = [[t.clone() for t in ts] for ts in (params, masters, ms, vs)]
+    before = masters[3].clone()
+    adamw_master_step(params, grads, masters, ms, vs, steps, 1e-2, 0.9, 0.99, 1e-8, 0.05)
+    for i in range(len(sizes)):
+        p, w, m, v = (c[i] for c in copies)
+        adamw_master_step(p, grads[i], w, m, v, steps[i], 1e-2, 0.9, 0.99, 1e-8, 0.05)
+        for ours, single in ((params[i], p), (masters[i], w), (ms[i], m), (vs[i], v)):
+            assert torch.equal(ours, single)
+    assert (masters[3] - before).abs().max() > 1e-3  # it moved
 
 
 def _model(seed=0):
@@ -144,4 +173,4 @@ def test_in_triton_interpreter():
                            "not interpreter and not auto_picks"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) == 4 and "skipped" not in proc.stdout, proc.stdout[-500:]
+    assert passed and int(passed.group(1)) == 5 and "skipped" not in proc.stdout, proc.stdout[-500:]

@@ -3,27 +3,44 @@
 The unfused step is three passes over every parameter: cast the bf16 gradient to a new fp32 tensor, torch's fused
 AdamW on the fp32 master, copy the master back into the bf16 parameter. That is ~40 bytes of memory traffic per
 parameter plus an fp32 gradient allocation per tensor; on the 1.5b preset it was 54 ms of a 242 ms step on an H200
-(docs/benchmarks/train_profile_master.txt). This kernel reads the bf16 gradient, the fp32 master and both moments
-once and writes the moments, the master and the rounded bf16 parameter: 28 bytes per parameter, no temporaries.
+(docs/benchmarks/train_throughput_2026-11-30.md). This kernel reads the bf16 gradient, the fp32 master and both
+moments once and writes the moments, the master and the rounded bf16 parameter: 28 bytes per parameter, no
+temporaries. Like torch's multi-tensor kernels it takes a whole list of tensors in one launch (a table of their
+addresses), so the ~800 tensors of the 1.5b preset cost a handful of launches, not ~800 of Triton's Python
+launcher: the training step is bound by the host as much as by the GPU.
 
 The arithmetic is torch's AdamW (`torch.optim.AdamW`, decoupled weight decay, bias corrections, eps outside the
-square root) in fp32; the step count and learning rate are host scalars (no device sync).
+square root) in fp32; step counts and the learning rate are host scalars (no device sync).
 
 NOTE: why our own kernel: torch's `_fused_adamw_` has no master-weight variant (its bf16 path updates the bf16 tensor
 itself), DeepSpeed's bf16 optimizer only runs inside the DeepSpeed engine, and apex's `FusedAdam(master_weights=...)`
 is a CUDA extension without a wheel here. Off CUDA (and in tests) it runs in Triton's interpreter.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
+BLOCK = 4096
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_block_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @triton.jit
-def _adamw_master_kernel(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, n, lr, beta1, beta2, eps, decay,
-                         step_size, bias_correction2_sqrt, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _adamw_master_kernel(table_ptr, scalars_ptr, block_tensor_ptr, block_start_ptr, lr, beta1, beta2, eps, decay,
+                         PARAM: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    row = table_ptr + t * 6  # param, grad, master, exp_avg, exp_avg_sq addresses, numel
+    param_ptr = tl.load(row).to(tl.pointer_type(PARAM))
+    grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD))
+    master_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    n = tl.load(row + 5)
+    step_size = tl.load(scalars_ptr + t * 2)  # lr / bias_correction1
+    bias_correction2_sqrt = tl.load(scalars_ptr + t * 2 + 1)
+    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(master_ptr + offs, mask=mask, other=0.0)
@@ -36,20 +53,57 @@ def _adamw_master_kernel(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, n, lr, b
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     tl.store(master_ptr + offs, w, mask=mask)
-    tl.store(param_ptr + offs, w.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(param_ptr + offs, w.to(PARAM), mask=mask)
 
 
-def adamw_master_step(param, grad, master, exp_avg, exp_avg_sq, step: int, lr: float, beta1: float, beta2: float,
+def _blocks(numels: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tensor, and where in it, each program works on; the same every step, so made once per tensor list."""
+    key = (str(device), numels)
+    if key not in _block_tables:
+        counts = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
+        tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+        first = torch.cumsum(counts, 0) - counts
+        start = (torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)) * BLOCK
+        if len(_block_tables) >= 16:
+            _block_tables.pop(next(iter(_block_tables)))
+        _block_tables[key] = (tensor.to(device=device, dtype=torch.int32), start.to(device))
+    return _block_tables[key]
+
+
+def adamw_master_step(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: float, beta1: float, beta2: float,
                       eps: float, weight_decay: float) -> None:
-    """One AdamW step of `master` (fp32) from `grad` (any float dtype), in place, with `param` set to the rounded
-    result. `step` is the step number after this update (1 for the first). All tensors contiguous, same numel."""
-    n = master.numel()
-    if not (param.numel() == grad.numel() == exp_avg.numel() == exp_avg_sq.numel() == n):
-        raise ValueError("param, grad, master and the AdamW moments must have the same number of elements")
-    if not all(t.is_contiguous() for t in (param, grad, master, exp_avg, exp_avg_sq)):
-        raise ValueError("adamw_master_step needs contiguous tensors")
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2 = 1.0 - beta2**step
-    grid = (triton.cdiv(n, BLOCK),)
-    _adamw_master_kernel[grid](param, grad, master, exp_avg, exp_avg_sq, n, lr, beta1, beta2, eps,
-                               1.0 - lr * weight_decay, lr / bias_correction1, bias_correction2**0.5, BLOCK=BLOCK)
+    """One AdamW step of each fp32 `masters[i]` from `grads[i]`, in place, with `params[i]` set to the rounded result.
+
+    Args:
+        params, grads, masters, exp_avgs, exp_avg_sqs: tensors (or lists of tensors, one launch for all) on one
+            device; each list's parameters share one dtype and its gradients one dtype; masters and moments fp32;
+            all contiguous, the i-th of each with the same number of elements.
+        steps (`int` or list of `int`): each tensor's step number after this update (1 for the first).
+        lr, beta1, beta2, eps, weight_decay: AdamW's hyperparameters, shared by the list.
+    """
+    lists = [list(x) if isinstance(x, (list, tuple)) else [x] for x in (params, grads, masters, exp_avgs, exp_avg_sqs)]
+    steps = list(steps) if isinstance(steps, (list, tuple)) else [steps]
+    if len({len(x) for x in lists} | {len(steps)}) != 1:
+        raise ValueError("params, grads, masters, exp_avgs, exp_avg_sqs and steps must have the same length")
+    if not steps:
+        return
+    for i, group in enumerate(zip(*lists)):
+        if len({t.numel() for t in group}) != 1:
+            raise ValueError(f"tensor {i}: param, grad, master and the AdamW moments must have the same number of "
+                             "elements")
+        if not all(t.is_contiguous() for t in group):
+            raise ValueError(f"tensor {i}: adamw_master_step needs contiguous tensors")
+        if group[2].dtype != torch.float32 or group[3].dtype != torch.float32 or group[4].dtype != torch.float32:
+            raise ValueError(f"tensor {i}: masters and moments must be float32")
+    ps, gs = lists[0], lists[1]
+    if len({p.dtype for p in ps}) != 1 or len({g.dtype for g in gs}) != 1:
+        raise ValueError("one call takes one parameter dtype and one gradient dtype")
+    device = ps[0].device
+    table = torch.tensor([[p.data_ptr(), g.data_ptr(), w.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel()]
+                          for p, g, w, m, v in zip(*lists)], dtype=torch.int64)
+    scalars = torch.tensor([[lr / (1.0 - beta1**s), (1.0 - beta2**s) ** 0.5] for s in steps], dtype=torch.float32)
+    block_tensor, block_start = _blocks(tuple(p.numel() for p in ps), device)
+    _adamw_master_kernel[(block_tensor.numel(),)](
+        table.to(device, non_blocking=True), scalars.to(device, non_blocking=True), block_tensor, block_start,
+        lr, beta1, beta2, eps, 1.0 - lr * weight_decay,
+        PARAM=_TL_DTYPES[ps[0].dtype], GRAD=_TL_DTYPES[gs[0].dtype], BLOCK=BLOCK)

@@ -5,7 +5,7 @@ Master weights: the model's parameters and activations are bf16, so the forward 
 and without casting every fp32 weight to bf16 at every step (15 % of the kernel time in docs/benchmarks/
 train_profile.txt); the optimizer keeps an fp32 copy of every bf16 parameter and its fp32 state, steps the copies
 with the gradients upcast, and writes them back rounded to bf16: the Megatron / DeepSpeed bf16-optimizer scheme. On
-CUDA one Triton kernel per tensor does all three (`kernels.adamw`); elsewhere torch's own AdamW steps the copies. The copies are in the optimizer's `state_dict` (`master_weight`), so a
+CUDA one multi-tensor Triton kernel does all three (`kernels.adamw`); elsewhere torch's own AdamW steps the copies. The copies are in the optimizer's `state_dict` (`master_weight`), so a
 resumed run continues exactly.
 
 NOTE: why our own (about 100 lines): torch, accelerate, transformers and TRL have no master-weight optimizer for
@@ -37,8 +37,8 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             (e.g. `torch.bfloat16` on an fp32 model). Without it, fp32 parameters are their own master weights
             (the wrapper is then exactly `optimizer_cls`) and others get an fp32 copy.
         kernel (`str`, *optional*, defaults to `"auto"`): `"triton"`: step AdamW with `kernels.adamw`'s fused
-            master-weight kernel (one pass per tensor: bf16 gradient in, fp32 master and moments updated, bf16
-            parameter written); `"torch"`: cast the gradients, run `optimizer_cls`, copy back; `"auto"`: `"triton"`
+            master-weight kernel (one pass: bf16 gradient in, fp32 master and moments updated, bf16 parameter
+            written; one launch per parameter group); `"torch"`: cast the gradients, run `optimizer_cls`, copy back; `"auto"`: `"triton"`
             for `torch.optim.AdamW` on CUDA parameters with Triton installed, else `"torch"`. Both keep the same
             state (a run resumes on either).
         **kwargs: the hyperparameters of `optimizer_cls` (`lr`, `betas`, `weight_decay`, `fused`, ...).
@@ -125,7 +125,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 if m.device != p.device:
                     self._move(m, p.device)
                 work.append((inner, p, m))
-        steps = []
+        launches, steps = {}, []
         for inner, p, m in work:
             state = self.optimizer.state[m]
             if not state:  # what torch's AdamW creates on its first step
@@ -137,9 +137,13 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 self._host_steps[id(m)] = int(state["step"])  # one sync per tensor, at the first step or resume
             self._host_steps[id(m)] += 1
             steps.append(state["step"])
+            lists = launches.setdefault((id(inner), p.dtype, p.grad.dtype, p.device), (inner, [], [], [], [], [], []))
+            for dst, t in zip(lists[1:], (p.data, p.grad, m.data, state["exp_avg"], state["exp_avg_sq"],
+                                          self._host_steps[id(m)])):
+                dst.append(t)
+        for inner, *lists in launches.values():  # one launch per parameter group and dtype
             beta1, beta2 = inner["betas"]
-            adamw_master_step(p.data, p.grad, m.data, state["exp_avg"], state["exp_avg_sq"], self._host_steps[id(m)],
-                              float(inner["lr"]), beta1, beta2, inner["eps"], inner["weight_decay"])
+            adamw_master_step(*lists, float(inner["lr"]), beta1, beta2, inner["eps"], inner["weight_decay"])
         if steps:
             torch._foreach_add_(steps, 1.0)
         return True
