@@ -36,7 +36,7 @@ PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
 
 
 RUNS = ["stock", "swaps", "master", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
-COMPILE_RUNS = ["compile", "compile_master", "compile_ckpt2", "compile_liger"]
+COMPILE_RUNS = ["compile", "compile_master", "compile_all_master", "graphs_master", "compile_ckpt2", "compile_liger"]
 
 
 def _parser():
@@ -84,6 +84,7 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario):
                       for k, v in batch.items() if not k.startswith("_")}
             _sync(device)
             t0 = time.perf_counter()
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graphed (reduce-overhead) regions
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
                 loss = model(**inputs, use_cache=False).loss
             loss.backward()
@@ -270,6 +271,14 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
     if fixed and "compile_master" in runs:  # NOTE: with the Liger layer swaps too, this hit an illegal memory access
         opt = _bf16_master(gv, opt)  # (torch 2.11, liger 0.8.5, H200): the compiled layers do without them
         fixed_run("compile_master", "GhostVis, compiled layers + fused CE + cuDNN attention, bf16 params + fp32 master")
+        opt = _fp32_params(gv, opt)
+    if fixed and ({"compile_all_master", "graphs_master"} & runs):  # the vision tower's layers compiled too
+        opt = _bf16_master(gv, opt)
+        no_liger = lambda: (reset_kernels(gv), apply_kernels(gv, rms_norm=False, swiglu=False, rope=False))  # noqa: E731
+        fixed_run("compile_all_master", "GhostVis, compiled decoder + vision layers, bf16 params + fp32 master",
+                  lambda: (no_liger(), compile_decoder_layers(gv, vision=True)))
+        fixed_run("graphs_master", "GhostVis, compiled decoder + vision layers with CUDA graphs, bf16 + fp32 master",
+                  lambda: (no_liger(), compile_decoder_layers(gv, vision=True, mode="reduce-overhead")))
         opt = _fp32_params(gv, opt)
     fixed_run("compile_ckpt2", "GhostVis, compiled layers + fused CE + cuDNN attention + checkpointing every 2nd",
               lambda: enable_gradient_checkpointing(gv, every_n_layers=2))

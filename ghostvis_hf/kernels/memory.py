@@ -84,9 +84,10 @@ def _hook_input_embeddings(model) -> None:
     model._ghostvis_input_grad_hooks = hooks
 
 
-def compile_decoder_layers(model, **compile_kwargs) -> int:
+def compile_decoder_layers(model, vision: bool = False, **compile_kwargs) -> int:
     """`torch.compile`s each decoder layer in place (regional compilation: 1 graph reused by every layer, so the
-    compile costs one layer, not 28). Returns how many layers were compiled.
+    compile costs one layer, not 28), and with `vision=True` each vision encoder layer too. Returns how many layers
+    were compiled. Calling it again recompiles with the new `compile_kwargs`.
 
     Inductor then fuses RMSNorm, RoPE, SiLU * up and the residual adds itself, so apply it *instead of* the Liger
     RMSNorm/SwiGLU/RoPE swaps (`apply_kernels(..., rms_norm=False, swiglu=False, rope=False)`); the fused
@@ -95,19 +96,25 @@ def compile_decoder_layers(model, **compile_kwargs) -> int:
 
     Args:
         model: a GhostVis model.
-        **compile_kwargs: passed to `nn.Module.compile` (e.g. `mode="max-autotune-no-cudagraphs"`).
+        vision (`bool`, *optional*, defaults to `False`): also compile the vision tower's encoder layers.
+        **compile_kwargs: passed to `nn.Module.compile` (e.g. `mode="reduce-overhead"`: CUDA graphs per layer, for
+            fixed shapes; the training loop then calls `torch.compiler.cudagraph_mark_step_begin()` every step).
     """
-    _, text = _towers(model)
+    vision_tower, text = _towers(model)
     # NOTE: one graph serves every layer when dynamo inlines nn.Modules (parameters become inputs); if a release
     # specialises per layer instead, the default limit of 8 recompiles would silently leave the rest eager.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(text.layers))
-    for layer in text.layers:
+    layers = list(text.layers)
+    if vision and vision_tower is not None:
+        layers += next((list(m) for n, m in vision_tower.named_modules()
+                        if n.endswith("layers") and isinstance(m, nn.ModuleList)), [])
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    for layer in layers:
         layer.compile(**compile_kwargs)
     if torch.cuda.is_available():
         from .attention import set_sdpa_priority
 
         set_sdpa_priority(True)  # compiled regions skip the per-call sdpa_kernel context
-    return len(text.layers)
+    return len(layers)
 
 
 def fused_adamw(model_or_params, lr: float = 1e-5, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
