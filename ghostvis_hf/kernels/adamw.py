@@ -27,8 +27,38 @@ _block_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @triton.jit
+def _adamw_update(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, offs, n, lr, beta1, beta2, eps, decay, step_size,
+                  bias_correction2_sqrt, PARAM: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        mask = offs < n
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    else:
+        g = tl.load(grad_ptr + offs).to(tl.float32)
+        w = tl.load(master_ptr + offs)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    w = w * decay  # 1 - lr * weight_decay
+    m = m + (1.0 - beta1) * (g - m)  # torch's exp_avg.lerp_(grad, 1 - beta1)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+    if MASKED:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(master_ptr + offs, w, mask=mask)
+        tl.store(param_ptr + offs, w.to(PARAM), mask=mask)
+    else:
+        tl.store(m_ptr + offs, m)
+        tl.store(v_ptr + offs, v)
+        tl.store(master_ptr + offs, w)
+        tl.store(param_ptr + offs, w.to(PARAM))
+
+
+@triton.jit
 def _adamw_master_kernel(table_ptr, scalars_ptr, block_tensor_ptr, block_start_ptr, lr, beta1, beta2, eps, decay,
-                         PARAM: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                         PARAM: tl.constexpr, GRAD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid).to(tl.int64)
     row = table_ptr + t * 6  # param, grad, master, exp_avg, exp_avg_sq addresses, numel
@@ -40,20 +70,20 @@ def _adamw_master_kernel(table_ptr, scalars_ptr, block_tensor_ptr, block_start_p
     n = tl.load(row + 5)
     step_size = tl.load(scalars_ptr + t * 2)  # lr / bias_correction1
     bias_correction2_sqrt = tl.load(scalars_ptr + t * 2 + 1)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(master_ptr + offs, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    w = w * decay  # 1 - lr * weight_decay
-    m = m + (1.0 - beta1) * (g - m)  # torch's exp_avg.lerp_(grad, 1 - beta1)
-    v = v * beta2 + (1.0 - beta2) * g * g
-    w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    tl.store(master_ptr + offs, w, mask=mask)
-    tl.store(param_ptr + offs, w.to(PARAM), mask=mask)
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
+    if ALIGNED:  # addresses read from memory: say they are 16-byte aligned (checked on the host), for vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        master_ptr = tl.multiple_of(master_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:  # whole blocks unmasked (vectorised); the tail of each tensor masked
+        _adamw_update(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, offs, n, lr, beta1, beta2, eps, decay,
+                      step_size, bias_correction2_sqrt, PARAM, False)
+    else:
+        _adamw_update(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, offs, n, lr, beta1, beta2, eps, decay,
+                      step_size, bias_correction2_sqrt, PARAM, True)
 
 
 def _blocks(numels: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +129,13 @@ def adamw_master_step(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: 
     if len({p.dtype for p in ps}) != 1 or len({g.dtype for g in gs}) != 1:
         raise ValueError("one call takes one parameter dtype and one gradient dtype")
     device = ps[0].device
-    table = torch.tensor([[p.data_ptr(), g.data_ptr(), w.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel()]
-                          for p, g, w, m, v in zip(*lists)], dtype=torch.int64)
+    rows = [[p.data_ptr(), g.data_ptr(), w.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel()]
+            for p, g, w, m, v in zip(*lists)]
+    aligned = all(address % 16 == 0 for row in rows for address in row[:5])
+    table = torch.tensor(rows, dtype=torch.int64)
     scalars = torch.tensor([[lr / (1.0 - beta1**s), (1.0 - beta2**s) ** 0.5] for s in steps], dtype=torch.float32)
     block_tensor, block_start = _blocks(tuple(p.numel() for p in ps), device)
     _adamw_master_kernel[(block_tensor.numel(),)](
         table.to(device, non_blocking=True), scalars.to(device, non_blocking=True), block_tensor, block_start,
         lr, beta1, beta2, eps, 1.0 - lr * weight_decay,
-        PARAM=_TL_DTYPES[ps[0].dtype], GRAD=_TL_DTYPES[gs[0].dtype], BLOCK=BLOCK)
+        PARAM=_TL_DTYPES[ps[0].dtype], GRAD=_TL_DTYPES[gs[0].dtype], ALIGNED=aligned, BLOCK=BLOCK)
