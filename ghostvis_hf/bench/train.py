@@ -146,14 +146,16 @@ def _profile(model, opt, batches, args, path):
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    # kernels only: the aten ops above them report the same device time again
-    busy = sum(getattr(e, attr) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    # kernels only: the aten ops above them report the same device time again, and so do the ranges the optimizer
+    # and profiler annotate on the GPU ("Optimizer.step#...")
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
+    busy = sum(getattr(e, attr) for e in kernels) / 1e6
     table = events.table(sort_by=attr, row_limit=30)
     kinds = {}
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kind = _kernel_kind(e.key)
-            kinds[kind] = kinds.get(kind, 0.0) + getattr(e, attr) / 1e6
+    for e in kernels:
+        kind = _kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, attr) / 1e6
     share = ", ".join(f"{k} {v / len(inputs) * 1e3:.1f} ms ({v / busy:.0%})"
                       for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
     text = (f"{len(inputs)} steps: wall {wall:.3f} s under the profiler, GPU kernel time {busy:.3f} s "

@@ -107,12 +107,13 @@ class GhostVisArguments:
                           "the kernels; no per-step GPU reads, no entropy/token-accuracy logs); trl: TRL's fused LM "
                           "head and its metrics; auto: model when the fused cross-entropy is active (CUDA)."})
     precision: str = field(
-        default="autocast",
-        metadata={"help": "autocast (default): the Trainer's --bf16 autocast over fp32 weights; bf16_master: bf16 "
-                          "parameters and activations, fp32 master weights and AdamW state in the optimizer (single "
-                          "GPU / DDP; ~7 % faster, 7 % less memory on the 1.5b preset, but its loss ran 8-15 % above "
-                          "autocast's after 200 small-preset steps: docs/benchmarks/precision_curve.md); auto: "
-                          "bf16_master on CUDA with --bf16 where it applies (not DeepSpeed/FSDP, LoRA, quantized)."})
+        default="auto",
+        metadata={"help": "auto (default): bf16_master on CUDA with --bf16 where it applies (single GPU / DDP with "
+                          "AdamW; not DeepSpeed/FSDP, LoRA or a quantized model), else autocast; bf16_master: bf16 "
+                          "parameters and activations, fp32 master weights and AdamW state in the optimizer (one "
+                          "fused kernel steps them); autocast: the Trainer's --bf16 autocast over fp32 weights. Over 3 "
+                          "seeds of the small preset their mean loss curves are within the seeds' own spread "
+                          "(docs/benchmarks/precision_curve.md)."})
     kernels: bool = field(default=True, metadata={"help": "Swap in fused kernels on CUDA (ghostvis_hf.kernels)."})
     eval_after_training: bool = field(default=True, metadata={"help": "Generate on the held-out split and score."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the final generation-based eval."})

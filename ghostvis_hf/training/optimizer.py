@@ -267,8 +267,9 @@ def make_optimizer(model, training_args, args: GhostVisArguments, use_peft: bool
 
     - bf16 master weights (`resolve_precision`): a `MasterWeightOptimizer` over AdamW; the model's parameters are cast
       to bf16. The Trainer's bf16 autocast stays on: with bf16 weights its matmuls need no casts, and the ops it keeps
-      in fp32 (layer norms, softmax, losses) keep the loss curve on autocast's (with autocast off the small preset's
-      loss ended 8 % higher after 200 steps, docs/benchmarks/precision_curve.md).
+      in fp32 (layer norms, softmax, losses) stay so. (One run with autocast off ended 8 % higher after 200
+      small-preset steps, docs/benchmarks/precision_curve_autocast_off.md; one run parts from another by that much
+      from noise alone, so keeping autocast is the cautious choice, not a measured need.)
     - else AdamW with separate learning rates for the vision tower and the glue, as LLaVA's `mm_*_lr`, if
       `vision_tower_lr` or `projector_lr` is set; else `None`.
 
