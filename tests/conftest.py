@@ -36,6 +36,21 @@ def tiny_checkpoint(tmp_path_factory):
     return save_checkpoint(model, processor, str(tmp_path_factory.mktemp("ckpt") / "ghostvis-tiny"))
 
 
+def varied_tiny(seed: int = 0):
+    """A tiny random (model, processor) whose greedy outputs depend on the prompt. At the default init scale (std
+    0.02) the tiny model repeats one token forever, which would make every "same tokens as ..." check vacuous;
+    larger weights give varied outputs."""
+    import ghostvis_hf
+
+    torch.manual_seed(seed)
+    model, processor = ghostvis_hf.create("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    return model.eval(), processor
+
+
 def make_image(color=(255, 0, 0), size=(40, 30), mode="RGB"):
     return Image.new(mode, size, color)
 

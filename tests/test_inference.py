@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from PIL import Image
+from conftest import varied_tiny
 
 from ghostvis_hf.inference import ContextLengthError, GenerationEngine, SamplingParams, load_model
 from ghostvis_hf.inference.detokenizer import IncrementalDetokenizer, TokenTable
@@ -26,17 +27,7 @@ def image(color):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    import ghostvis_hf
-
-    torch.manual_seed(0)
-    model, processor = ghostvis_hf.create("tiny")
-    # At the default init scale (std 0.02) the tiny model repeats one token forever, which would make every
-    # "same tokens as generate" check vacuous; larger weights give varied, prompt-dependent outputs.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
-    return model.eval(), processor
+    return varied_tiny()
 
 
 @pytest.fixture(scope="module")

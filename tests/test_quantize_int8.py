@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import varied_tiny
 
 from ghostvis_hf.inference.loader import QUANTIZE_CHOICES, footprint_bytes, load_model
 from ghostvis_hf.quantization import int8_weight_only, quantization_kind
@@ -26,15 +27,9 @@ def greedy(model, prompt=PROMPT, new=8):
 @pytest.fixture(scope="module")
 def varied_checkpoint(tmp_path_factory):
     """A tiny checkpoint whose greedy outputs depend on the prompt (random init is too flat to compare tokens)."""
-    import ghostvis_hf
     from ghostvis_hf.hub import save_checkpoint
 
-    torch.manual_seed(0)
-    model, processor = ghostvis_hf.create("tiny")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
+    model, processor = varied_tiny()
     return save_checkpoint(model, processor, str(tmp_path_factory.mktemp("varied") / "ghostvis-tiny"))
 
 
