@@ -214,3 +214,14 @@ def test_make_optimizer_groups():
     assert lr_of[id(model.lm_head.weight)] == 1e-3
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p.ndim < 2 for p in g["params"]))
+
+
+def test_two_node_config_is_the_one_node_fsdp2_config_for_two_hosts():
+    """The multi-node file (untestable here) must stay what the tested one-node FSDP2 file is, for two hosts."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "accelerate_configs")
+    one, two = (load_config_from_file(os.path.join(root, f)) for f in ("fsdp2.yaml", "fsdp2_2nodes.yaml"))
+    assert two.num_machines == 2 and two.num_processes % two.num_machines == 0 and two.rdzv_backend == "c10d"
+    assert two.fsdp_config == one.fsdp_config and two.mixed_precision == one.mixed_precision
+    assert two.distributed_type == one.distributed_type
