@@ -147,6 +147,32 @@ def test_prompt_completion_variant_and_text_only_rows(tmp_path, tiny):
     assert batch["pixel_values"].shape[0] == 1 and (batch["labels"] != -100).any(dim=1).all()
 
 
+def test_llava_style_image_markers_place_the_images_and_leave_the_text(tmp_path):
+    """`<image>` in a plain-string user turn (LLaVA's data) is where that image goes; without markers, TRL's rule
+    (images in front of the first plain-string user turn); markers that do not match the images are a bad row."""
+    for name in ("a", "b"):
+        _draw(str(tmp_path / f"{name}.png"), "red")
+    rows = [
+        {"messages": [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}],
+         "images": ["a.png"]},
+        {"messages": [{"role": "user", "content": "Left <image> and right <image>\nSame colour?"},
+                      {"role": "assistant", "content": "yes"}], "images": ["a.png", "b.png"]},
+        {"messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}],
+         "images": ["a.png"]},
+        {"messages": [{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "x"}],
+         "images": ["a.png"]},  # 2 markers, 1 image
+    ]
+    with recording_bad_rows("skip") as record:
+        ds = load_conversations(_write_jsonl(str(tmp_path / "llava.jsonl"), rows))
+    assert record.by_reason == {"image_count_mismatch": 1}
+    shapes = [[(p["type"], p["text"]) for p in m[0]["content"]] for m in ds["messages"]]
+    assert shapes == [[("image", None), ("text", "What colour?")],
+                      [("text", "Left "), ("image", None), ("text", " and right "), ("image", None),
+                       ("text", "Same colour?")],
+                      [("image", None), ("text", "What colour?")]]
+    assert not any("<image>" in (p["text"] or "") for m in ds["messages"] for t in m for p in t["content"])
+
+
 # ---- bad rows, image_root, the cache ----------------------------------------------------------------------------
 
 

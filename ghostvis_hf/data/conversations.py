@@ -7,7 +7,9 @@ Rows, in the formats of TRL's `sft_vlm` examples:
 - `prompt` + `completion`: TRL's prompt-completion format, conversational (lists of turns) or standard (strings); the
   row is `prompt + completion`.
 As in TRL's `prepare_multimodal_messages`, a row without any `{"type": "image"}` part gets its images in front of the
-first user turn given as a plain string; otherwise its image parts must match its images one to one. The last turn
+first user turn given as a plain string; otherwise its image parts must match its images one to one. LLaVA-style rows,
+whose plain-string user turns mark each image with `<image>`, get an image part at each marker instead (the marker
+and the newline after it leave the text), and the markers must match the images one to one. The last turn
 must be the assistant's: it is the training target and, for evaluation, the single reference answer (`answers`).
 
 Sources (`read_conversations`): a `.jsonl`/`.json`/`.parquet`/`.csv` file, a `save_to_disk` folder, an imagefolder
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = "conversations"
 ROLES = ("system", "user", "assistant")
+IMAGE_MARKER = "<image>"  # LLaVA-style data: where an image goes in a plain-string turn
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what `save_to_disk` writes
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -236,12 +239,17 @@ def conversation_row(record: dict[str, Any], image_column: str | None, root: str
     messages, n_markers = [], 0
     needs_images = images and not any(isinstance(t.get("content"), list) and any(
         isinstance(p, dict) and p.get("type") == "image" for p in t["content"]) for t in turns)
+    # LLaVA-style rows mark where each image goes with "<image>" in plain-string user turns
+    llava_markers = needs_images and any(t.get("role") == "user" and isinstance(t.get("content"), str)
+                                         and IMAGE_MARKER in t["content"] for t in turns)
     for turn in turns:
         role, content = turn.get("role"), turn.get("content")
         if role not in ROLES:
             raise BadRow("unusable_messages", f"role {role!r} is not one of {list(ROLES)}")
         parts = _parts(content)
-        if needs_images and role == "user" and isinstance(content, str):
+        if llava_markers and role == "user" and isinstance(content, str):
+            parts, needs_images = _split_at_markers(content), False
+        elif needs_images and role == "user" and isinstance(content, str):
             parts, needs_images = [image_part() for _ in images] + parts, False  # TRL's prepare_multimodal_messages
         if role == "user" and answer_style != "none":
             last_text = next((p for p in reversed(parts) if p["type"] == "text"), None)
@@ -288,6 +296,19 @@ def _turns(record: dict[str, Any]) -> list[dict]:
             completion = [{"role": "assistant", "content": completion}]
         return prompt + list(completion or [])
     raise BadRow("unusable_messages", "no messages (nor prompt + completion)")
+
+
+def _split_at_markers(text: str) -> list[dict[str, Any]]:
+    """A plain-string turn with `<image>` markers as parts: an image part at each marker (the newline LLaVA data put
+    after it dropped), the text around them as text parts."""
+    parts = []
+    for i, piece in enumerate(text.split(IMAGE_MARKER)):
+        if i > 0:
+            parts.append(image_part())
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if piece:
+            parts.append(text_part(piece))
+    return parts
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
