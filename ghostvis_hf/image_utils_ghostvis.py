@@ -100,7 +100,8 @@ def _as_pil_image(image, where: str) -> Image.Image:
     if isinstance(image, str):
         if image.startswith("data:"):
             try:
-                image = base64.b64decode(image.split(",", 1)[1], validate=True)
+                # RFC 2045 base64 comes in lines of 76 characters (as `ghostvis serve` accepts it too)
+                image = base64.b64decode("".join(image.split(",", 1)[1].split()), validate=True)
             except Exception as e:  # binascii.Error, IndexError
                 raise _image_error(where, f"invalid base64 data URL ({e})") from None
         elif image[:8].lower().startswith(("http://", "https://")):

@@ -170,9 +170,11 @@ def test_image_sources_agree(tiny, tmp_path):
     path = tmp_path / "x.png"
     path.write_bytes(buf.getvalue())
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    wrapped = "data:image/png;base64," + base64.encodebytes(buf.getvalue()).decode()  # RFC 2045: 76-char lines
+    assert "\n" in wrapped.rstrip()
     arr = np.asarray(image)
     ref = processor(text="<image>", images=image, return_tensors="pt")["pixel_values"]
-    for source in (buf.getvalue(), str(path), url, arr, torch.from_numpy(arr.copy()).permute(2, 0, 1)):
+    for source in (buf.getvalue(), str(path), url, wrapped, arr, torch.from_numpy(arr.copy()).permute(2, 0, 1)):
         torch.testing.assert_close(processor(text="<image>", images=source, return_tensors="pt")["pixel_values"], ref)
 
 
