@@ -140,6 +140,9 @@ def _method_rows(model_args, gv_args) -> list[tuple[str, str]]:
                                f"dropout={model_args.lora_dropout}"))
     elif model_args is not None:
         rows.append(("method", "full fine-tune of the unfrozen parameters"))
+    if getattr(gv_args, "qat", None):
+        rows.append(("quantization-aware training", f"{gv_args.qat}: the decoder's projections trained with int8 "
+                     "fake-quantized weights (torchao QAT); saved in float, load with `--quantize int8`"))
     frozen = [name for name, flag in (("vision tower", getattr(gv_args, "freeze_vision_tower", False)),
                                       ("language model", getattr(gv_args, "freeze_language_model", False))) if flag]
     if frozen:

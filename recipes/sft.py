@@ -49,6 +49,7 @@ from ghostvis_hf.training import (
     set_cpu_threads,
     setup_logging,
 )
+from ghostvis_hf.training.qat import convert_qat, prepare_qat
 from ghostvis_hf.training.throughput import throughput_summary
 from ghostvis_hf.training.trainer import GhostVisSFTTrainer
 
@@ -65,6 +66,8 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
     freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
+    # --qat int8: int8 fake-quant on the layers --quantize int8 quantizes (refuses LoRA/QLoRA, DeepSpeed/FSDP)
+    qat = prepare_qat(model, gv_args.qat, model_args, training_args)
     if gv_args.kernels and torch.cuda.is_available():
         # Liger + cuDNN/varlen attention for the GPU the trainer moves the model to; the CPU keeps plain PyTorch
         logger.info("kernels: %s", apply_kernels(model, device="cuda"))
@@ -104,11 +107,14 @@ def main(script_args, training_args, model_args, gv_args):
     )
     counts = log_parameter_counts(trainer.model)  # after TRL's LoRA wrapping
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if qat:
+        convert_qat(trainer.model)  # fake-quant off: the saved checkpoint is a plain float one
     # Complete checkpoint (LoRA merged, adapter kept), model card, held-out eval of the saved folder, plot, summary
     finish(trainer, processor, training_args.output_dir,
            origin=training_origin("recipes/sft.py", "multimodal SFT", data_info, training_args, model_args, gv_args),
            summary={"parameters": counts, "data": {**report, **data_info},
-                    "throughput": throughput_summary(trainer)}, summary_file="sft_summary.json",
+                    "throughput": throughput_summary(trainer), **({"qat": qat} if qat else {})},
+           summary_file="sft_summary.json",
            plot=gv_args.plot, title="GhostVis SFT", plot_keys=("loss", "mean_token_accuracy"),
            held_out=held_out if gv_args.eval_after_training else None, eval_batch_size=gv_args.eval_batch_size)
 

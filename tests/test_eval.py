@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -95,3 +97,27 @@ def test_vqa_task_on_single_answer_data_scores_like_exact_match(tmp_path):
     data = load_task("vqav2", str(tmp_path / "vqa.jsonl"), None, None)
     result = score("vqav2", ["Red.", "2", "yes", "dog"], data)
     assert result["metric"] == "vqa_accuracy" and result["vqa_accuracy"] == result["score"] == 0.75
+
+
+def test_ghostvis_eval_quantize_int8_scores_the_quantized_model(tiny_checkpoint, tmp_path, monkeypatch):
+    """`--quantize int8` loads through `load_model` (torchao int8 weight-only decoder projections) and writes to
+    MODEL/eval_TASK_int8, next to the float run's MODEL/eval_TASK."""
+    pytest.importorskip("torchao")
+    from ghostvis_hf.evaluation import run
+    from ghostvis_hf.quantization import int8_weight_only
+
+    path = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    seen = {}
+    evaluate = run.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen["q_proj"] = int8_weight_only(model.model.language_model.layers[0].self_attn.q_proj.weight) is not None
+        seen["lm_head"] = int8_weight_only(model.lm_head.weight) is not None
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate", spy)
+    assert run.main(["--model", str(path), "--task", "shapes", "--limit", "8", "--quantize", "int8",
+                     "--device", "cpu"]) == 0
+    assert seen == {"q_proj": True, "lm_head": False}
+    assert json.loads((path / "eval_shapes_int8" / "metrics.json").read_text())["n"] == 8
+    assert not (path / "eval_shapes").exists()

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data
+from ..inference.loader import QUANTIZE_CHOICES, QUANTIZE_HELP, load_model
 from . import metrics
 
 logger = logging.getLogger("ghostvis")
@@ -264,6 +265,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--predictions", action=argparse.BooleanOptionalAction, default=True,
                         help="write predictions.jsonl (one line per row: question, prediction, answers)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                        help=QUANTIZE_HELP + "; the checkpoint is quantized at load (`load_model`), results go to "
+                             "eval_TASK_QUANTIZE by default")
     return parser
 
 
@@ -281,9 +285,13 @@ def main(argv=None) -> int:
     logger.setLevel(logging.INFO)
     rows = load_task(task, args.data, args.split, args.limit, answer_style=args.answer_style,
                      image_root=args.image_root)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).to(args.device)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    out_dir = args.out or os.path.join(args.model if os.path.isdir(args.model) else ".", f"eval_{task}")
+    if args.quantize:  # float32 on the CPU, bfloat16 on CUDA (load_model's defaults), then quantized
+        model, processor = load_model(args.model, quantize=args.quantize, device=args.device)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).to(args.device)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    name = f"eval_{task}" + (f"_{args.quantize}" if args.quantize else "")
+    out_dir = args.out or os.path.join(args.model if os.path.isdir(args.model) else ".", name)
     result = evaluate(model, processor, task, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       out_dir=out_dir, metric=args.metric, save_predictions=args.predictions)
     print(format_report(task, result))

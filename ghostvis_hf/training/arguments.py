@@ -8,6 +8,8 @@ import json
 import logging
 from dataclasses import dataclass, field, fields
 
+from .qat import normalize_qat
+
 logger = logging.getLogger("ghostvis")
 
 
@@ -114,6 +116,11 @@ class GhostVisArguments:
                           "fused kernel steps them); autocast: the Trainer's --bf16 autocast over fp32 weights. Over 3 "
                           "seeds of the small preset their mean loss curves are within the seeds' own spread "
                           "(docs/benchmarks/precision_curve.md)."})
+    qat: str | None = field(
+        default=None,
+        metadata={"help": "int8: quantization-aware training, int8 fake-quantized weights on the layers that "
+                          "--quantize int8 quantizes (the decoder's projections; torchao QAT); the saved checkpoint is "
+                          "plain float, quantized at load time (ghostvis eval --quantize int8). none (default): off."})
     kernels: bool = field(default=True, metadata={"help": "Swap in fused kernels on CUDA (ghostvis_hf.kernels)."})
     eval_after_training: bool = field(default=True, metadata={"help": "Generate on the held-out split and score."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the final generation-based eval."})
@@ -124,6 +131,7 @@ class GhostVisArguments:
             raise ValueError(f"answer_style={self.answer_style!r} is not supported; allowed: short, none")
         if self.loss not in ("auto", "model", "trl"):
             raise ValueError(f"loss={self.loss!r} is not supported; allowed: auto, model, trl")
+        self.qat = normalize_qat(self.qat)
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")
 
