@@ -328,3 +328,25 @@ def test_readme_worked_example_trains_evaluates_and_chats(tmp_path, monkeypatch,
     assert "held-out exact match" in res.stdout and (out / "eval_held_out" / "metrics.json").exists()
     assert evaluate[0] == "ghostvis" and cli.main(evaluate[1:]) == 0
     assert chat[0] == "ghostvis" and cli.main(chat[1:]) == 0
+
+
+def test_rl_prompts_from_your_data_follow_bad_rows_before_any_model_loads(tmp_path):
+    from ghostvis_hf.training import RLArguments
+    from ghostvis_hf.training.data import prompt_dataset
+
+    _draw(str(tmp_path / "a.png"), "red")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [{"messages": _turns("What colour?", "red"), "images": ["a.png"]},
+            {"messages": _turns("What colour?", "red"), "images": ["broken.png"]},
+            {"messages": _turns("What colour?", "red", n_images=2), "images": ["a.png"]}]
+    path = _write_jsonl(str(tmp_path / "rl.jsonl"), rows)
+    with pytest.raises(ValueError, match=r"row 1 of .*rl.jsonl \(unreadable_image\)"):
+        prompt_dataset(RLArguments(dataset_name="conversations", dataset_path=path, bad_rows="error"))
+    ds = prompt_dataset(RLArguments(dataset_name="conversations", dataset_path=path))  # skip: counted and dropped
+    assert len(ds) == 1 and list(ds["answers"]) == [["red"]]
+    assert [m["role"] for m in ds[0]["prompt"]] == ["user"]  # prompt-only, as TRL's GRPO/RLOO take it
+    only_broken = _write_jsonl(str(tmp_path / "bad.jsonl"), rows[1:2])
+    with pytest.raises(ValueError, match="no usable prompt rows"):
+        prompt_dataset(RLArguments(dataset_name="conversations", dataset_path=only_broken))
+    with pytest.raises(ValueError, match="bad_rows='maybe'"):
+        RLArguments(bad_rows="maybe")

@@ -161,6 +161,7 @@ class RLArguments:
         default=250, metadata={"help": "Steps of the short SFT run that makes a starting checkpoint if none exists."}
     )
     plot: bool = field(default=True, metadata={"help": "Save a reward curve in the output folder."})
+    bad_rows: str = field(default="skip", metadata={"help": "skip (count and drop) | error (refuse, naming the row)."})
     num_eval_samples: int = field(
         default=500,
         metadata={"help": "shapes: held-out questions (of the trained types) scored greedily before and after RL on "
@@ -168,6 +169,8 @@ class RLArguments:
     )
 
     def __post_init__(self):
+        if self.bad_rows not in ("skip", "error"):
+            raise ValueError(f"bad_rows={self.bad_rows!r} is not supported; allowed: skip, error")
         if isinstance(self.reward_kwargs, str):  # from the command line, as TRL's own `*_kwargs` fields
             self.reward_kwargs = json.loads(self.reward_kwargs)
         if self.reward_kwargs is not None and not isinstance(self.reward_kwargs, dict):

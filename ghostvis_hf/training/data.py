@@ -184,17 +184,29 @@ def _capped(held: list, n_eval: int | None, seed: int):
 
 
 def prompt_dataset(args: RLArguments):
-    """Prompt-only rows (`prompt`, `images`, `answers`) as TRL's GRPO/RLOO trainers expect."""
-    from .. import data
+    """Prompt-only rows (`prompt`, `images`, `answers`) as TRL's GRPO/RLOO trainers expect.
 
-    if args.dataset_name == "shapes":
-        ds = data.load_shapes("train", num_samples=args.num_train_samples, seed=args.dataset_seed,
-                              question_types=tuple(args.question_types or ("color", "shape")))
-    else:
-        if args.dataset_path is None:
-            raise ValueError(f"--dataset_path is required for dataset_name={args.dataset_name!r}")
-        ds = data.get_dataset(args.dataset_name, path_or_hub_id=args.dataset_path, split="train",
-                              limit=args.num_train_samples)
+    Bad rows are handled as in SFT, before any model is loaded: the loaders' (unusable turns, no answer, image count
+    mismatch, missing images) and unreadable images are refused naming the row under `bad_rows="error"`, else dropped
+    and counted per reason in one warning.
+    """
+    from .. import data
+    from ..data.validate import DROPPED_AT_LOAD, recording_bad_rows, validate_rows
+
+    with recording_bad_rows(args.bad_rows) as dropped:
+        if args.dataset_name == "shapes":
+            ds = data.load_shapes("train", num_samples=args.num_train_samples, seed=args.dataset_seed,
+                                  question_types=tuple(args.question_types or ("color", "shape")))
+        else:
+            if args.dataset_path is None:
+                raise ValueError(f"--dataset_path is required for dataset_name={args.dataset_name!r}")
+            ds = data.get_dataset(args.dataset_name, path_or_hub_id=args.dataset_path, split="train",
+                                  limit=args.num_train_samples)
+    setattr(ds, DROPPED_AT_LOAD, dropped)
+    ds, report = validate_rows(ds, processor=None, policy=args.bad_rows)  # images decode (no token counts: no model)
+    logger.info("prompt rows: %d (checked %d, skipped %s)", len(ds), report["checked"], report["skipped"] or "none")
+    if len(ds) == 0:
+        raise ValueError(f"no usable prompt rows in {args.dataset_path or args.dataset_name!r}: {report['skipped']}")
 
     def to_prompt(row):
         return {"prompt": [m for m in row["messages"] if m["role"] != "assistant"]}
