@@ -395,7 +395,7 @@ class GhostVisForConditionalGeneration(GhostVisPreTrainedModel, GenerationMixin)
         if input_ids is None:
             return labels
         drop = image_label_mask(input_ids, self.config)
-        return labels.masked_fill(drop, -100) if drop.any() else labels
+        return labels.masked_fill(drop, -100)  # unconditionally: `drop.any()` would wait for the GPU every step
 
     @can_return_tuple
     def forward(
