@@ -32,7 +32,9 @@ def test_bench_generate_int8_rows_next_to_the_unquantized_ones(tmp_path):
     out = json.loads((tmp_path / "generate.json").read_text())
     assert out["benchmark"] == "generate" and not out["errors"]
     rows = {(r["mode"], r["batch"]): r for r in out["results"]}
-    assert set(rows) == {(m, b) for m in ("stock", "eager", "stock-int8", "eager-int8") for b in (1, 2)}
+    modes = ("stock", "stock-static", "eager")
+    assert set(rows) == {(m + q, b) for m in modes for q in ("", "-int8") for b in (1, 2)}
+    assert rows[("stock-static", 2)]["greedy_vs_stock"]["identical_rows"] == 2  # transformers' static-cache path
     assert all(r["tok_s"] > 0 and "pct_roofline" in r for r in rows.values())
     assert rows[("eager-int8", 2)]["greedy_vs_stock"]["identical_rows"] == 2  # engine == generate on the int8 model
     assert 0.3 < out["int8"]["weight_ratio"] < 0.6 and out["int8"]["weight_bytes"] < out["weight_bytes"]

@@ -7,8 +7,10 @@ decode step reads: decoder + LM head). Then time to first token for a prompt wit
 resolution (384 px for `1.5b`), for new images and again for a repeated image (vision cache hit). Engine modes:
 `fused` (the engine's default on CUDA: Triton kernels, `FusedDecoder`, in CUDA graphs), `graphs` (the `transformers`
 decoder forward in CUDA graphs), `eager` (no graphs), `compile` / `compile-tuned` (`torch.compile`d forward in CUDA
-graphs). Stock baselines: `generate` (`stock`) and, with `--stock-cb`, `transformers`' continuous batching
-(`generate_batch`, paged cache, its own CUDA graphs) on the same decoder and weights.
+graphs). Stock baselines: `generate` (`stock`), the same decoder as a stock Qwen2 model with a static cache, which
+`generate` compiles itself on a GPU (`stock-static`: the fast path a transformers user picks), and, with
+`--stock-cb`, `transformers`' continuous batching (`generate_batch`, paged cache, its own CUDA graphs) on the same
+decoder and weights.
 
 `--quantize int8` then saves the same random weights, loads them back as `ghostvis chat/serve --quantize int8` do
 (torchao int8 weight-only, `load_model`) and times the same modes again: rows `<mode>-int8`, whose roofline counts the
@@ -95,6 +97,24 @@ def causal_lm(model):
     lm.lm_head = model.get_output_embeddings()
     lm.generation_config = model.generation_config
     return lm.eval()
+
+
+def run_stock_static(model, prompts, new_tokens, device) -> tuple[float, list[list[int]]]:
+    """`transformers`' own fast path for the same decoder (a stock Qwen2 `AutoModelForCausalLM`): a static cache, which
+    `generate` compiles automatically (`torch.compile` of the decode step, CUDA graphs) on a GPU. Two untimed calls of
+    the full length first (compilation and recompilation), then the timed one."""
+    lm = causal_lm(model)
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, cache_implementation="static")
+    with torch.no_grad():
+        for _ in range(2):
+            lm.generate(input_ids=ids, **kwargs)
+        sync(device)
+        t0 = time.perf_counter()
+        out = lm.generate(input_ids=ids, **kwargs)
+        sync(device)
+    return time.perf_counter() - t0, out[:, ids.shape[1] :].tolist()
 
 
 def run_stock_cb(model, prompts, new_tokens, device) -> tuple[float, list[list[int]]]:
@@ -245,23 +265,25 @@ def _record(out: dict, args, name: str, batch: int, seconds: float) -> dict:
 
 
 def _time_stock(out: dict, args, model, device, batch_sizes, suffix="") -> dict[int, list[list[int]]]:
-    """Stock `generate` (unless `--no-stock`) and, with `--stock-cb`, continuous batching; returns `generate`'s
-    greedy tokens per batch size, which the engine's are compared with."""
+    """Stock `generate` and its static-cache + compile path (unless `--no-stock`) and, with `--stock-cb`, continuous
+    batching; returns `generate`'s greedy tokens per batch size, which the others' are compared with."""
     stock_tokens = {}
     for batch in [] if args.no_stock else batch_sizes:
         prompts = random_prompts(batch, args.prompt_len, args.seed)
         seconds, stock_tokens[batch] = run_stock(model, prompts, args.new_tokens, device)
         _record(out, args, "stock" + suffix, batch, seconds)
-    for batch in batch_sizes if args.stock_cb else []:
-        try:
-            prompts = random_prompts(batch, args.prompt_len, args.seed)
-            seconds, tokens = run_stock_cb(model, prompts, args.new_tokens, device)
-            row = _record(out, args, "stock-cb" + suffix, batch, seconds)
-            if batch in stock_tokens:
-                row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
-            _save(out, args.out_dir)
-        except Exception as e:
-            _error(out, f"stock-cb{suffix} batch {batch}", e)
+    others = [("stock-static", run_stock_static)] * (not args.no_stock) + [("stock-cb", run_stock_cb)] * args.stock_cb
+    for name, run in others:
+        for batch in batch_sizes:
+            try:
+                prompts = random_prompts(batch, args.prompt_len, args.seed)
+                seconds, tokens = run(model, prompts, args.new_tokens, device)
+                row = _record(out, args, name + suffix, batch, seconds)
+                if batch in stock_tokens:
+                    row["greedy_vs_stock"] = _match(tokens, stock_tokens[batch])
+                _save(out, args.out_dir)
+            except Exception as e:  # noqa: BLE001 - a failing baseline is a result; the engine rows still run
+                _error(out, f"{name}{suffix} batch {batch}", e)
     return stock_tokens
 
 
