@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from datasets import Dataset
 
 from conftest import make_image
@@ -225,3 +226,30 @@ def test_two_node_config_is_the_one_node_fsdp2_config_for_two_hosts():
     assert two.num_machines == 2 and two.num_processes % two.num_machines == 0 and two.rdzv_backend == "c10d"
     assert two.fsdp_config == one.fsdp_config and two.mixed_precision == one.mixed_precision
     assert two.distributed_type == one.distributed_type
+
+
+@pytest.mark.parametrize("config", sorted(f for f in os.listdir(os.path.join(ROOT, "recipes", "configs"))
+                                          if f.startswith(("sft_", "align_"))))
+def test_every_sft_and_align_config_parses(config):
+    """The GPU configs only run on GPUs: a misspelt key or value must still fail here, not on the machine."""
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    try:
+        import sft
+    finally:
+        sys.path.pop(0)
+    script, training, model, gv = sft.make_parser().parse_args_and_config(
+        ["--config", os.path.join(ROOT, "recipes", "configs", config), "--output_dir", "unused",
+         "--use_cpu", "true"])  # bf16 GPU configs parse on a CPU machine too
+    assert training.max_length and gv.preset in ("tiny", "small", "1.5b", "7b")
+
+
+def test_a_preset_is_created_in_the_dtype_asked_for():
+    from types import SimpleNamespace
+
+    from ghostvis_hf.training import GhostVisArguments
+    from ghostvis_hf.training.model import load_model_and_processor
+
+    model_args = SimpleNamespace(dtype="bfloat16", model_name_or_path=None, attn_implementation=None,
+                                 load_in_4bit=False, load_in_8bit=False, use_peft=False)
+    model, _ = load_model_and_processor(GhostVisArguments(preset="tiny"), model_args, SimpleNamespace(seed=0))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

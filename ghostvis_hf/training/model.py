@@ -53,10 +53,11 @@ def load_model_and_processor(args: GhostVisArguments, model_args, training_args)
     elif args.text_model or args.vision_model:
         if not (args.text_model and args.vision_model):
             raise ValueError("Composing needs both --text_model and --vision_model")
-        model, processor = ghostvis_hf.compose(args.text_model, args.vision_model, **_glue_overrides(args))
+        model, processor = ghostvis_hf.compose(args.text_model, args.vision_model, dtype=dtype,
+                                               **_glue_overrides(args))
     else:
         torch.manual_seed(training_args.seed)
-        model, processor = ghostvis_hf.create(args.preset, **_glue_overrides(args))
+        model, processor = ghostvis_hf.create(args.preset, dtype=dtype, **_glue_overrides(args))  # --dtype too
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.model_name_or_path:
         raise ValueError("QLoRA (load_in_4bit/8bit) needs --model_name_or_path of a saved GhostVis checkpoint")
     if model_args.attn_implementation and not model_args.model_name_or_path:
