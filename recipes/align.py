@@ -48,6 +48,9 @@ def main(script_args, training_args, model_args, gv_args):
         logger.warning("alignment normally freezes both towers (freeze_vision_tower/freeze_language_model)")
     if model_args.use_peft:
         raise ValueError("Alignment trains the resampler + projector fully; LoRA belongs to recipes/sft.py")
+    if gv_args.qat:
+        raise ValueError("--qat belongs to recipes/sft.py: alignment trains the resampler + projector, which "
+                         "--quantize int8 leaves in float")
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
     counts = freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
     if gv_args.kernels and torch.cuda.is_available():  # Liger + cuDNN/varlen attention for the trainer's GPU

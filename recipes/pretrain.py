@@ -101,6 +101,8 @@ def main(script_args, training_args, model_args, gv_args, text_args):
     ################
     if model_args.use_peft:
         raise ValueError("Continued pretraining trains the decoder fully; LoRA belongs to recipes/sft.py")
+    if gv_args.qat:
+        raise ValueError("--qat int8 is implemented in recipes/sft.py only (fine-tune the pretrained decoder there)")
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
     train_only_the_decoder(model)
 

@@ -185,3 +185,12 @@ def test_sft_recipe_with_qat_trains_and_saves_a_float_checkpoint(tmp_path):
     assert "quantization_config" not in config
     model, _ = load_model(str(out), quantize="int8", device="cpu")
     assert int8_weight_only(model.model.language_model.layers[0].self_attn.q_proj.weight) is not None
+
+
+@pytest.mark.parametrize("recipe", ["align", "pretrain"])
+def test_other_recipes_refuse_qat(recipe, tmp_path):
+    """align and pretrain share GhostVisArguments; `--qat` there would otherwise be silently ignored."""
+    res = subprocess.run([sys.executable, f"recipes/{recipe}.py", "--qat", "int8", "--output_dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "--qat" in res.stderr and "recipes/sft.py" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "model.safetensors").exists()
