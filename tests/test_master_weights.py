@@ -147,6 +147,20 @@ def test_resolve_precision(tiny, monkeypatch):
         resolve_precision(model, _args(), SimpleNamespace(precision="fp8"))
 
 
+def test_auto_keeps_autocast_under_gradient_accumulation(tiny, monkeypatch, caplog):
+    """bf16 + master was measured at one micro-batch a step; with accumulation its gradients would be summed in bf16,
+    so `auto` keeps autocast there and an explicit `bf16_master` says so."""
+    model, _ = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what `auto` decides on a GPU
+    auto = SimpleNamespace(precision="auto")
+    assert resolve_precision(model, _args(gradient_accumulation_steps=1), auto) == "bf16_master"
+    assert resolve_precision(model, _args(gradient_accumulation_steps=4), auto) == "autocast"
+    with caplog.at_level("WARNING", logger="ghostvis"):
+        explicit = SimpleNamespace(precision="bf16_master")
+        assert resolve_precision(model, _args(gradient_accumulation_steps=4), explicit) == "bf16_master"
+    assert "summed in bf16" in caplog.text
+
+
 def test_make_optimizer_casts_the_model_and_keeps_autocast(tiny):
     model, _ = tiny
     model.model.vision_tower.requires_grad_(False)

@@ -111,7 +111,8 @@ class GhostVisArguments:
     precision: str = field(
         default="auto",
         metadata={"help": "auto (default): bf16_master on CUDA with --bf16 where it applies (single GPU / DDP with "
-                          "AdamW; not DeepSpeed/FSDP, LoRA or a quantized model), else autocast; bf16_master: bf16 "
+                          "AdamW, no gradient accumulation; not DeepSpeed/FSDP, LoRA or a quantized model), else "
+                          "autocast; bf16_master: bf16 "
                           "parameters and activations, fp32 master weights and AdamW state in the optimizer (one "
                           "fused kernel steps them); autocast: the Trainer's --bf16 autocast over fp32 weights. Over 3 "
                           "seeds of the small preset their mean loss curves are within the seeds' own spread "

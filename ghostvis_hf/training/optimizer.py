@@ -218,7 +218,9 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
     """`"bf16_master"` or `"autocast"` from `args.precision` (`auto` | `bf16_master` | `autocast`).
 
     `auto` means bf16 + master weights where they apply (CUDA, `--bf16`, AdamW, no DeepSpeed/FSDP, no LoRA or
-    quantized model) and the Trainer's autocast elsewhere; `bf16_master` refuses the cases it does not cover.
+    quantized model, no gradient accumulation) and the Trainer's autocast elsewhere; `bf16_master` refuses the cases
+    it does not cover, and warns with gradient accumulation (the micro-batches' gradients are summed in bf16: not
+    what docs/benchmarks/precision_curve.md measured).
     """
     precision = getattr(args, "precision", "autocast")
     if precision not in ("auto", "bf16_master", "autocast"):
@@ -234,12 +236,17 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
         (getattr(model, "is_quantized", False), "the model is quantized"),
         (training_args.optim not in ("adamw_torch", "adamw_torch_fused"), f"optim={training_args.optim!r}"),
     ) if bad]
+    accumulates = getattr(training_args, "gradient_accumulation_steps", 1) > 1
     if precision == "bf16_master":
         if problems:
             raise ValueError("precision=bf16_master does not apply: " + "; ".join(problems))
+        if accumulates:
+            logger.warning("precision=bf16_master with gradient_accumulation_steps=%d: the micro-batches' bf16 "
+                           "gradients are summed in bf16 (autocast sums fp32 ones)",
+                           training_args.gradient_accumulation_steps)
         return precision
     on_gpu_bf16 = getattr(training_args, "bf16", False) and torch.cuda.is_available()
-    return "bf16_master" if on_gpu_bf16 and not problems else "autocast"
+    return "bf16_master" if on_gpu_bf16 and not problems and not accumulates else "autocast"
 
 
 def _env_true(name: str) -> bool:
