@@ -49,6 +49,7 @@ from ghostvis_hf.training import (
     set_cpu_threads,
     setup_logging,
 )
+from ghostvis_hf.training.optimizer import precision_of
 from ghostvis_hf.training.qat import convert_qat, prepare_qat
 from ghostvis_hf.training.throughput import throughput_summary
 from ghostvis_hf.training.trainer import GhostVisSFTTrainer
@@ -112,7 +113,7 @@ def main(script_args, training_args, model_args, gv_args):
     # Complete checkpoint (LoRA merged, adapter kept), model card, held-out eval of the saved folder, plot, summary
     finish(trainer, processor, training_args.output_dir,
            origin=training_origin("recipes/sft.py", "multimodal SFT", data_info, training_args, model_args, gv_args),
-           summary={"parameters": counts, "data": {**report, **data_info},
+           summary={"parameters": counts, "data": {**report, **data_info}, "precision": precision_of(trainer),
                     "throughput": throughput_summary(trainer), **({"qat": qat} if qat else {})},
            summary_file="sft_summary.json",
            plot=gv_args.plot, title="GhostVis SFT", plot_keys=("loss", "mean_token_accuracy"),

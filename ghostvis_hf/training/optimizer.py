@@ -249,6 +249,15 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
     return "bf16_master" if on_gpu_bf16 and not problems and not accumulates else "autocast"
 
 
+def precision_of(trainer) -> str:
+    """What a finished run trained in: `"bf16_master"` (its optimizer kept the master weights), `"bf16"` / `"fp16"`
+    (the Trainer's autocast, or DeepSpeed/FSDP mixed precision) or `"fp32"`; for run summaries."""
+    optimizer = getattr(trainer, "optimizer", None)
+    if isinstance(getattr(optimizer, "optimizer", optimizer), MasterWeightOptimizer):  # accelerate wraps it
+        return "bf16_master"
+    return "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
+
+
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 

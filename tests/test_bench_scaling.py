@@ -1,0 +1,56 @@
+"""scripts/bench_scaling.py (issue 17): the row shape of `bench train` plus `gpus`, one CPU smoke run of the recipe,
+the refusals, and how the multi-GPU rows are compared with the one-GPU ones."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import bench_scaling  # noqa: E402
+
+sys.path.pop(0)
+
+
+def test_one_cpu_process_gives_a_row_in_the_bench_train_shape(tmp_path):
+    rc = bench_scaling.main(["--setups", "single", "--device", "cpu", "--max-steps", "4", "--logging-steps", "2",
+                             "--config", "recipes/configs/sft_tiny.yaml", "--out", str(tmp_path), "--recipe-args",
+                             "--shapes_train_samples 256 --per_device_train_batch_size 8 --cpu_threads 1"])
+    assert rc == 0
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    assert report["benchmark"] == "scaling" and len(report["results"]) == 1
+    row = report["results"][0]
+    assert {"scenario", "run", "tok_s", "mfu", "peak_mem_gib", "gpus"} <= set(row)
+    assert row["gpus"] == 1 and row["failed"] is None and row["tok_s"] > 0 and row["conv_s"] > 0
+    assert row["precision"] == "fp32" and row["first_interval_excluded"] is True
+    assert "| 1 CPU process | 1 | fp32 |" in (tmp_path / "scaling.md").read_text()
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(ValueError, match="unknown setups"):
+        bench_scaling.main(["--setups", "zero4", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="need GPUs"):
+        bench_scaling.main(["--setups", "single,ddp", "--device", "cpu", "--out", str(tmp_path)])
+
+
+def test_a_failed_setup_is_a_row_with_its_reason(tmp_path):
+    rc = bench_scaling.main(["--setups", "single", "--device", "cpu", "--out", str(tmp_path), "--recipe-args",
+                             "--no_such_flag 1"])
+    assert rc == 1
+    row = json.loads((tmp_path / "scaling.json").read_text())["results"][0]
+    assert row["tok_s"] is None and "no_such_flag" in row["failed"]
+    assert (tmp_path / "scaling_single.log").exists()
+
+
+def test_sharded_rows_are_compared_with_the_autocast_one_gpu_row():
+    rows = [dict(setup="single", gpus=1, tok_s=100.0, precision="bf16_master"),
+            dict(setup="single_autocast", gpus=1, tok_s=80.0, precision="bf16"),
+            dict(setup="ddp", gpus=2, tok_s=190.0, precision="bf16_master"),
+            dict(setup="zero2", gpus=2, tok_s=150.0, precision="bf16"),
+            dict(setup="fsdp2", gpus=2, tok_s=None, precision=None)]
+    bench_scaling.scaling(rows)
+    assert (rows[2]["vs_1gpu"], rows[2]["vs_1gpu_of"]) == (1.9, "single")
+    assert (rows[3]["vs_1gpu"], rows[3]["vs_1gpu_of"]) == (1.875, "single_autocast")
+    assert "vs_1gpu" not in rows[4] and "vs_1gpu" not in rows[0]
