@@ -55,3 +55,19 @@ def test_ghostvis_help_lists_every_benchmark(capsys):
     assert cli_main(["--help"]) == 0
     bench_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("bench "))
     assert all(name in bench_line for name in BENCHMARKS) and "quantize" in bench_line
+
+
+def test_bench_train_rows_keep_their_shape_on_the_cpu(tmp_path):
+    """`bench train` on the CPU (tiny preset): every row in the recorded shape (scenario, run, tok_s, mfu,
+    peak_mem_gib, gpus), the master-weight run included, and a kernel profile written for the run asked for."""
+    rc = bench_main(["train", "--preset", "tiny", "--device", "cpu", "--batch", "1", "--seq", "128", "--steps", "1",
+                     "--warmup", "1", "--scenarios", "fixed", "--runs", "stock,swaps,master", "--profile", "master",
+                     "--out-dir", str(tmp_path)])
+    assert rc == 0
+    out = json.loads((tmp_path / "train.json").read_text())
+    rows = {r["run"]: r for r in out["results"]}
+    assert len(rows) == 3 and all(r["failed"] is None for r in rows.values())
+    for r in rows.values():
+        assert {"scenario", "run", "tok_s", "mfu", "peak_mem_gib", "gpus"} <= set(r) and r["tok_s"] > 0
+        assert r["gpus"] == 1 and r["scenario"] == "fixed"
+    assert (tmp_path / "train_profile_master.txt").read_text().startswith("1 steps: wall")

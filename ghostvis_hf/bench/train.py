@@ -113,7 +113,7 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario):
     gpu = torch.cuda.get_device_name().lower() if autocast else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
     row = {
-        "scenario": scenario, "run": name, "steps": len(times), "failed": failed,
+        "scenario": scenario, "run": name, "gpus": 1, "steps": len(times), "failed": failed,
         "step_s_median": sorted(times)[len(times) // 2] if times else None,
         "tok_s": slots / total if total else None,  # every position computed, padding included
         "effective_tok_s": real / total if total else None,  # real (non-pad) tokens only
@@ -133,11 +133,12 @@ def _profile(model, opt, batches, args, path):
 
     inputs = [{k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in b.items() if not k.startswith("_")}
               for b in batches]
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    on_cuda = args.device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_cuda) as prof:
         _sync(args.device)
         t0 = time.perf_counter()
         for x in inputs:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
                 loss = model(**x, use_cache=False).loss
             loss.backward()
             opt.step()
