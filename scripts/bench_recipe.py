@@ -132,24 +132,10 @@ def _counting_trainer_class():
     in the DataLoader workers, so the counts ride in the batch and are taken out before the forward)."""
     from trl import SFTTrainer
 
-    from ghostvis_hf.training.throughput import STATS_KEY, CountingCollator
+    from ghostvis_hf.training.throughput import BatchStatsMixin
 
-    class CountingSFTTrainer(SFTTrainer):
-        step_stats: list
-
-        def get_train_dataloader(self):
-            self.step_stats = []
-            collator = self.data_collator
-            self.data_collator = CountingCollator(collator, self.processing_class.tokenizer.pad_token_id)
-            try:
-                return super().get_train_dataloader()
-            finally:
-                self.data_collator = collator
-
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            self.step_stats += [b.pop(STATS_KEY) for b in batches]
-            return batches, num_items
+    class CountingSFTTrainer(BatchStatsMixin, SFTTrainer):  # the counts in `step_stats`
+        pass
 
     return CountingSFTTrainer
 

@@ -185,16 +185,16 @@ def device_peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-class ThroughputMixin:
-    """Trainer mixin: counts every training batch on the host and logs the rates (`ThroughputCallback`)."""
+class BatchStatsMixin:
+    """Trainer mixin: `batch_stats` of every training batch, counted on the host by a `CountingCollator` around the
+    trainer's collator and taken out of the batch before the forward; `record_batch_stats` gets them in step order
+    (by default into `step_stats`, new for each training dataloader)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.throughput = ThroughputCallback()
-        # first, so that the printer and the reporting integrations see the values it adds
-        self.callback_handler.callbacks.insert(0, self.throughput)
+    def record_batch_stats(self, stats: dict | None) -> None:
+        self.step_stats.append(stats)
 
     def get_train_dataloader(self):
+        self.step_stats = []
         collator = self.data_collator
         processing = self.processing_class
         pad = getattr(getattr(processing, "tokenizer", processing), "pad_token_id", None)
@@ -208,8 +208,21 @@ class ThroughputMixin:
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batches:
-            self.throughput.add(batch.pop(STATS_KEY, None))
+            self.record_batch_stats(batch.pop(STATS_KEY, None))
         return batches, num_items_in_batch
+
+
+class ThroughputMixin(BatchStatsMixin):
+    """Trainer mixin: counts every training batch on the host and logs the rates (`ThroughputCallback`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.throughput = ThroughputCallback()
+        # first, so that the printer and the reporting integrations see the values it adds
+        self.callback_handler.callbacks.insert(0, self.throughput)
+
+    def record_batch_stats(self, stats: dict | None) -> None:
+        self.throughput.add(stats)
 
 
 def throughput_summary(trainer) -> dict | None:
@@ -218,5 +231,5 @@ def throughput_summary(trainer) -> dict | None:
     return cb.summary(trainer.args.world_size) if cb is not None else None
 
 
-__all__ = ["CountingCollator", "STATS_KEY", "ThroughputCallback", "ThroughputMixin", "batch_stats",
+__all__ = ["BatchStatsMixin", "CountingCollator", "STATS_KEY", "ThroughputCallback", "ThroughputMixin", "batch_stats",
            "device_peak_flops", "model_flop_coefficients", "throughput_summary"]
