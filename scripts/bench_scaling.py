@@ -59,10 +59,8 @@ def _parser():
 
 def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
     """The launch line of one setup and its environment."""
-    config, multi, _, extra = SETUPS[setup]
+    config, multi, _, extra = SETUPS[setup]  # `main` refused the multi-GPU setups on the CPU
     if args.device == "cpu":
-        if multi:
-            raise ValueError(f"setup {setup!r} needs GPUs; on the CPU only the single-process setups run")
         config = "cpu.yaml"
     gpus = args.gpus if multi else 1
     env = dict(os.environ)

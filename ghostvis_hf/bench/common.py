@@ -45,14 +45,17 @@ def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(10, 1000, (batch, length), generator=g).tolist()  # plain byte-BPE tokens, no specials
 
 
-def run_stock(model, prompts, new_tokens, device) -> tuple[float, list[list[int]]]:
-    """Seconds of one greedy `model.generate` of exactly `new_tokens` per prompt (after a short warm-up), and the
-    tokens it made."""
+def run_stock(model, prompts, new_tokens, device, warmup_tokens=4, warmups=1,
+              **generate_kwargs) -> tuple[float, list[list[int]]]:
+    """Seconds of one greedy `model.generate` of exactly `new_tokens` per prompt (after `warmups` untimed calls of
+    `warmup_tokens`), and the tokens it made; `generate_kwargs` go to every call (e.g. `cache_implementation`)."""
     ids = torch.tensor(prompts, device=device)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens)
+                  min_new_tokens=new_tokens, **generate_kwargs)
     with torch.no_grad():
-        model.generate(input_ids=ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        for _ in range(warmups):
+            model.generate(input_ids=ids, **{**kwargs, "max_new_tokens": warmup_tokens,
+                                             "min_new_tokens": warmup_tokens})
         sync(device)
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, **kwargs)

@@ -103,18 +103,8 @@ def run_stock_static(model, prompts, new_tokens, device) -> tuple[float, list[li
     """`transformers`' own fast path for the same decoder (a stock Qwen2 `AutoModelForCausalLM`): a static cache, which
     `generate` compiles automatically (`torch.compile` of the decode step, CUDA graphs) on a GPU. Two untimed calls of
     the full length first (compilation and recompilation), then the timed one."""
-    lm = causal_lm(model)
-    ids = torch.tensor(prompts, device=device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens, cache_implementation="static")
-    with torch.no_grad():
-        for _ in range(2):
-            lm.generate(input_ids=ids, **kwargs)
-        sync(device)
-        t0 = time.perf_counter()
-        out = lm.generate(input_ids=ids, **kwargs)
-        sync(device)
-    return time.perf_counter() - t0, out[:, ids.shape[1] :].tolist()
+    return run_stock(causal_lm(model), prompts, new_tokens, device, warmup_tokens=new_tokens, warmups=2,
+                     cache_implementation="static")
 
 
 def run_stock_cb(model, prompts, new_tokens, device) -> tuple[float, list[list[int]]]:
@@ -272,7 +262,11 @@ def _time_stock(out: dict, args, model, device, batch_sizes, suffix="") -> dict[
         prompts = random_prompts(batch, args.prompt_len, args.seed)
         seconds, stock_tokens[batch] = run_stock(model, prompts, args.new_tokens, device)
         _record(out, args, "stock" + suffix, batch, seconds)
-    others = [("stock-static", run_stock_static)] * (not args.no_stock) + [("stock-cb", run_stock_cb)] * args.stock_cb
+    others = []
+    if not args.no_stock:
+        others.append(("stock-static", run_stock_static))
+    if args.stock_cb:
+        others.append(("stock-cb", run_stock_cb))
     for name, run in others:
         for batch in batch_sizes:
             try:

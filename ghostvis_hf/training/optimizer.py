@@ -72,6 +72,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         self.kernel = kernel
         self._adamw = optimizer_cls is torch.optim.AdamW
         self._host_steps: dict[int, int] = {}  # master id -> AdamW step count, read once from the state
+        self._param_of = {id(m): p for p, m in zip(self._params, self._masters)}  # masters keep their identity
     def _low_precision(self):
         return [(p, m) for p, m in zip(self._params, self._masters) if m is not p]
 
@@ -147,12 +148,6 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         if steps:
             torch._foreach_add_(steps, 1.0)
         return True
-
-    @property
-    def _param_of(self) -> dict[int, torch.Tensor]:
-        if getattr(self, "_param_of_cache", None) is None:
-            self._param_of_cache = {id(m): p for p, m in zip(self._params, self._masters)}
-        return self._param_of_cache
 
     def _move(self, master, device):
         master.data = master.data.to(device)
