@@ -129,14 +129,16 @@ def write(report: dict, out: str) -> None:
              f"- versions: {report['versions']}", f"- command: `{report['command']}`",
              f"- recipe config: `{report['config']}`, {report['max_steps']} steps, speed over all but the first "
              f"logging interval ({report['logging_steps']} steps)\n",
-             "| setup | GPUs | precision | tok/s (all GPUs) | conversations/s | MFU per GPU | peak GiB (rank 0) | vs 1 GPU |",
+             "| setup | GPUs | precision | tok/s (all GPUs) | conversations/s | MFU per GPU | peak GiB (rank 0) "
+             "| vs 1 GPU |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         vs = f"{r['vs_1gpu']:.2f}x (of {r['vs_1gpu_of']})" if r.get("vs_1gpu") else "-"
         if r["failed"]:
             lines.append(f"| {r['run']} | {r['gpus']} | - | failed: {r['failed'][:160]} | | | | |")
             continue
-        lines.append(f"| {r['run']} | {r['gpus']} | {r['precision']} | {fmt(r['tok_s'])} | {fmt(r['conv_s'], '{:.2f}')} "
+        lines.append(f"| {r['run']} | {r['gpus']} | {r['precision']} | {fmt(r['tok_s'])} "
+                     f"| {fmt(r['conv_s'], '{:.2f}')} "
                      f"| {fmt(r['mfu'], '{:.1%}')} | {fmt(r['peak_mem_gib'], '{:.1f}')} | {vs} |")
     lines += ["", "Commands:", ""] + [f"- {r['run']}: `{r['command']}`" for r in report["results"]]
     with open(os.path.join(out, "scaling.md"), "w") as f:
@@ -174,8 +176,9 @@ def main(argv=None) -> int:
             rows.append(run_setup(setup, args, tmp))
             print(json.dumps(rows[-1]), flush=True)
     scaling(rows)
+    script = os.path.relpath(os.path.abspath(__file__), ROOT)
     report = {"benchmark": "scaling", "machine": machine, "date": time.strftime("%Y-%m-%d"), "versions": _versions(),
-              "command": "python " + shlex.join([os.path.relpath(os.path.abspath(__file__), ROOT), *(argv or sys.argv[1:])]),
+              "command": "python " + shlex.join([script, *(argv or sys.argv[1:])]),
               "config": args.config, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
               "results": rows}
     write(report, args.out)

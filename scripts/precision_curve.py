@@ -72,7 +72,8 @@ def summarize(curves, warmup: int) -> dict:
               for s in late]
     window = {p: [statistics.fmean(c[s] for s in late) for c in curves[p].values()] for p in curves}
     return {"steps": steps, "mean": mean, "late_steps": late,
-            "max_rel_gap_of_means_after_warmup": max(gaps), "mean_rel_gap_of_means_after_warmup": statistics.fmean(gaps),
+            "max_rel_gap_of_means_after_warmup": max(gaps),
+            "mean_rel_gap_of_means_after_warmup": statistics.fmean(gaps),
             "autocast_seed_spread_after_warmup": {"max": max(spread), "mean": statistics.fmean(spread)},
             "late_window_loss": {p: {"per_seed": v, "mean": statistics.fmean(v),
                                      "stdev": statistics.stdev(v) if len(v) > 1 else None} for p, v in window.items()}}
@@ -83,22 +84,27 @@ def write(report: dict, args) -> None:
     with open(os.path.join(args.out, "precision_curve.json"), "w") as f:
         json.dump(report, f, indent=2)
     seeds = args.seeds
-    head = "| step | " + " | ".join(f"{p} s{x}" for p in PRECISIONS for x in seeds) + " | autocast mean | bf16_master mean | gap |"
+    runs = " | ".join(f"{p} s{x}" for p in PRECISIONS for x in seeds)
+    head = f"| step | {runs} | autocast mean | bf16_master mean | gap |"
     rows = [head, "|" + "---|" * (3 + len(PRECISIONS) * len(seeds))]
     for step in s["steps"]:
         cells = [f"{report['curves'][p][x][step]:.4f}" for p in PRECISIONS for x in seeds]
         a, b = s["mean"]["autocast"][step], s["mean"]["bf16_master"][step]
         rows.append(f"| {step} | " + " | ".join(cells) + f" | {a:.4f} | {b:.4f} | {(b - a) / a:+.1%} |")
-    lw = s["late_window_loss"]
+    lw, spread = s["late_window_loss"], s["autocast_seed_spread_after_warmup"]
+
+    def per_seed(precision):
+        return ", ".join(f"{v:.4f}" for v in lw[precision]["per_seed"])
+
     text = (f"# bf16 + fp32 master weights vs autocast: {args.preset} preset, {args.steps} steps, seeds {seeds}\n\n"
             f"Machine: {report['device']} · torch {report['torch']}\n\nCommand: `{report['command']}`\n\n"
             f"Mean curves over the seeds, after step {args.warmup}: largest relative gap "
             f"**{s['max_rel_gap_of_means_after_warmup']:.2%}**, mean {s['mean_rel_gap_of_means_after_warmup']:.2%}. "
-            f"The noise it sits in: the autocast seeds alone are up to {s['autocast_seed_spread_after_warmup']['max']:.1%} "
-            f"apart (mean {s['autocast_seed_spread_after_warmup']['mean']:.1%}) of their mean at a step.\n\n"
+            f"The noise it sits in: the autocast seeds alone are up to {spread['max']:.1%} apart (mean "
+            f"{spread['mean']:.1%}) of their mean at a step.\n\n"
             f"Mean loss over steps {s['late_steps'][0]}-{s['late_steps'][-1]}: autocast {lw['autocast']['mean']:.4f} "
-            f"(per seed {', '.join(f'{v:.4f}' for v in lw['autocast']['per_seed'])}), bf16 + master "
-            f"{lw['bf16_master']['mean']:.4f} (per seed {', '.join(f'{v:.4f}' for v in lw['bf16_master']['per_seed'])})."
+            f"(per seed {per_seed('autocast')}), bf16 + master "
+            f"{lw['bf16_master']['mean']:.4f} (per seed {per_seed('bf16_master')})."
             f"\n\n" + "\n".join(rows) + "\n")
     with open(os.path.join(args.out, "precision_curve.md"), "w") as f:
         f.write(text)
@@ -139,7 +145,8 @@ def main(argv=None) -> int:
         curves = run_all(args, tmp)
     report = {"benchmark": "precision_curve", "preset": args.preset, "steps": args.steps, "seeds": args.seeds,
               "warmup": args.warmup, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+              "torch": torch.__version__,
+              "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "curves": curves}
     report["summary"] = summarize(curves, args.warmup)
     write(report, args)

@@ -411,8 +411,8 @@ def markdown(out: dict) -> str:
     int8 = out.get("int8")
     if int8:
         roof8 = f" = {int8['roofline_tok_s_batch1']:.0f} tok/s per sequence" if int8["roofline_tok_s_batch1"] else ""
-        lines.append(f"- `-int8` rows: the same weights loaded with `--quantize int8` (torchao int8 weight-only; LM head, "
-                     f"vision tower, resampler and projector unquantized): {int8['weight_bytes'] / 1e9:.2f} GB per "
+        lines.append(f"- `-int8` rows: the same weights loaded with `--quantize int8` (torchao int8 weight-only; "
+                     f"LM head, vision tower, resampler and projector unquantized): {int8['weight_bytes'] / 1e9:.2f} GB per "
                      f"decode step ({int8['weight_ratio']:.2f}x){roof8}")
     lines += ["", "| mode | batch | tok/s | % of roofline | device ms/step | greedy == stock (rows) |",
               "|---|---:|---:|---:|---:|---|"]

@@ -269,15 +269,18 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
     ckpt_off()
     fixed_run("nokernels", "GhostVis, no swaps (stock path)", lambda: reset_kernels(gv))
     # Compiled decoder layers: Inductor fuses RMSNorm/RoPE/SwiGLU itself, so first without the Liger layer kernels.
-    fixed_run("compile", "GhostVis, compiled layers + fused CE + cuDNN attention", lambda: (
-        reset_kernels(gv), apply_kernels(gv, rms_norm=False, swiglu=False, rope=False), compile_decoder_layers(gv)))
+    def no_liger():
+        reset_kernels(gv)
+        apply_kernels(gv, rms_norm=False, swiglu=False, rope=False)
+
+    fixed_run("compile", "GhostVis, compiled layers + fused CE + cuDNN attention",
+              lambda: (no_liger(), compile_decoder_layers(gv)))
     if fixed and "compile_master" in runs:  # NOTE: with the Liger layer swaps too, this hit an illegal memory access
         opt = _bf16_master(gv, opt)  # (torch 2.11, liger 0.8.5, H200): the compiled layers do without them
         fixed_run("compile_master", "GhostVis, compiled layers + fused CE + cuDNN attention, bf16 params + fp32 master")
         opt = _fp32_params(gv, opt)
     if fixed and ({"compile_all_master", "graphs_master"} & runs):  # the vision tower's layers compiled too
         opt = _bf16_master(gv, opt)
-        no_liger = lambda: (reset_kernels(gv), apply_kernels(gv, rms_norm=False, swiglu=False, rope=False))  # noqa: E731
         fixed_run("compile_all_master", "GhostVis, compiled decoder + vision layers, bf16 params + fp32 master",
                   lambda: (no_liger(), compile_decoder_layers(gv, vision=True)))
         fixed_run("graphs_master", "GhostVis, compiled decoder + vision layers with CUDA graphs, bf16 + fp32 master",

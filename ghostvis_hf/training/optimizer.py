@@ -5,8 +5,8 @@ Master weights: the model's parameters and activations are bf16, so the forward 
 and without casting every fp32 weight to bf16 at every step (15 % of the kernel time in docs/benchmarks/
 train_profile.txt); the optimizer keeps an fp32 copy of every bf16 parameter and its fp32 state, steps the copies
 with the gradients upcast, and writes them back rounded to bf16: the Megatron / DeepSpeed bf16-optimizer scheme. On
-CUDA one multi-tensor Triton kernel does all three (`kernels.adamw`); elsewhere torch's own AdamW steps the copies. The copies are in the optimizer's `state_dict` (`master_weight`), so a
-resumed run continues exactly.
+CUDA one multi-tensor Triton kernel does all three (`kernels.adamw`); elsewhere torch's own AdamW steps the copies.
+The copies are in the optimizer's `state_dict` (`master_weight`), so a resumed run continues exactly.
 
 NOTE: why our own (about 100 lines): torch, accelerate, transformers and TRL have no master-weight optimizer for
 unsharded training; DeepSpeed's `BF16_Optimizer` lives inside the DeepSpeed engine (use it through the ZeRO
@@ -38,8 +38,9 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             (the wrapper is then exactly `optimizer_cls`) and others get an fp32 copy.
         kernel (`str`, *optional*, defaults to `"auto"`): `"triton"`: step AdamW with `kernels.adamw`'s fused
             master-weight kernel (one pass: bf16 gradient in, fp32 master and moments updated, bf16 parameter
-            written; one launch per parameter group); `"torch"`: cast the gradients, run `optimizer_cls`, copy back; `"auto"`: `"triton"`
-            for `torch.optim.AdamW` on CUDA parameters with Triton installed, else `"torch"`. Both keep the same
+            written; one launch per parameter group); `"torch"`: cast the gradients, run `optimizer_cls`, copy
+            back; `"auto"`: `"triton"` for `torch.optim.AdamW` on CUDA parameters with Triton installed, else
+            `"torch"`. Both keep the same
             state (a run resumes on either).
         **kwargs: the hyperparameters of `optimizer_cls` (`lr`, `betas`, `weight_decay`, `fused`, ...).
 
@@ -73,6 +74,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         self._adamw = optimizer_cls is torch.optim.AdamW
         self._host_steps: dict[int, int] = {}  # master id -> AdamW step count, read once from the state
         self._param_of = {id(m): p for p, m in zip(self._params, self._masters)}  # masters keep their identity
+
     def _low_precision(self):
         return [(p, m) for p, m in zip(self._params, self._masters) if m is not p]
 
