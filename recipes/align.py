@@ -12,16 +12,14 @@ import logging
 import os
 import sys
 
-import torch
-
 import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ghostvis_hf.data.validate import validate_rows
 from ghostvis_hf.hub import training_origin
-from ghostvis_hf.kernels import apply_kernels
 from ghostvis_hf.training import (
     GhostVisArguments,
+    apply_gpu_speedups,
     build_sft_collator,
     describe_data,
     finish,
@@ -30,6 +28,7 @@ from ghostvis_hf.training import (
     load_train_and_eval_data,
     make_optimizer,
     parse_with_default_config,
+    profiler_callbacks,
     setup_logging,
 )
 from ghostvis_hf.training.throughput import throughput_summary
@@ -53,8 +52,7 @@ def main(script_args, training_args, model_args, gv_args):
                          "--quantize int8 leaves in float")
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
     counts = freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
-    if gv_args.kernels and torch.cuda.is_available():  # Liger + cuDNN/varlen attention for the trainer's GPU
-        logger.info("kernels: %s", apply_kernels(model, device="cuda"))
+    apply_gpu_speedups(model, gv_args)  # Liger + cuDNN/varlen attention (or compiled layers) for the trainer's GPU
     print(f"trainable parameters: {counts['trainable']:,} | frozen: {counts['frozen']:,}", flush=True)
 
     ################
@@ -69,6 +67,7 @@ def main(script_args, training_args, model_args, gv_args):
     # Training
     ################
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)  # masks image placeholders
+    callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                  processing_class=processor, data_collator=data_collator, callbacks=callbacks,
                                  optimizers=(make_optimizer(model, training_args, gv_args), None))

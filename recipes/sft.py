@@ -25,16 +25,14 @@ import logging
 import os
 import sys
 
-import torch
-
 import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ghostvis_hf.data.validate import validate_rows
 from ghostvis_hf.hub import training_origin
-from ghostvis_hf.kernels import apply_kernels
 from ghostvis_hf.training import (
     GhostVisArguments,
+    apply_gpu_speedups,
     build_sft_collator,
     describe_data,
     finish,
@@ -45,6 +43,7 @@ from ghostvis_hf.training import (
     make_optimizer,
     parse_with_default_config,
     peft_config_for,
+    profiler_callbacks,
     score_labelled_positions_only,
     set_cpu_threads,
     setup_logging,
@@ -69,9 +68,8 @@ def main(script_args, training_args, model_args, gv_args):
     freeze(model, gv_args.freeze_vision_tower, gv_args.freeze_language_model)
     # --qat int8: int8 fake-quant on the layers --quantize int8 quantizes (refuses LoRA/QLoRA, DeepSpeed/FSDP)
     qat = prepare_qat(model, gv_args.qat, model_args, training_args)
-    if gv_args.kernels and torch.cuda.is_available():
-        # Liger + cuDNN/varlen attention for the GPU the trainer moves the model to; the CPU keeps plain PyTorch
-        logger.info("kernels: %s", apply_kernels(model, device="cuda"))
+    # Liger + cuDNN/varlen attention (or compiled layers) for the GPU the trainer moves the model to; CPU: PyTorch
+    apply_gpu_speedups(model, gv_args)
     peft_config = peft_config_for(model_args)
     if peft_config is not None and (gv_args.vision_tower_lr or gv_args.projector_lr):
         raise ValueError("vision_tower_lr/projector_lr apply to full fine-tuning, not LoRA")
@@ -88,6 +86,7 @@ def main(script_args, training_args, model_args, gv_args):
                 report["skipped"] or "none")
     # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
+    callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)  # --profile_steps
 
     ################
     # Training

@@ -8,9 +8,12 @@ conversations/s over all GPUs, MFU per GPU (vision FLOPs included, the `bench tr
 With token-budget steps (`sft_1.5b_bench.yaml`) every GPU takes full rows of `max_length` tokens each step, so N GPUs
 do N times the work of one per step. A setup that fails is a failed row (its log kept), the others still run.
 
-The precision is the recipe's own choice per setup (`--precision auto`: bf16 + fp32 master weights on one GPU and
-under DDP; the sharded setups keep theirs in DeepSpeed / FSDP with bf16 autocast) and is recorded per row; the
-`*_autocast` setups run one GPU and DDP in autocast too, for a like-for-like baseline of the sharded rows.
+The precision is the recipe's own choice per setup (`--precision auto`: bf16 + fp32 master weights in our optimizer
+on one GPU and under DDP; DeepSpeed's bf16 weights with fp32 master partitions; FSDP2's mixed-precision policy) and is
+recorded per row. Each multi-GPU row is compared with the recipe's default on one GPU (`vs_1gpu`: what the second GPU
+buys a user) and, where that setup ran, with the same launcher on one GPU (`vs_same_1gpu`: `zero2_1gpu`,
+`fsdp2_1gpu`, ...: the launcher's scaling alone); the `*_autocast` setups run one GPU and DDP under autocast.
+`--profile` records 3 more steps per setup after the timed ones (kernel time by kind, exposed communication).
 
 Writes scaling.json (`benchmark: scaling`, rows in the `bench train` shape with a `gpus` field) and scaling.md.
 
@@ -24,21 +27,30 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# setup -> (accelerate config, multi-GPU?, label, extra recipe args)
+# setup -> accelerate config, multi-GPU?, label, extra launcher args, extra recipe args, its one-GPU counterpart
+AUTO = ["--precision", "auto"]  # the bench config asks for bf16_master, which the sharded launchers keep themselves
+NO_COMPILE = ["--compile_layers", "false"]  # refused under ZeRO-3 (its parameter hooks)
 SETUPS = {
-    "single": ("single_gpu.yaml", False, "1 GPU", []),
-    "ddp": ("multi_gpu.yaml", True, "DDP", []),
-    "zero2": ("deepspeed_zero2.yaml", True, "DeepSpeed ZeRO-2", []),
-    "zero3": ("deepspeed_zero3.yaml", True, "DeepSpeed ZeRO-3", []),
-    "fsdp2": ("fsdp2.yaml", True, "FSDP2", []),
-    "single_autocast": ("single_gpu.yaml", False, "1 GPU, autocast", ["--precision", "autocast"]),
-    "ddp_autocast": ("multi_gpu.yaml", True, "DDP, autocast", ["--precision", "autocast"]),
+    "single": ("single_gpu.yaml", False, "1 GPU", [], [], None),
+    "ddp": ("multi_gpu.yaml", True, "DDP", [], [], "single"),
+    "zero2": ("deepspeed_zero2.yaml", True, "DeepSpeed ZeRO-2", [], AUTO, "zero2_1gpu"),
+    "zero3": ("deepspeed_zero3.yaml", True, "DeepSpeed ZeRO-3", [], AUTO + NO_COMPILE, "zero3_1gpu"),
+    "fsdp2": ("fsdp2.yaml", True, "FSDP2", [], AUTO, "fsdp2_1gpu"),
+    "fsdp2_noreshard": ("fsdp2.yaml", True, "FSDP2, no reshard after forward", ["--fsdp_reshard_after_forward",
+                                                                                 "false"], AUTO, "fsdp2_1gpu"),
+    "single_autocast": ("single_gpu.yaml", False, "1 GPU, autocast", [], ["--precision", "autocast"], None),
+    "ddp_autocast": ("multi_gpu.yaml", True, "DDP, autocast", [], ["--precision", "autocast"], "single_autocast"),
+    # the sharded launchers on one GPU: their own overhead without communication
+    "zero2_1gpu": ("deepspeed_zero2.yaml", False, "DeepSpeed ZeRO-2 on 1 GPU", [], AUTO, None),
+    "zero3_1gpu": ("deepspeed_zero3.yaml", False, "DeepSpeed ZeRO-3 on 1 GPU", [], AUTO + NO_COMPILE, None),
+    "fsdp2_1gpu": ("fsdp2.yaml", False, "FSDP2 on 1 GPU", [], AUTO, None),
 }
 DEFAULT_SETUPS = "single,ddp,zero2,zero3,fsdp2,single_autocast,ddp_autocast"
 
@@ -52,6 +64,13 @@ def _parser():
     p.add_argument("--logging-steps", type=int, default=10, help="the first interval is the warm-up left out")
     p.add_argument("--recipe-args", default="", help="extra recipes/sft.py arguments for every setup, one string")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: accelerate_configs/cpu.yaml, tests")
+    p.add_argument("--profile", action="store_true",
+                   help="profile 3 more steps after the timed ones (--profile_steps): scaling_profile_<setup>_rank<R>.txt "
+                        "with kernel time by kind and the communication not hidden behind compute")
+    p.add_argument("--reload-check", action="store_true",
+                   help="load each saved checkpoint with from_pretrained(trust_remote_code=True) in a fresh process "
+                        "and generate a few tokens from an image prompt (the row's `reloads`)")
+    p.add_argument("--name", default="scaling", help="file stem of the report (<name>.json / .md)")
     p.add_argument("--timeout", type=int, default=900, help="seconds a setup may take")
     p.add_argument("--out", default="docs/benchmarks")
     return p
@@ -59,7 +78,7 @@ def _parser():
 
 def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
     """The launch line of one setup and its environment."""
-    config, multi, _, extra = SETUPS[setup]  # `main` refused the multi-GPU setups on the CPU
+    config, multi, _, launcher_extra, extra, _ = SETUPS[setup]  # `main` refused the multi-GPU setups on the CPU
     if args.device == "cpu":
         config = "cpu.yaml"
     gpus = args.gpus if multi else 1
@@ -67,10 +86,13 @@ def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
     if not multi and args.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one process, one GPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join("accelerate_configs", config), "--num_processes", str(gpus), "recipes/sft.py",
-           "--config", args.config, "--max_steps", str(args.max_steps), "--logging_steps", str(args.logging_steps),
+           os.path.join("accelerate_configs", config), "--num_processes", str(gpus), *launcher_extra, "recipes/sft.py",
+           "--config", args.config, "--max_steps", str(args.max_steps + 3 * args.profile),
+           "--logging_steps", str(args.logging_steps),
            "--output_dir", output_dir, "--save_strategy", "no", "--eval_after_training", "false", "--plot", "false",
            *extra, *shlex.split(args.recipe_args)]
+    if args.profile:  # after the last timed step: the profiler's own cost stays out of the speed log
+        cmd += ["--profile_steps", f"{args.max_steps}:{args.max_steps + 3}"]
     if args.device == "cpu":
         cmd += ["--use_cpu", "true", "--bf16", "false"]
     return cmd, env
@@ -78,7 +100,7 @@ def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
 
 def run_setup(setup: str, args, tmp: str) -> dict:
     """One setup's row: its speed from its summary, or `failed` with the tail of its log."""
-    _, multi, label, _ = SETUPS[setup]
+    multi, label = SETUPS[setup][1:3]
     label = label.replace("GPU", "CPU process") if args.device == "cpu" else label
     output_dir = os.path.join(tmp, setup)
     cmd, env = command(setup, args, output_dir)
@@ -86,7 +108,7 @@ def run_setup(setup: str, args, tmp: str) -> dict:
     row = {"scenario": "recipe_scaling", "run": label, "setup": setup, "gpus": args.gpus if multi else 1,
            "tok_s": None, "conv_s": None, "mfu": None, "peak_mem_gib": None, "precision": None, "failed": None,
            "command": shown}
-    log_path = os.path.join(args.out, f"scaling_{setup}.log")
+    log_path = os.path.join(args.out, f"{args.name}_{setup}.log")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         try:
@@ -100,29 +122,67 @@ def run_setup(setup: str, args, tmp: str) -> dict:
         with open(log_path) as f:
             row["failed"] = f"exit {returncode}: " + " | ".join(f.read().strip().splitlines()[-3:])[-400:]
         return row
+    for name in sorted(os.listdir(output_dir)) if args.profile else ():
+        if name.startswith("profile_rank") and name.endswith(".txt"):
+            shutil.copy(os.path.join(output_dir, name), os.path.join(args.out, f"{args.name}_{setup}_{name}"))
     with open(summary_path) as f:
         summary = json.load(f)
     speed = summary.get("throughput") or {}
     if not speed:
         row["failed"] = "no speed logged: raise --max-steps or lower --logging-steps (two logging intervals at least)"
+    if args.reload_check:
+        row["reloads"] = reload_check(output_dir, args.device)
     row.update(tok_s=speed.get("tokens_per_second"), conv_s=speed.get("conversations_per_second"),
                mfu=speed.get("mfu"), peak_mem_gib=speed.get("peak_memory_gib"), precision=summary.get("precision"),
                timed_s=speed.get("seconds"), first_interval_excluded=speed.get("first_interval_excluded"))
     return row
 
 
+RELOAD = """
+import sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+path, device = sys.argv[1], sys.argv[2]
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).to(device)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                   images=Image.new("RGB", (64, 64), (200, 30, 30)), return_tensors="pt").to(device)
+out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+print(f"yes: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+      f"{out.shape[1] - inputs['input_ids'].shape[1]} tokens generated")
+"""
+
+
+def reload_check(output_dir: str, device: str) -> str:
+    """Loads the saved folder in a fresh process (`trust_remote_code`) and generates; `"yes: ..."` or the error."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    proc = subprocess.run([sys.executable, "-c", RELOAD, output_dir, device], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode == 0 and proc.stdout.strip():
+        return proc.stdout.strip().splitlines()[-1]
+    return f"no (exit {proc.returncode}): " + " | ".join(proc.stderr.strip().splitlines()[-3:])
+
+
 def scaling(rows: list[dict]) -> None:
-    """Adds `vs_1gpu` (tokens/s over the matching one-GPU row: autocast rows over autocast) to the multi-GPU rows."""
+    """Adds to the multi-GPU rows `vs_1gpu`: tokens/s over the recipe's default on one GPU (`single`, what the second
+    GPU has to beat), and `vs_same_1gpu`: over the same launcher on one GPU (its scaling alone), where measured."""
     base = {r["setup"]: r for r in rows if r["gpus"] == 1 and r["tok_s"]}
     for r in rows:
-        ref = base.get("single_autocast" if r["precision"] != "bf16_master" and "single_autocast" in base else "single")
-        if r["gpus"] > 1 and r["tok_s"] and ref is not None:
-            r["vs_1gpu"] = round(r["tok_s"] / ref["tok_s"], 3)
-            r["vs_1gpu_of"] = ref["setup"]
+        if r["gpus"] < 2 or not r["tok_s"]:
+            continue
+        if "single" in base:
+            r["vs_1gpu"] = round(r["tok_s"] / base["single"]["tok_s"], 3)
+        same = base.get(SETUPS.get(r["setup"], (None,) * 6)[5])
+        if same is not None:
+            r["vs_same_1gpu"] = round(r["tok_s"] / same["tok_s"], 3)
+            r["vs_same_1gpu_of"] = same["setup"]
 
 
 def write(report: dict, out: str) -> None:
-    with open(os.path.join(out, "scaling.json"), "w") as f:
+    with open(os.path.join(out, f"{report['name']}.json"), "w") as f:
         json.dump(report, f, indent=2)
     fmt = lambda v, spec="{:,.1f}": "-" if v is None else spec.format(v)  # noqa: E731
     lines = [f"# Recipe scaling (`scripts/bench_scaling.py`)\n", f"- machine: {report['machine']}",
@@ -130,18 +190,23 @@ def write(report: dict, out: str) -> None:
              f"- recipe config: `{report['config']}`, {report['max_steps']} steps, speed over all but the first "
              f"logging interval ({report['logging_steps']} steps)\n",
              "| setup | GPUs | precision | tok/s (all GPUs) | conversations/s | MFU per GPU | peak GiB (rank 0) "
-             "| vs 1 GPU |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| vs 1 GPU (recipe default) | vs the same launcher on 1 GPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        vs = f"{r['vs_1gpu']:.2f}x (of {r['vs_1gpu_of']})" if r.get("vs_1gpu") else "-"
+        vs = f"{r['vs_1gpu']:.2f}x" if r.get("vs_1gpu") else "-"
+        same = f"{r['vs_same_1gpu']:.2f}x (of {r['vs_same_1gpu_of']})" if r.get("vs_same_1gpu") else "-"
         if r["failed"]:
-            lines.append(f"| {r['run']} | {r['gpus']} | - | failed: {r['failed'][:160]} | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | - | failed: {r['failed'][:160]} | | | | | |")
             continue
         lines.append(f"| {r['run']} | {r['gpus']} | {r['precision']} | {fmt(r['tok_s'])} "
                      f"| {fmt(r['conv_s'], '{:.2f}')} "
-                     f"| {fmt(r['mfu'], '{:.1%}')} | {fmt(r['peak_mem_gib'], '{:.1f}')} | {vs} |")
+                     f"| {fmt(r['mfu'], '{:.1%}')} | {fmt(r['peak_mem_gib'], '{:.1f}')} | {vs} | {same} |")
+    reloads = [f"- {r['run']}: {r['reloads']}" for r in report["results"] if r.get("reloads")]
+    if reloads:
+        lines += ["", "Saved checkpoint reloaded with `from_pretrained(trust_remote_code=True)` in a fresh process "
+                  "and generating from an image prompt:", ""] + reloads
     lines += ["", "Commands:", ""] + [f"- {r['run']}: `{r['command']}`" for r in report["results"]]
-    with open(os.path.join(out, "scaling.md"), "w") as f:
+    with open(os.path.join(out, f"{report['name']}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -163,6 +228,10 @@ def main(argv=None) -> int:
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         raise ValueError(f"unknown setups {unknown}; allowed: {list(SETUPS)}")
+    if args.profile and any(args.max_steps < k <= args.max_steps + 3 for k in range(0, args.max_steps + 4,
+                                                                                    args.logging_steps)):
+        raise ValueError("--profile: a logging step falls on the 3 profiled steps after --max-steps; use a "
+                         "--logging-steps above 3 that divides --max-steps")
     if args.device == "cpu" and any(SETUPS[s][1] for s in setups):
         raise ValueError("the multi-GPU setups need GPUs; on the CPU pass --setups single (or single_autocast)")
     os.makedirs(args.out, exist_ok=True)
@@ -171,17 +240,17 @@ def main(argv=None) -> int:
     machine = (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}" if torch.cuda.is_available()
                else platform.processor() or "cpu")
     rows = []
+    script = os.path.relpath(os.path.abspath(__file__), ROOT)
+    report = {"benchmark": "scaling", "name": args.name, "machine": machine, "date": time.strftime("%Y-%m-%d"),
+              "versions": _versions(), "command": "python " + shlex.join([script, *(argv or sys.argv[1:])]),
+              "config": args.config, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
+              "results": rows}
     with tempfile.TemporaryDirectory() as tmp:
         for setup in setups:
             rows.append(run_setup(setup, args, tmp))
             print(json.dumps(rows[-1]), flush=True)
-    scaling(rows)
-    script = os.path.relpath(os.path.abspath(__file__), ROOT)
-    report = {"benchmark": "scaling", "machine": machine, "date": time.strftime("%Y-%m-%d"), "versions": _versions(),
-              "command": "python " + shlex.join([script, *(argv or sys.argv[1:])]),
-              "config": args.config, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
-              "results": rows}
-    write(report, args.out)
+            scaling(rows)
+            write(report, args.out)  # after every setup: a run cut short keeps the rows it has
     return 0 if all(r["failed"] is None for r in rows) else 1
 
 

@@ -15,7 +15,8 @@ sys.path.pop(0)
 
 
 def test_one_cpu_process_gives_a_row_in_the_bench_train_shape(tmp_path):
-    rc = bench_scaling.main(["--setups", "single", "--device", "cpu", "--max-steps", "4", "--logging-steps", "2",
+    rc = bench_scaling.main(["--setups", "single", "--device", "cpu", "--max-steps", "8", "--logging-steps", "4",
+                             "--profile", "--reload-check",
                              "--config", "recipes/configs/sft_tiny.yaml", "--out", str(tmp_path), "--recipe-args",
                              "--shapes_train_samples 256 --per_device_train_batch_size 8 --cpu_threads 1"])
     assert rc == 0
@@ -26,6 +27,9 @@ def test_one_cpu_process_gives_a_row_in_the_bench_train_shape(tmp_path):
     assert row["gpus"] == 1 and row["failed"] is None and row["tok_s"] > 0 and row["conv_s"] > 0
     assert row["precision"] == "fp32" and row["first_interval_excluded"] is True
     assert "| 1 CPU process | 1 | fp32 |" in (tmp_path / "scaling.md").read_text()
+    assert row["reloads"].startswith("yes: GhostVisForConditionalGeneration") and "8 tokens generated" in row["reloads"]
+    profile = (tmp_path / "scaling_single_profile_rank0.txt").read_text()  # steps 8-10, after the timed ones
+    assert profile.startswith("3 steps: wall") and "GPU busy" in profile
 
 
 def test_refusals(tmp_path):
@@ -33,6 +37,8 @@ def test_refusals(tmp_path):
         bench_scaling.main(["--setups", "zero4", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="need GPUs"):
         bench_scaling.main(["--setups", "single,ddp", "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="logging step falls on the 3 profiled steps"):
+        bench_scaling.main(["--setups", "single", "--profile", "--max-steps", "8", "--logging-steps", "2"])
 
 
 def test_a_failed_setup_is_a_row_with_its_reason(tmp_path):
@@ -44,13 +50,28 @@ def test_a_failed_setup_is_a_row_with_its_reason(tmp_path):
     assert (tmp_path / "scaling_single.log").exists()
 
 
-def test_sharded_rows_are_compared_with_the_autocast_one_gpu_row():
+def test_multi_gpu_rows_are_compared_with_the_recipe_default_and_their_own_launcher_on_one_gpu():
     rows = [dict(setup="single", gpus=1, tok_s=100.0, precision="bf16_master"),
             dict(setup="single_autocast", gpus=1, tok_s=80.0, precision="bf16"),
+            dict(setup="zero2_1gpu", gpus=1, tok_s=75.0, precision="deepspeed_bf16"),
             dict(setup="ddp", gpus=2, tok_s=190.0, precision="bf16_master"),
-            dict(setup="zero2", gpus=2, tok_s=150.0, precision="bf16"),
-            dict(setup="fsdp2", gpus=2, tok_s=None, precision=None)]
+            dict(setup="ddp_autocast", gpus=2, tok_s=152.0, precision="bf16"),
+            dict(setup="zero2", gpus=2, tok_s=150.0, precision="deepspeed_bf16"),
+            dict(setup="fsdp2", gpus=2, tok_s=170.0, precision="fsdp_bf16"),
+            dict(setup="zero3", gpus=2, tok_s=None, precision=None)]
     bench_scaling.scaling(rows)
-    assert (rows[2]["vs_1gpu"], rows[2]["vs_1gpu_of"]) == (1.9, "single")
-    assert (rows[3]["vs_1gpu"], rows[3]["vs_1gpu_of"]) == (1.875, "single_autocast")
-    assert "vs_1gpu" not in rows[4] and "vs_1gpu" not in rows[0]
+    assert (rows[3]["vs_1gpu"], rows[3]["vs_same_1gpu"], rows[3]["vs_same_1gpu_of"]) == (1.9, 1.9, "single")
+    assert (rows[4]["vs_1gpu"], rows[4]["vs_same_1gpu"], rows[4]["vs_same_1gpu_of"]) == (1.52, 1.9, "single_autocast")
+    assert (rows[5]["vs_1gpu"], rows[5]["vs_same_1gpu"]) == (1.5, 2.0)
+    assert rows[6]["vs_1gpu"] == 1.7 and "vs_same_1gpu" not in rows[6]  # FSDP2 on one GPU did not run
+    assert "vs_1gpu" not in rows[7] and "vs_1gpu" not in rows[0]
+
+
+def test_profile_runs_three_more_steps_after_the_timed_ones(tmp_path):
+    args = bench_scaling._parser().parse_args(["--setups", "zero2", "--profile", "--max-steps", "30"])
+    cmd, _ = bench_scaling.command("zero2", args, str(tmp_path))
+    assert cmd[cmd.index("--max_steps") + 1] == "33" and cmd[cmd.index("--profile_steps") + 1] == "30:33"
+    assert cmd[cmd.index("--precision") + 1] == "auto"  # the sharded launchers keep their own master weights
+    cmd, _ = bench_scaling.command("fsdp2_noreshard", args, str(tmp_path))
+    assert cmd[cmd.index("--fsdp_reshard_after_forward") + 1] == "false"
+    assert cmd.index("--fsdp_reshard_after_forward") < cmd.index("recipes/sft.py")  # a launcher argument

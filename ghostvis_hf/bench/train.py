@@ -131,6 +131,8 @@ def _profile(model, opt, batches, args, path):
     """Kernel time of a few training steps (torch.profiler): where the step goes, and how busy the GPU is."""
     from torch.profiler import ProfilerActivity, profile
 
+    from .profiling import kernel_summary
+
     inputs = [{k: (v.to(args.device) if torch.is_tensor(v) else v) for k, v in b.items() if not k.startswith("_")}
               for b in batches]
     on_cuda = args.device.startswith("cuda")
@@ -145,39 +147,10 @@ def _profile(model, opt, batches, args, path):
             opt.zero_grad(set_to_none=True)
         _sync(args.device)
         wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    # kernels only: the aten ops above them report the same device time again, and so do the ranges the optimizer
-    # and profiler annotate on the GPU ("Optimizer.step#...")
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
-    busy = sum(getattr(e, attr) for e in kernels) / 1e6
-    table = events.table(sort_by=attr, row_limit=30)
-    kinds = {}
-    for e in kernels:
-        kind = _kernel_kind(e.key)
-        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, attr) / 1e6
-    share = ", ".join(f"{k} {v / len(inputs) * 1e3:.1f} ms ({v / busy:.0%})"
-                      for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
-    text = (f"{len(inputs)} steps: wall {wall:.3f} s under the profiler, GPU kernel time {busy:.3f} s "
-            f"({busy / wall:.0%} busy)\nper step, by kind: {share}\n{table}")
+    text = kernel_summary(prof, len(inputs), wall)
     with open(path, "w") as f:
         f.write(text)
     print(text[:6000], flush=True)
-
-
-_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "gemv")),
-          ("attention", ("flash", "fmha", "cudnn", "attention", "attn")),
-          ("optimizer", ("adam", "multi_tensor", "foreach")),
-          ("copy/cast", ("copy", "cast")),
-          ("triton (fused)", ("triton",)),
-          ("reduction", ("reduce",)),
-          ("elementwise", ("elementwise", "vectorized")))
-
-
-def _kernel_kind(name: str) -> str:
-    low = name.lower()
-    return next((kind for kind, keys in _KINDS if any(k in low for k in keys)), "other")
 
 
 def _env(args, argv):

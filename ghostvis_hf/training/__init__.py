@@ -12,6 +12,7 @@ from .finish import evaluate_checkpoint, finish, score_final_turns
 from .model import (
     LORA_MODULES_TO_SAVE,
     LORA_TARGET_REGEX,
+    apply_gpu_speedups,
     freeze,
     load_model_and_processor,
     log_parameter_counts,
@@ -22,6 +23,7 @@ from .model import (
 from .optimizer import make_optimizer
 from .packing import GhostVisPackingCollator, PackingStatsCallback, best_fit_decreasing, pack_samples, prepare_packing
 from .plotting import plot_learning_curve
+from .profiling import ProfilerCallback, profiler_callbacks
 from .rl import (
     finish_rl,
     held_out_accuracy,
@@ -41,6 +43,7 @@ __all__ = [
     "LORA_TARGET_REGEX",
     "PackingStatsCallback",
     "RLArguments",
+    "apply_gpu_speedups",
     "best_fit_decreasing",
     "build_sft_collator",
     "describe_data",
@@ -60,6 +63,8 @@ __all__ = [
     "parse_with_default_config",
     "peft_config_for",
     "plot_learning_curve",
+    "ProfilerCallback",
+    "profiler_callbacks",
     "prepare_packing",
     "prompt_dataset",
     "reward_funcs_for",

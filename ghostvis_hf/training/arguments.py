@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field, fields
 
 from .qat import normalize_qat
+from .profiling import parse_profile_steps
 
 logger = logging.getLogger("ghostvis")
 
@@ -123,6 +124,17 @@ class GhostVisArguments:
                           "--quantize int8 quantizes (the decoder's projections; torchao QAT); the saved checkpoint is "
                           "plain float, quantized at load time (ghostvis eval --quantize int8). none (default): off."})
     kernels: bool = field(default=True, metadata={"help": "Swap in fused kernels on CUDA (ghostvis_hf.kernels)."})
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "CUDA: torch.compile every decoder and vision-encoder layer in place (regional compilation: "
+                          "one graph per layer kind; names and checkpoints unchanged); Inductor then fuses the norms, "
+                          "RoPE and SwiGLU instead of the Liger swaps; the fused cross-entropy and attention kernels "
+                          "stay. The first steps compile (about a minute). Not with DeepSpeed ZeRO-3."})
+    profile_steps: str | None = field(
+        default=None,
+        metadata={"help": "START:STOP: profile optimizer steps START..STOP-1 on every rank (torch.profiler); "
+                          "profile_rank<R>.txt in the output folder has kernel time by kind, GPU busy time and the "
+                          "communication not hidden behind compute."})
     eval_after_training: bool = field(default=True, metadata={"help": "Generate on the held-out split and score."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the final generation-based eval."})
     plot: bool = field(default=True, metadata={"help": "Save a learning-curve plot in the output folder."})
@@ -133,6 +145,7 @@ class GhostVisArguments:
         if self.loss not in ("auto", "model", "trl"):
             raise ValueError(f"loss={self.loss!r} is not supported; allowed: auto, model, trl")
         self.qat = normalize_qat(self.qat)
+        parse_profile_steps(self.profile_steps)  # refuses a malformed window before anything loads
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")
 

@@ -180,3 +180,31 @@ def peft_config_for(model_args):
     if model_args.lora_modules_to_save is None:
         model_args.lora_modules_to_save = LORA_MODULES_TO_SAVE
     return get_peft_config(model_args)
+
+
+def apply_gpu_speedups(model, args: GhostVisArguments) -> dict | None:
+    """The fused kernels (`--kernels`) and compiled layers (`--compile_layers`) for the GPU the trainer moves the
+    model to; returns what `apply_kernels` made active, `None` on a machine without CUDA (plain PyTorch there).
+
+    With `compile_layers` the decoder's and the vision encoder's layers are compiled in place
+    (`kernels.compile_decoder_layers`: `nn.Module.compile`, so parameter names and checkpoints are unchanged;
+    accelerate's `compile_regions` wraps them in new modules instead) and Liger's norm/SwiGLU/RoPE swaps stay out
+    (Inductor fuses those itself). Refused under DeepSpeed ZeRO-3, whose per-module parameter hooks the compiled
+    layers would trace.
+    """
+    from ..kernels import apply_kernels, compile_decoder_layers
+
+    if not torch.cuda.is_available():
+        return None
+    if args.compile_layers and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ValueError("compile_layers does not run under DeepSpeed ZeRO-3 (its parameter-gathering hooks); use "
+                         "ZeRO-2 or FSDP2, or --compile_layers false")
+    active = None
+    if args.kernels:
+        layer_kernels = not args.compile_layers
+        active = apply_kernels(model, rms_norm=layer_kernels, swiglu=layer_kernels, rope=layer_kernels,
+                               device="cuda")
+        logger.info("kernels: %s", active)
+    if args.compile_layers:
+        logger.info("compiled layers (decoder + vision encoder): %d", compile_decoder_layers(model, vision=True))
+    return active

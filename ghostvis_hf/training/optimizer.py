@@ -247,12 +247,21 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
 
 
 def precision_of(trainer) -> str:
-    """What a finished run trained in: `"bf16_master"` (its optimizer kept the master weights), `"bf16"` / `"fp16"`
-    (the Trainer's autocast, or DeepSpeed/FSDP mixed precision) or `"fp32"`; for run summaries."""
+    """What a finished run trained in, for run summaries: `"bf16_master"` (our optimizer kept the master weights),
+    `"deepspeed_bf16"` / `"deepspeed_fp16"` (DeepSpeed's low-precision weights with fp32 master partitions),
+    `"fsdp_bf16"` / `"fsdp_fp16"` (FSDP's mixed-precision policy), `"bf16"` / `"fp16"` (the Trainer's autocast) or
+    `"fp32"`."""
     optimizer = getattr(trainer, "optimizer", None)
     if isinstance(getattr(optimizer, "optimizer", optimizer), MasterWeightOptimizer):  # accelerate wraps it
         return "bf16_master"
-    return "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
+    low = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else None
+    if low is None:
+        return "fp32"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return f"deepspeed_{low}"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return f"fsdp_{low}"
+    return low
 
 
 def _env_true(name: str) -> bool:

@@ -1,0 +1,86 @@
+"""`--profile_steps START:STOP`: the recipes' optimizer steps START..STOP-1 under `torch.profiler`, on every rank.
+
+Each rank writes `profile_rank<R>.txt` to the output folder (`bench.profiling.kernel_summary`): kernel time by kind,
+the GPU's busy time, and the communication a multi-GPU run did not hide behind compute. The profiler slows the steps
+it records: put them after the last logging step whose speed you want (the scaling benchmark runs
+`max_steps` = STOP with the last log at START), or read the speed log knowing it.
+"""
+
+import logging
+import os
+import time
+
+import torch
+from transformers.trainer_callback import TrainerCallback
+
+from ..bench.profiling import kernel_summary
+
+logger = logging.getLogger("ghostvis")
+
+
+def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
+    """`"START:STOP"` -> `(START, STOP)` with 0 <= START < STOP; `None`/`""` -> `None`.
+
+    Example:
+    ```python
+    >>> parse_profile_steps("30:33")
+    (30, 33)
+
+    ```
+    """
+    if not text:
+        return None
+    try:
+        start, stop = (int(x) for x in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"profile_steps must be START:STOP (optimizer steps, e.g. 30:33), got {text!r}") from None
+    if not 0 <= start < stop:
+        raise ValueError(f"profile_steps {text!r}: need 0 <= START < STOP")
+    return start, stop
+
+
+class ProfilerCallback(TrainerCallback):
+    """Profiles optimizer steps `start`..`stop - 1` and writes their `kernel_summary` to `output_dir`."""
+
+    def __init__(self, start: int, stop: int, output_dir: str):
+        self.start, self.stop, self.output_dir = start, stop, output_dir
+        self.prof, self.t0, self.path = None, 0.0, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.prof is None and self.path is None and state.global_step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            on_cuda = torch.cuda.is_available() and args.device.type == "cuda"
+            if on_cuda:
+                torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_cuda)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and state.global_step >= self.stop:
+            self._finish(args, state.global_step - self.start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.prof is not None:  # training ended inside the window
+            self._finish(args, state.global_step - self.start)
+
+    def _finish(self, args, steps: int) -> None:
+        if torch.cuda.is_available() and args.device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        text = kernel_summary(self.prof, steps, wall)
+        self.prof = None
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.path = os.path.join(self.output_dir, f"profile_rank{args.process_index}.txt")
+        with open(self.path, "w") as f:
+            f.write(text)
+        logger.info("profile of steps %d-%d: %s\n%s", self.start, self.start + steps - 1, self.path,
+                    "\n".join(text.splitlines()[:3]))
+
+
+def profiler_callbacks(profile_steps: str | None, output_dir: str) -> list:
+    """`[ProfilerCallback]` for `--profile_steps`, else `[]`."""
+    window = parse_profile_steps(profile_steps)
+    return [] if window is None else [ProfilerCallback(*window, output_dir)]
