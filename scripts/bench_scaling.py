@@ -131,7 +131,10 @@ def run_setup(setup: str, args, tmp: str) -> dict:
     if not speed:
         row["failed"] = "no speed logged: raise --max-steps or lower --logging-steps (two logging intervals at least)"
     if args.reload_check:
-        row["reloads"] = reload_check(output_dir, args.device)
+        try:
+            row["reloads"] = reload_check(output_dir, args.device, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            row["reloads"] = f"no: not loaded and generating within {args.timeout} s"
     row.update(tok_s=speed.get("tokens_per_second"), conv_s=speed.get("conversations_per_second"),
                mfu=speed.get("mfu"), peak_mem_gib=speed.get("peak_memory_gib"), precision=summary.get("precision"),
                timed_s=speed.get("seconds"), first_interval_excluded=speed.get("first_interval_excluded"))
@@ -154,13 +157,13 @@ print(f"yes: {type(model).__name__}, {sum(p.numel() for p in model.parameters())
 """
 
 
-def reload_check(output_dir: str, device: str) -> str:
+def reload_check(output_dir: str, device: str, timeout: int = 900) -> str:
     """Loads the saved folder in a fresh process (`trust_remote_code`) and generates; `"yes: ..."` or the error."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     proc = subprocess.run([sys.executable, "-c", RELOAD, output_dir, device], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode == 0 and proc.stdout.strip():
         return proc.stdout.strip().splitlines()[-1]
     return f"no (exit {proc.returncode}): " + " | ".join(proc.stderr.strip().splitlines()[-3:])

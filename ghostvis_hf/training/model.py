@@ -57,7 +57,8 @@ def load_model_and_processor(args: GhostVisArguments, model_args, training_args)
                                                **_glue_overrides(args))
     else:
         torch.manual_seed(training_args.seed)
-        model, processor = ghostvis_hf.create(args.preset, dtype=dtype, **_glue_overrides(args))  # --dtype too
+        model, processor = ghostvis_hf.create(args.preset, dtype=dtype, device=init_device(training_args),
+                                              **_glue_overrides(args))  # --dtype too
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.model_name_or_path:
         raise ValueError("QLoRA (load_in_4bit/8bit) needs --model_name_or_path of a saved GhostVis checkpoint")
     if model_args.attn_implementation and not model_args.model_name_or_path:
@@ -65,6 +66,17 @@ def load_model_and_processor(args: GhostVisArguments, model_args, training_args)
     if model_args.use_peft and not model_args.model_name_or_path:
         save_lora_base(model, processor, training_args)
     return model, processor
+
+
+def init_device(training_args) -> torch.device | None:
+    """Where a preset's random weights are made: the GPU this process trains on (a 7b preset takes minutes to
+    initialise on the CPU, seconds there; DDP broadcasts rank 0's weights anyway), or `None` (the CPU) for CPU runs
+    and for DeepSpeed / FSDP, whose launchers place (ZeRO-3: partition at construction) the weights themselves."""
+    sharded = any(os.environ.get(k, "false").lower() in ("1", "true", "yes")
+                  for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+    if not torch.cuda.is_available() or getattr(training_args, "use_cpu", False) or sharded:
+        return None
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def save_lora_base(model, processor, training_args) -> str:
