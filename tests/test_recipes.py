@@ -255,3 +255,26 @@ def test_a_preset_is_created_in_the_dtype_asked_for():
                                  load_in_4bit=False, load_in_8bit=False, use_peft=False)
     model, _ = load_model_and_processor(GhostVisArguments(preset="tiny"), model_args, SimpleNamespace(seed=0))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_presets_are_initialised_where_the_process_trains(monkeypatch):
+    """A 7b preset took minutes to initialise on the CPU: single-GPU / DDP processes make it on their own GPU;
+    CPU runs and the sharding launchers (which place the weights themselves) keep the CPU."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ghostvis_hf.training.model import init_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert init_device(SimpleNamespace(use_cpu=False)) == torch.device("cuda", 1)
+    assert init_device(SimpleNamespace(use_cpu=True)) is None
+    for launcher in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.setenv(launcher, "true")
+        assert init_device(SimpleNamespace(use_cpu=False)) is None
+        monkeypatch.delenv(launcher)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert init_device(SimpleNamespace(use_cpu=False)) is None

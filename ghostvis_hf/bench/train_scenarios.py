@@ -29,16 +29,22 @@ def build_stock(gv_config, device):
     return model.train(), n_patches
 
 
+def _numel(p) -> int:
+    """A parameter's full size, also when DeepSpeed ZeRO-3 has partitioned it away (`ds_numel`; its `numel()` is 0
+    then: the 7b ZeRO-3 run of 2026-11-30 logged 0.6 % MFU before this)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 def _param_counts(model, kind):
     """Parameter counts for the FLOP formula: (text matmul params incl. head, vision, glue)."""
     inner = model.model
     text, vision = inner.language_model, inner.vision_tower
     emb = text.get_input_embeddings().weight
     head = model.lm_head.weight
-    n_text = sum(p.numel() for p in text.parameters()) - emb.numel() + head.numel()  # tied: head counted once
-    n_vision = sum(p.numel() for p in vision.parameters())
+    n_text = sum(_numel(p) for p in text.parameters()) - _numel(emb) + _numel(head)  # tied: head counted once
+    n_vision = sum(_numel(p) for p in vision.parameters())
     glue = [inner.multi_modal_projector] + ([inner.resampler] if kind == "ghostvis" else [])
-    n_glue = sum(p.numel() for m in glue for p in m.parameters())
+    n_glue = sum(_numel(p) for m in glue for p in m.parameters())
     return n_text, n_vision, n_glue
 
 
