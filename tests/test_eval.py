@@ -121,3 +121,28 @@ def test_ghostvis_eval_quantize_int8_scores_the_quantized_model(tiny_checkpoint,
     assert seen == {"q_proj": True, "lm_head": False}
     assert json.loads((path / "eval_shapes_int8" / "metrics.json").read_text())["n"] == 8
     assert not (path / "eval_shapes").exists()
+
+
+def test_eval_backend_both_scores_the_engine_next_to_generate(tiny_checkpoint, tmp_path):
+    """`--backend both`: the serving engine answers the same prompts; in float32 its greedy tokens are `generate`'s
+    (the engine's own equality tests), so agreement is 1 and the scores match; results go to eval_TASK_both."""
+    from ghostvis_hf.evaluation import run
+
+    path = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    assert run.main(["--model", str(path), "--task", "shapes", "--limit", "12", "--batch_size", "5", "--backend",
+                     "both", "--device", "cpu", "--dtype", "float32", "--max_new_tokens", "6"]) == 0
+    metrics = json.loads((path / "eval_shapes_float32_both" / "metrics.json").read_text())
+    assert metrics["backend"] == "generate" and metrics["engine"]["n"] == metrics["n"] == 12
+    assert metrics["engine"]["score"] == metrics["score"]
+    assert metrics["agreement"] == {"token_agreement": 1.0, "identical": 1.0, "n": 12}
+
+
+def test_token_agreement_counts_positions_and_the_end_of_each_answer():
+    from ghostvis_hf.evaluation.run import token_agreement
+
+    assert token_agreement([[1, 2], [3]], [[1, 2], [3]]) == {"token_agreement": 1.0, "identical": 1.0, "n": 2}
+    # a longer answer misses the reference's end; a shorter one misses its last token and its end
+    assert token_agreement([[1, 2]], [[1, 2, 5]])["token_agreement"] == 2 / 3
+    assert token_agreement([[1, 2]], [[1]])["token_agreement"] == 1 / 3
+    with pytest.raises(ValueError):
+        token_agreement([[1]], [[1], [2]])

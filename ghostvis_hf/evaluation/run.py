@@ -78,22 +78,89 @@ def generate_answers(model, processor, rows, batch_size: int = 32, max_new_token
     Returns:
         `list[str]`: one decoded answer per row, special tokens removed and stripped.
     """
+    return _decode(processor, generate_token_ids(model, processor, rows, batch_size, max_new_tokens, desc))
+
+
+@torch.no_grad()
+def generate_token_ids(model, processor, rows, batch_size: int = 32, max_new_tokens: int = 32,
+                       desc="eval") -> list[list[int]]:
+    """`model.generate`'s greedy tokens for each row's prompt, up to (not including) the end of the turn."""
     model.eval()
     device = next(model.parameters()).device
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    answers = []
+    stops = _stop_ids(model, processor)
+    out_ids = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        texts = [processor.apply_chat_template(_prompt_messages(r["messages"]), add_generation_prompt=True)
-                 for r in batch]
-        images = [list(r.get("images") or []) for r in batch]
+        texts, images = _prompts(processor, batch)
         inputs = processor(text=texts, images=images if any(images) else None, padding=True, padding_side="left",
                            return_tensors="pt").to(device)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
                              pad_token_id=processor.tokenizer.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        answers.extend(t.strip() for t in processor.batch_decode(new, skip_special_tokens=True))
-    return answers
+        out_ids.extend(_until_stop(ids, stops) for ids in out[:, inputs["input_ids"].shape[1]:].tolist())
+    return out_ids
+
+
+def engine_token_ids(model, processor, rows, batch_size: int = 32, max_new_tokens: int = 32,
+                     desc="eval (engine)") -> list[list[int]]:
+    """The same greedy answers through the serving engine (`inference.GenerationEngine`: on CUDA its fused decode
+    kernels and CUDA graphs), from the same rendered prompts and images."""
+    from ..inference import GenerationEngine, SamplingParams
+
+    stops = _stop_ids(model, processor)
+    engine = GenerationEngine(model, processor, max_batch_size=batch_size)
+    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
+    out_ids = []
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+            batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+            texts, images = _prompts(processor, batch)
+            results = engine.generate_batch([dict(prompt=t, images=i or None) for t, i in zip(texts, images)],
+                                            params)
+            out_ids.extend(_until_stop(r[0].token_ids, stops) for r in results)
+    finally:
+        engine.close()
+    return out_ids
+
+
+def token_agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """How far two sets of greedy answers agree: `token_agreement` (reference tokens matched at the same position,
+    end of answer included as a token), `identical` (answers equal throughout) and `n`.
+
+    Example:
+    ```python
+    >>> token_agreement([[1, 2, 3], [4]], [[1, 2, 9], [4]])
+    {'token_agreement': 0.8333..., 'identical': 0.5, 'n': 2}
+
+    ```
+    """
+    matched = total = same = 0
+    for ref, oth in zip(reference, other, strict=True):
+        ref, oth = [*ref, None], [*oth, None]  # None: the end of the answer
+        matched += sum(a == b for a, b in zip(ref, oth))
+        total += len(ref)
+        same += ref == oth
+    return {"token_agreement": matched / max(total, 1), "identical": same / max(len(reference), 1),
+            "n": len(reference)}
+
+
+def _prompts(processor, batch) -> tuple[list[str], list[list]]:
+    texts = [processor.apply_chat_template(_prompt_messages(r["messages"]), add_generation_prompt=True) for r in batch]
+    return texts, [list(r.get("images") or []) for r in batch]
+
+
+def _stop_ids(model, processor) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.tokenizer.eos_token_id,
+           *(eos if isinstance(eos, (list, tuple)) else [eos])}
+    return {int(i) for i in ids if i is not None}
+
+
+def _until_stop(ids: list[int], stops: set[int]) -> list[int]:
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+
+
+def _decode(processor, token_ids: list[list[int]]) -> list[str]:
+    return [t.strip() for t in processor.batch_decode(token_ids, skip_special_tokens=True)]
 
 
 def score(task: str, predictions: list[str], rows, metric: str | None = None) -> dict:
@@ -184,7 +251,7 @@ def _default_max_new_tokens(task: str, processor, refs: list[list[str]]) -> int:
 
 
 def evaluate(model, processor, task: str, rows, batch_size=32, max_new_tokens=None, out_dir=None,
-             metric: str | None = None, save_predictions: bool = True) -> dict:
+             metric: str | None = None, save_predictions: bool = True, backend: str = "generate") -> dict:
     """Runs generation + scoring; writes `metrics.json` (and `predictions.jsonl`) under `out_dir` if given.
 
     Args:
@@ -197,17 +264,29 @@ def evaluate(model, processor, task: str, rows, batch_size=32, max_new_tokens=No
         out_dir (`str`, *optional*): folder for the outputs.
         metric (`str`, *optional*): a name in `metrics.METRICS` instead of the task's own.
         save_predictions (`bool`): also write one JSON line per row (question, prediction, references).
+        backend (`str`, defaults to `"generate"`): `"generate"` (`model.generate`), `"engine"` (the serving engine,
+            `engine_token_ids`) or `"both"`: scored from `generate`, with the engine's metrics under `"engine"` and
+            the two's greedy `token_agreement` under `"agreement"`.
 
     Returns:
         `dict`: the metrics (see `score`).
     """
+    if backend not in ("generate", "engine", "both"):
+        raise ValueError(f"backend must be generate, engine or both, got {backend!r}")
     if task == "conversations":
         rows = _answerable(rows)
     if max_new_tokens is None:
         max_new_tokens = _default_max_new_tokens(task, processor, references(rows))
-    predictions = generate_answers(model, processor, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   desc=f"eval {task}")
+    kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    token_ids = (engine_token_ids if backend == "engine" else generate_token_ids)(
+        model, processor, rows, desc=f"eval {task}" + (" (engine)" if backend == "engine" else ""), **kwargs)
+    predictions = _decode(processor, token_ids)
     result = score(task, predictions, rows, metric=metric)
+    result["backend"] = backend if backend != "both" else "generate"
+    if backend == "both":
+        engine_ids = engine_token_ids(model, processor, rows, desc=f"eval {task} (engine)", **kwargs)
+        result["engine"] = score(task, _decode(processor, engine_ids), rows, metric=metric)
+        result["agreement"] = token_agreement(token_ids, engine_ids)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         if save_predictions:
@@ -265,6 +344,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--predictions", action=argparse.BooleanOptionalAction, default=True,
                         help="write predictions.jsonl (one line per row: question, prediction, answers)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="weights' dtype (default: the checkpoint's own)")
+    parser.add_argument("--backend", default="generate", choices=("generate", "engine", "both"),
+                        help="generate: model.generate; engine: the serving engine (fused decode on CUDA); both: "
+                             "score generate's answers and report the engine's next to them, with their greedy "
+                             "token agreement")
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                         help=QUANTIZE_HELP + "; the checkpoint is quantized at load (`load_model`), results go to "
                              "eval_TASK_QUANTIZE by default")
@@ -285,15 +370,24 @@ def main(argv=None) -> int:
     logger.setLevel(logging.INFO)
     rows = load_task(task, args.data, args.split, args.limit, answer_style=args.answer_style,
                      image_root=args.image_root)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.quantize:  # float32 on the CPU, bfloat16 on CUDA (load_model's defaults), then quantized
-        model, processor = load_model(args.model, quantize=args.quantize, device=args.device)
+        model, processor = load_model(args.model, quantize=args.quantize, device=args.device,
+                                      **({"dtype": dtype} if dtype else {}))
     else:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).to(args.device)
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True,
+                                                            dtype=dtype or "auto").to(args.device)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    name = f"eval_{task}" + (f"_{args.quantize}" if args.quantize else "")
+    name = f"eval_{task}" + "".join(f"_{v}" for v in (args.quantize, args.dtype) if v) + (
+        f"_{args.backend}" if args.backend != "generate" else "")
     out_dir = args.out or os.path.join(args.model if os.path.isdir(args.model) else ".", name)
     result = evaluate(model, processor, task, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      out_dir=out_dir, metric=args.metric, save_predictions=args.predictions)
+                      out_dir=out_dir, metric=args.metric, save_predictions=args.predictions, backend=args.backend)
     print(format_report(task, result))
+    if "engine" in result:
+        agree = result["agreement"]
+        print(f"engine: score {result['engine']['score']:.4f} (generate {result['score']:.4f}); greedy tokens "
+              f"agreeing with generate {agree['token_agreement']:.2%}, identical answers {agree['identical']:.2%} "
+              f"(n={agree['n']})")
     print(f"wrote {out_dir}/metrics.json" + (" and predictions.jsonl" if args.predictions else ""))
     return 0
