@@ -278,3 +278,23 @@ def test_presets_are_initialised_where_the_process_trains(monkeypatch):
         monkeypatch.delenv(launcher)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert init_device(SimpleNamespace(use_cpu=False)) is None
+
+
+def test_compile_layers_is_refused_under_zero3_and_said_to_do_nothing_on_the_cpu(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    import ghostvis_hf
+    from ghostvis_hf.training import GhostVisArguments, apply_gpu_speedups
+
+    model, _ = ghostvis_hf.create("tiny")
+    args = GhostVisArguments(compile_layers=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="ghostvis"):
+        assert apply_gpu_speedups(model, args) is None
+    assert "layers run uncompiled" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        apply_gpu_speedups(model, args)

@@ -207,6 +207,8 @@ def apply_gpu_speedups(model, args: GhostVisArguments) -> dict | None:
     from ..kernels import apply_kernels, compile_decoder_layers
 
     if not torch.cuda.is_available():
+        if args.compile_layers:
+            logger.warning("compile_layers applies to CUDA runs; this one is on the CPU: the layers run uncompiled")
         return None
     if args.compile_layers and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ValueError("compile_layers does not run under DeepSpeed ZeRO-3 (its parameter-gathering hooks); use "
