@@ -146,3 +146,13 @@ def test_token_agreement_counts_positions_and_the_end_of_each_answer():
     assert token_agreement([[1, 2]], [[1]])["token_agreement"] == 1 / 3
     with pytest.raises(ValueError):
         token_agreement([[1]], [[1], [2]])
+
+
+def test_eval_engine_fused_off_cuda_is_refused_with_the_reason(tiny_checkpoint, monkeypatch, tmp_path):
+    from ghostvis_hf.evaluation import run
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="fused=True cannot be used"):
+        run.main(["--model", tiny_checkpoint, "--task", "shapes", "--limit", "2", "--backend", "engine", "--fused",
+                  "--device", "cpu", "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()  # refused before anything was written

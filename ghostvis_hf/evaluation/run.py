@@ -101,13 +101,14 @@ def generate_token_ids(model, processor, rows, batch_size: int = 32, max_new_tok
 
 
 def engine_token_ids(model, processor, rows, batch_size: int = 32, max_new_tokens: int = 32,
-                     desc="eval (engine)") -> list[list[int]]:
+                     desc="eval (engine)", fused: bool | None = None) -> list[list[int]]:
     """The same greedy answers through the serving engine (`inference.GenerationEngine`: on CUDA its fused decode
-    kernels and CUDA graphs), from the same rendered prompts and images."""
+    kernels and CUDA graphs), from the same rendered prompts and images; `fused` as the engine's argument (`None`:
+    its default; `True` off CUDA needs `TRITON_INTERPRET=1` and is slow: a check of the kernels' numerics)."""
     from ..inference import GenerationEngine, SamplingParams
 
     stops = _stop_ids(model, processor)
-    engine = GenerationEngine(model, processor, max_batch_size=batch_size)
+    engine = GenerationEngine(model, processor, max_batch_size=batch_size, fused=fused)
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     out_ids = []
     try:
@@ -251,7 +252,8 @@ def _default_max_new_tokens(task: str, processor, refs: list[list[str]]) -> int:
 
 
 def evaluate(model, processor, task: str, rows, batch_size=32, max_new_tokens=None, out_dir=None,
-             metric: str | None = None, save_predictions: bool = True, backend: str = "generate") -> dict:
+             metric: str | None = None, save_predictions: bool = True, backend: str = "generate",
+             fused: bool | None = None) -> dict:
     """Runs generation + scoring; writes `metrics.json` (and `predictions.jsonl`) under `out_dir` if given.
 
     Args:
@@ -267,6 +269,7 @@ def evaluate(model, processor, task: str, rows, batch_size=32, max_new_tokens=No
         backend (`str`, defaults to `"generate"`): `"generate"` (`model.generate`), `"engine"` (the serving engine,
             `engine_token_ids`) or `"both"`: scored from `generate`, with the engine's metrics under `"engine"` and
             the two's greedy `token_agreement` under `"agreement"`.
+        fused (`bool`, *optional*): the engine's `fused` argument (see `engine_token_ids`).
 
     Returns:
         `dict`: the metrics (see `score`).
@@ -278,13 +281,15 @@ def evaluate(model, processor, task: str, rows, batch_size=32, max_new_tokens=No
     if max_new_tokens is None:
         max_new_tokens = _default_max_new_tokens(task, processor, references(rows))
     kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    token_ids = (engine_token_ids if backend == "engine" else generate_token_ids)(
-        model, processor, rows, desc=f"eval {task}" + (" (engine)" if backend == "engine" else ""), **kwargs)
+    if backend == "engine":
+        token_ids = engine_token_ids(model, processor, rows, desc=f"eval {task} (engine)", fused=fused, **kwargs)
+    else:
+        token_ids = generate_token_ids(model, processor, rows, desc=f"eval {task}", **kwargs)
     predictions = _decode(processor, token_ids)
     result = score(task, predictions, rows, metric=metric)
     result["backend"] = backend if backend != "both" else "generate"
     if backend == "both":
-        engine_ids = engine_token_ids(model, processor, rows, desc=f"eval {task} (engine)", **kwargs)
+        engine_ids = engine_token_ids(model, processor, rows, desc=f"eval {task} (engine)", fused=fused, **kwargs)
         result["engine"] = score(task, _decode(processor, engine_ids), rows, metric=metric)
         result["agreement"] = token_agreement(token_ids, engine_ids)
     if out_dir:
@@ -350,6 +355,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="generate: model.generate; engine: the serving engine (fused decode on CUDA); both: "
                              "score generate's answers and report the engine's next to them, with their greedy "
                              "token agreement")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="the engine's fused Triton decode (default: on CUDA where supported); --fused off CUDA "
+                             "runs the kernels in Triton's interpreter with TRITON_INTERPRET=1 (slow: a numerics check)")
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                         help=QUANTIZE_HELP + "; the checkpoint is quantized at load (`load_model`), results go to "
                              "eval_TASK_QUANTIZE by default")
@@ -382,7 +390,8 @@ def main(argv=None) -> int:
         f"_{args.backend}" if args.backend != "generate" else "")
     out_dir = args.out or os.path.join(args.model if os.path.isdir(args.model) else ".", name)
     result = evaluate(model, processor, task, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      out_dir=out_dir, metric=args.metric, save_predictions=args.predictions, backend=args.backend)
+                      out_dir=out_dir, metric=args.metric, save_predictions=args.predictions, backend=args.backend,
+                      fused=args.fused)
     print(format_report(task, result))
     if "engine" in result:
         agree = result["agreement"]
