@@ -23,19 +23,9 @@ COMMON="--preset small --resampler_type perceiver --config_overrides= --max_step
   echo "|---|---|---|---|---|---|---|"
 } > "$REPORT"
 
-check() {  # $1 = checkpoint dir -> "yes (generated N tokens)" or the error
-  python3 - "$1" <<'PY' 2>&1 | tail -1
-import sys, torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-p = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
-m = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.bfloat16).cuda()
-msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
-x = p(text=p.apply_chat_template(msgs, add_generation_prompt=True), images=Image.new("RGB", (32, 32), (200, 0, 0)),
-      return_tensors="pt").to("cuda")
-out = m.generate(**x, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-print(f"yes ({out.shape[1] - x['input_ids'].shape[1]} tokens generated)")
-PY
+check() {  # $1 = checkpoint dir -> "yes: ..., N tokens generated" or the error (bench_scaling.py's reload check)
+  python3 -c 'import sys; sys.path.insert(0, "scripts"); from bench_scaling import reload_check
+print(reload_check(sys.argv[1], "cuda"))' "$1" 2>&1 | tail -1
 }
 
 row() {  # name config script extra...
