@@ -281,17 +281,20 @@ def evaluate(model, processor, task: str, rows, batch_size=32, max_new_tokens=No
     if max_new_tokens is None:
         max_new_tokens = _default_max_new_tokens(task, processor, references(rows))
     kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    if backend == "engine":
-        token_ids = engine_token_ids(model, processor, rows, desc=f"eval {task} (engine)", fused=fused, **kwargs)
-    else:
-        token_ids = generate_token_ids(model, processor, rows, desc=f"eval {task}", **kwargs)
-    predictions = _decode(processor, token_ids)
-    result = score(task, predictions, rows, metric=metric)
-    result["backend"] = backend if backend != "both" else "generate"
-    if backend == "both":
+    engine_ids = reference_ids = None
+    if backend in ("engine", "both"):
         engine_ids = engine_token_ids(model, processor, rows, desc=f"eval {task} (engine)", fused=fused, **kwargs)
+    if backend == "both":
+        reference_ids = generate_token_ids(model, processor, rows, desc=f"eval {task}", **kwargs)
+    if backend == "generate":
+        predictions = generate_answers(model, processor, rows, desc=f"eval {task}", **kwargs)
+    else:
+        predictions = _decode(processor, reference_ids if backend == "both" else engine_ids)
+    result = score(task, predictions, rows, metric=metric)
+    result["backend"] = "engine" if backend == "engine" else "generate"
+    if backend == "both":
         result["engine"] = score(task, _decode(processor, engine_ids), rows, metric=metric)
-        result["agreement"] = token_agreement(token_ids, engine_ids)
+        result["agreement"] = token_agreement(reference_ids, engine_ids)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         if save_predictions:
