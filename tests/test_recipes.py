@@ -272,7 +272,7 @@ def test_presets_are_initialised_where_the_process_trains(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert init_device(SimpleNamespace(use_cpu=False)) == torch.device("cuda", 1)
     assert init_device(SimpleNamespace(use_cpu=True)) is None
-    for launcher in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+    for launcher in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU"):
         monkeypatch.setenv(launcher, "true")
         assert init_device(SimpleNamespace(use_cpu=False)) is None
         monkeypatch.delenv(launcher)
