@@ -65,7 +65,7 @@ def _parser():
     p.add_argument("--recipe-args", default="", help="extra recipes/sft.py arguments for every setup, one string")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: accelerate_configs/cpu.yaml, tests")
     p.add_argument("--profile", action="store_true",
-                   help="profile 3 more steps after the timed ones (--profile_steps): scaling_profile_<setup>_rank<R>.txt "
+                   help="profile 3 more steps after the timed ones (--profile_steps): <name>_<setup>_profile_rank<R>.txt "
                         "with kernel time by kind and the communication not hidden behind compute")
     p.add_argument("--reload-check", action="store_true",
                    help="load each saved checkpoint with from_pretrained(trust_remote_code=True) in a fresh process "

@@ -89,9 +89,7 @@ def generate_token_ids(model, processor, rows, batch_size: int = 32, max_new_tok
     device = next(model.parameters()).device
     stops = _stop_ids(model, processor)
     out_ids = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-        batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        texts, images = _prompts(processor, batch)
+    for texts, images in _prompt_batches(processor, rows, batch_size, desc):
         inputs = processor(text=texts, images=images if any(images) else None, padding=True, padding_side="left",
                            return_tensors="pt").to(device)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
@@ -112,9 +110,7 @@ def engine_token_ids(model, processor, rows, batch_size: int = 32, max_new_token
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     out_ids = []
     try:
-        for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-            batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-            texts, images = _prompts(processor, batch)
+        for texts, images in _prompt_batches(processor, rows, batch_size, desc):
             results = engine.generate_batch([dict(prompt=t, images=i or None) for t, i in zip(texts, images)],
                                             params)
             out_ids.extend(_until_stop(r[0].token_ids, stops) for r in results)
@@ -144,9 +140,12 @@ def token_agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
             "n": len(reference)}
 
 
-def _prompts(processor, batch) -> tuple[list[str], list[list]]:
-    texts = [processor.apply_chat_template(_prompt_messages(r["messages"]), add_generation_prompt=True) for r in batch]
-    return texts, [list(r.get("images") or []) for r in batch]
+def _prompt_batches(processor, rows, batch_size: int, desc: str):
+    """Each batch of rows as (rendered prompts, images per prompt), under a progress bar."""
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        yield ([processor.apply_chat_template(_prompt_messages(r["messages"]), add_generation_prompt=True)
+                for r in batch], [list(r.get("images") or []) for r in batch])
 
 
 def _stop_ids(model, processor) -> set[int]:

@@ -21,6 +21,7 @@ import torch
 
 from ..quantization import QUANT_SKIP_MODULES
 from .arguments import GhostVisArguments
+from .launch import env_flag, sharded_by
 
 logger = logging.getLogger("ghostvis")
 
@@ -72,10 +73,8 @@ def init_device(training_args) -> torch.device | None:
     """Where a preset's random weights are made: the GPU this process trains on (a 7b preset takes minutes to
     initialise on the CPU, seconds there; DDP broadcasts rank 0's weights anyway), or `None` (the CPU) for CPU runs
     and for DeepSpeed / FSDP, whose launchers place (ZeRO-3: partition at construction) the weights themselves."""
-    flag = lambda name: os.environ.get(name, "false").lower() in ("1", "true", "yes")  # noqa: E731  (set by accelerate)
-    sharded = flag("ACCELERATE_USE_DEEPSPEED") or flag("ACCELERATE_USE_FSDP")
-    on_cpu = getattr(training_args, "use_cpu", False) or flag("ACCELERATE_USE_CPU")
-    if not torch.cuda.is_available() or on_cpu or sharded:
+    on_cpu = getattr(training_args, "use_cpu", False) or env_flag("ACCELERATE_USE_CPU")
+    if not torch.cuda.is_available() or on_cpu or sharded_by(training_args):
         return None
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 

@@ -18,11 +18,11 @@ expect): they are clipped, and with gradient accumulation summed, in bf16.
 
 import functools
 import logging
-import os
 
 import torch
 
 from .arguments import GhostVisArguments
+from .launch import sharded_by
 
 logger = logging.getLogger("ghostvis")
 
@@ -224,9 +224,8 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
         raise ValueError(f"precision must be auto, bf16_master or autocast, got {precision!r}")
     if precision == "autocast":
         return precision
-    deepspeed = getattr(training_args, "deepspeed", None) or _env_true("ACCELERATE_USE_DEEPSPEED")
-    fsdp = getattr(training_args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP")
-    sharded = "DeepSpeed (its bf16 optimizer)" if deepspeed else "FSDP (its MixedPrecisionPolicy)" if fsdp else None
+    sharded = {"DeepSpeed": "DeepSpeed (its bf16 optimizer)", "FSDP": "FSDP (its MixedPrecisionPolicy)"}.get(
+        sharded_by(training_args))
     problems = [why for bad, why in (
         (sharded is not None, f"sharded runs keep master weights in {sharded}"),
         (use_peft, "LoRA trains adapters the trainer adds later"),
@@ -262,10 +261,6 @@ def precision_of(trainer) -> str:
     if getattr(trainer, "is_fsdp_enabled", False):
         return f"fsdp_{low}"
     return low
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
 def _param_groups(model, training_args, args: GhostVisArguments) -> list[dict]:

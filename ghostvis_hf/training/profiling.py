@@ -44,16 +44,16 @@ class ProfilerCallback(TrainerCallback):
 
     def __init__(self, start: int, stop: int, output_dir: str):
         self.start, self.stop, self.output_dir = start, stop, output_dir
-        self.prof, self.t0, self.path = None, 0.0, None
+        self.prof, self.t0, self.path, self.on_cuda = None, 0.0, None, False
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.prof is None and self.path is None and state.global_step == self.start:
             from torch.profiler import ProfilerActivity, profile
 
-            on_cuda = torch.cuda.is_available() and args.device.type == "cuda"
-            if on_cuda:
+            self.on_cuda = torch.cuda.is_available() and args.device.type == "cuda"
+            if self.on_cuda:
                 torch.cuda.synchronize()
-            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_cuda)
+            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.on_cuda)
             self.prof.__enter__()
             self.t0 = time.perf_counter()
 
@@ -66,7 +66,7 @@ class ProfilerCallback(TrainerCallback):
             self._finish(args, state.global_step - self.start)
 
     def _finish(self, args, steps: int) -> None:
-        if torch.cuda.is_available() and args.device.type == "cuda":
+        if self.on_cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)

@@ -22,11 +22,11 @@ module; not verified with torchao's QAT here).
 """
 
 import logging
-import os
 
 import torch
 
 from ..quantization import QUANT_SKIP_MODULES
+from .launch import sharded_by
 
 logger = logging.getLogger("ghostvis")
 
@@ -67,10 +67,9 @@ def check_qat_supported(model_args, training_args) -> None:
         raise ValueError("--qat int8 trains the full decoder weights that --quantize int8 stores; it does not apply "
                          "to LoRA/QLoRA (the fake-quant would see the base weight, not the merged one): drop "
                          "--use_peft/--load_in_4bit/--load_in_8bit, or quantize the merged model post-training")
-    deepspeed = getattr(training_args, "deepspeed", None) or _env_true("ACCELERATE_USE_DEEPSPEED")
-    fsdp = getattr(training_args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP")
-    if deepspeed or fsdp:
-        raise ValueError(f"--qat int8 is not supported with {'DeepSpeed' if deepspeed else 'FSDP'} (not verified "
+    sharded = sharded_by(training_args)
+    if sharded:
+        raise ValueError(f"--qat int8 is not supported with {sharded} (not verified "
                          "with torchao's QAT); use a single device or DDP (accelerate_configs/multi_gpu.yaml)")
 
 
@@ -119,7 +118,3 @@ def convert_qat(model) -> int:
         quantize_(model, QATConfig(step="convert"),
                   filter_fn=lambda module, name: isinstance(module, FakeQuantizedLinear))
     return count
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
