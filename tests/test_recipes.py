@@ -298,3 +298,11 @@ def test_compile_layers_is_refused_under_zero3_and_said_to_do_nothing_on_the_cpu
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(ValueError, match="ZeRO-3"):
         apply_gpu_speedups(model, args)
+
+
+@pytest.mark.parametrize("window", ["30", "a:b", "5:5", "-1:3", "1:2:3"])
+def test_a_malformed_profile_window_is_refused_before_anything_loads(window):
+    from ghostvis_hf.training import GhostVisArguments
+
+    with pytest.raises(ValueError, match="profile_steps"):
+        GhostVisArguments(profile_steps=window)
