@@ -14,6 +14,8 @@ The mask function registered alongside is transformers' `sdpa_mask`, so a packed
 block-diagonal causal mask that transformers derives from restarting `position_ids`.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,6 +32,13 @@ SDPA_PRIORITY = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+# Non-causal attention (the vision tower) on its own list, so that it can be measured apart:
+# `GHOSTVIS_VISION_SDPA=flash` puts the flash backend first there (the text decoder keeps cuDNN first).
+VISION_SDPA_PRIORITY = (
+    [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if os.environ.get("GHOSTVIS_VISION_SDPA", "cudnn") == "flash"
+    else SDPA_PRIORITY
+)
 # Calls per path since import (tests and the benchmark read these to prove which path ran).
 CALLS = {"varlen": 0, "sdpa_cudnn_first": 0, "sdpa": 0}
 # Devices that take the fast paths; CPU tests add "cpu" (with a reference varlen) to exercise the plumbing.
@@ -101,7 +110,7 @@ def ghostvis_attention_forward(module, query, key, value, attention_mask, dropou
         )
     else:
         _count("sdpa_cudnn_first")
-        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        with sdpa_kernel(SDPA_PRIORITY if is_causal else VISION_SDPA_PRIORITY, set_priority=True):
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal
             )
