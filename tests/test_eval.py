@@ -135,6 +135,7 @@ def test_eval_backend_both_scores_the_engine_next_to_generate(tiny_checkpoint, t
     assert metrics["backend"] == "generate" and metrics["engine"]["n"] == metrics["n"] == 12
     assert metrics["engine"]["score"] == metrics["score"]
     assert metrics["agreement"] == {"token_agreement": 1.0, "identical": 1.0, "n": 12}
+    assert metrics["engine_decode"] == {"fused": False, "device": "cpu", "dtype": "float32"}
 
 
 def test_token_agreement_counts_positions_and_the_end_of_each_answer():

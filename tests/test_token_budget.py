@@ -96,6 +96,22 @@ def test_lengths_match_the_collator(tiny, conversations):
     collator = GhostVisPackingCollator(processor, max_length=4096)
     expected = [len(s["input_ids"]) for s in collator.tokenize(conversations)]
     assert conversation_lengths(Dataset.from_list(conversations), processor, batch_size=5) == expected
+    lengths, images = conversation_lengths(Dataset.from_list(conversations), processor, return_images=True)
+    assert lengths == expected and images == [len(c["images"]) for c in conversations]
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_images_per_step_are_the_vision_batch_sizes_of_every_step_and_rank(replicas):
+    lengths, rnd = _lengths(300, seed=1), random.Random(2)
+    images = [rnd.choice([0, 1, 1, 2, 3]) for _ in lengths]
+    samplers = [TokenBudgetBatchSampler(lengths, 3, 512, window=64, seed=0, num_replicas=replicas, rank=r,
+                                        num_epochs=2) for r in range(replicas)]
+    seen = set()
+    for epoch in range(2):
+        for s in samplers:
+            s.set_epoch(epoch)
+            seen |= {sum(images[i] for i in step) for step in s}
+    assert samplers[0].images_per_step(images) == seen and len(seen) > 3
 
 
 def test_over_long_conversations_are_refused_naming_the_row_unless_truncated(tiny, conversations):

@@ -99,14 +99,17 @@ def generate_token_ids(model, processor, rows, batch_size: int = 32, max_new_tok
 
 
 def engine_token_ids(model, processor, rows, batch_size: int = 32, max_new_tokens: int = 32,
-                     desc="eval (engine)", fused: bool | None = None) -> list[list[int]]:
+                     desc="eval (engine)", fused: bool | None = None, info: dict | None = None) -> list[list[int]]:
     """The same greedy answers through the serving engine (`inference.GenerationEngine`: on CUDA its fused decode
     kernels and CUDA graphs), from the same rendered prompts and images; `fused` as the engine's argument (`None`:
-    its default; `True` off CUDA needs `TRITON_INTERPRET=1` and is slow: a check of the kernels' numerics)."""
+    its default; `True` off CUDA needs `TRITON_INTERPRET=1` and is slow: a check of the kernels' numerics). `info`,
+    if given, receives how the engine decoded: `fused`, `device`, `dtype`."""
     from ..inference import GenerationEngine, SamplingParams
 
     stops = _stop_ids(model, processor)
     engine = GenerationEngine(model, processor, max_batch_size=batch_size, fused=fused)
+    if info is not None:
+        info.update(fused=bool(engine.fused), device=str(model.device), dtype=str(model.dtype).removeprefix("torch."))
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     out_ids = []
     try:
@@ -281,8 +284,10 @@ def evaluate(model, processor, task: str, rows, batch_size=32, max_new_tokens=No
         max_new_tokens = _default_max_new_tokens(task, processor, references(rows))
     kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     engine_ids = reference_ids = None
+    engine_info = {}
     if backend in ("engine", "both"):
-        engine_ids = engine_token_ids(model, processor, rows, desc=f"eval {task} (engine)", fused=fused, **kwargs)
+        engine_ids = engine_token_ids(model, processor, rows, desc=f"eval {task} (engine)", fused=fused,
+                                      info=engine_info, **kwargs)
     if backend == "both":
         reference_ids = generate_token_ids(model, processor, rows, desc=f"eval {task}", **kwargs)
     if backend == "generate":
@@ -291,6 +296,8 @@ def evaluate(model, processor, task: str, rows, batch_size=32, max_new_tokens=No
         predictions = _decode(processor, reference_ids if backend == "both" else engine_ids)
     result = score(task, predictions, rows, metric=metric)
     result["backend"] = "engine" if backend == "engine" else "generate"
+    if engine_info:
+        result["engine_decode"] = engine_info
     if backend == "both":
         result["engine"] = score(task, _decode(processor, engine_ids), rows, metric=metric)
         result["agreement"] = token_agreement(reference_ids, engine_ids)

@@ -15,6 +15,7 @@ block-diagonal causal mask that transformers derives from restarting `position_i
 """
 
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,61 @@ def ghostvis_attention_forward(module, query, key, value, attention_mask, dropou
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal
             )
     return out.transpose(1, 2).contiguous(), None  # [B, T, H, D]
+
+
+def _vision_attention_module(model):
+    """The first bidirectional attention module on the `"ghostvis_sdpa"` path (the vision tower's), or `None`."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if (getattr(module, "is_causal", None) is False and hasattr(module, "num_heads") and hasattr(module, "head_dim")
+                and getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+                and getattr(config, "image_size", None) and getattr(config, "patch_size", None)):
+            return module
+    return None
+
+
+def warm_up_vision_attention(model, image_counts, dtype: torch.dtype = torch.bfloat16) -> dict | None:
+    """Builds cuDNN's attention graphs for the vision tower at every image count a run will feed it, before it runs.
+
+    cuDNN's SDPA builds (and caches) an execution graph per input shape: measured on an H200 (torch 2.11, cuDNN 9),
+    ~130-150 ms for the forward and backward of SigLIP-so400m's attention at each new batch size, against ~1 ms a
+    call once built (docs/benchmarks/vision_attention.md). Token-budget steps carry a varying number of images, so
+    without this a run stalls at every image count it meets for the first time (and, under DDP, every rank waits).
+    A bidirectional attention module of the model is called, forward and backward, on zeros laid out as the tower's
+    projections lay them out; no parameter is touched. Does nothing (returns `None`) off CUDA, for another attention
+    implementation, when `GHOSTVIS_VISION_SDPA=flash` or for float32.
+
+    Args:
+        model: a GhostVis (or LLaVA-like) model whose vision tower runs `"ghostvis_sdpa"` attention.
+        image_counts (`Iterable[int]`): images per forward (the vision tower's batch sizes) to build graphs for.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): the attention's input dtype in training.
+
+    Returns:
+        `dict | None`: `{"image_counts": [...], "seconds": ...}` for what was built.
+    """
+    counts = sorted({int(n) for n in image_counts if int(n) > 0})
+    if not counts or VISION_SDPA_PRIORITY[0] != SDPBackend.CUDNN_ATTENTION or dtype not in (torch.bfloat16,
+                                                                                            torch.float16):
+        return None
+    module = _vision_attention_module(model)
+    if module is None:
+        return None
+    device = next((p.device for p in module.parameters() if p.device.type == "cuda"), None)
+    if device is None:
+        return None
+    tokens = (module.config.image_size // module.config.patch_size) ** 2
+    heads, dim = module.num_heads, module.head_dim
+    start = time.perf_counter()
+    with torch.enable_grad():
+        for n in counts:
+            # [B, T, H, D] viewed as [B, H, T, D]: the layout of the tower's projections after `.transpose(1, 2)`
+            q, k, v = (torch.zeros(n, tokens, heads, dim, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            out, _ = ghostvis_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                None, scaling=getattr(module, "scale", None))
+            out.backward(torch.ones_like(out))
+    torch.cuda.synchronize(device)
+    return {"image_counts": counts, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def register() -> str:

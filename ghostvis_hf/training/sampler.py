@@ -30,12 +30,13 @@ from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from .packing import best_fit_decreasing
+from .shape_warmup import VisionAttentionWarmup
 
 logger = logging.getLogger("ghostvis")
 
 
 def conversation_lengths(dataset, processor, max_length: int | None = None, truncation: bool = False,
-                         batch_size: int = 1000) -> list[int]:
+                         batch_size: int = 1000, return_images: bool = False):
     """Token count of every conversation as the packing collator will tokenize it, without decoding images.
 
     Args:
@@ -44,31 +45,35 @@ def conversation_lengths(dataset, processor, max_length: int | None = None, trun
         max_length (`int`, *optional*): refuse (or with `truncation`, clip to) this length.
         truncation (`bool`, *optional*, defaults to `False`): clip instead of refusing.
         batch_size (`int`, *optional*, defaults to 1000): rows tokenized together.
+        return_images (`bool`, *optional*, defaults to `False`): also return the `<image>` markers of every row.
 
     Returns:
-        `list[int]`: one length per row.
+        `list[int]`: one length per row; with `return_images`, `(lengths, images)`.
 
     Raises:
         `ValueError`: a conversation is longer than `max_length` and `truncation` is off (the first such row named).
     """
     grow = processor.num_image_tokens + 1  # an <image> marker becomes start + N placeholders + end
     lengths: list[int] = []
+    images: list[int] = []
     first_long = None  # (row, its text): the index alone may not find it once bad rows were dropped
     for batch in dataset.select_columns(["messages"]).with_format("arrow").iter(batch_size=batch_size):
         texts = [processor.apply_chat_template(row["messages"]) for row in batch.to_pylist()]
         for text, ids in zip(texts, processor.tokenizer(texts, add_special_tokens=False)["input_ids"]):
-            lengths.append(len(ids) + grow * ids.count(processor.image_marker_id))
+            images.append(ids.count(processor.image_marker_id))
+            lengths.append(len(ids) + grow * images[-1])
             if first_long is None and max_length is not None and lengths[-1] > max_length:
                 first_long = (len(lengths) - 1, text)
     if first_long is not None:
         if truncation:
-            return [min(n, max_length) for n in lengths]
+            lengths = [min(n, max_length) for n in lengths]
+            return (lengths, images) if return_images else lengths
         i, text = first_long
         raise ValueError(
             f"conversation {i} of the training set ({text[:80]!r}...) has {lengths[i]} tokens, more than "
             f"max_length={max_length} ({sum(n > max_length for n in lengths)} such rows): raise max_length, drop "
             "those rows, or allow truncation (--truncate_long_rows)")
-    return lengths
+    return (lengths, images) if return_images else lengths
 
 
 class TokenBudgetBatchSampler(BatchRebalanceSampler):
@@ -154,6 +159,11 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
             i += take
         return steps
 
+    def images_per_step(self, images: list[int]) -> set[int]:
+        """The distinct totals of `images` (one count per conversation) over the steps of every planned epoch and
+        rank: the vision tower's batch sizes in this run."""
+        return {sum(images[i] for b in step for i in b) for e in sorted(self._bin_counts) for step in self.plan(e)}
+
     def __iter__(self):
         for step in self.plan(self.epoch)[self.rank :: self.num_replicas]:
             yield [i for b in step for i in b]
@@ -192,7 +202,8 @@ class TokenBudgetMixin:
         if budget is None:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = conversation_lengths(dataset, self.data_collator.processor, budget.max_length, budget.truncation)
+        lengths, images = conversation_lengths(dataset, self.data_collator.processor, budget.max_length,
+                                               budget.truncation, return_images=True)
         args = self.args
         sampler = TokenBudgetBatchSampler(
             lengths, budget.rows, budget.max_length, window=budget.window,
@@ -212,6 +223,10 @@ class TokenBudgetMixin:
         for cb in [cb for cb in self.callback_handler.callbacks if isinstance(cb, _EpochSync)]:
             self.callback_handler.remove_callback(cb)
         self.add_callback(_EpochSync(sampler))
+        if self.args.device.type == "cuda":  # the image counts of every step of every rank, for the vision warm-up
+            for cb in [cb for cb in self.callback_handler.callbacks if isinstance(cb, VisionAttentionWarmup)]:
+                self.callback_handler.remove_callback(cb)
+            self.add_callback(VisionAttentionWarmup(sampler.images_per_step(images)))
         return sampler
 
 
