@@ -10,9 +10,14 @@ two autocast runs that differ only in the seed part by ~10-20 % for a hundred st
 seed that differ in any rounding. One pair of runs measures that noise, not the precision. So the comparison is of
 the mean curves over seeds, next to the autocast seeds' own spread.
 
+`--from-steps N` takes the phase out instead: one autocast run of N steps (seed 0) first, then every run starts from
+its weights (`--model_name_or_path`), as a fine-tune starts from a trained model; the seed then draws only the data
+order, and the two precisions of one seed see the same batches.
+
 Writes precision_curve.json / .md / .png to `--out`.
 
     python scripts/precision_curve.py --preset small --steps 200 --seeds 0,1,2      # on a GPU
+    python scripts/precision_curve.py --preset small --steps 200 --seeds 0,1,2 --from-steps 300 --warmup 0
 """
 
 import argparse
@@ -29,12 +34,13 @@ RECIPE = os.path.join(ROOT, "recipes", "sft.py")
 PRECISIONS = ("autocast", "bf16_master")
 
 
-def command(precision: str, seed: int, args, out: str) -> list[str]:
+def command(precision: str, seed: int, args, out: str, steps: int | None = None, start: str | None = None) -> list[str]:
+    steps = args.steps if steps is None else steps
     return [sys.executable, RECIPE, "--config", os.path.join(ROOT, "recipes", "configs", "sft_tiny.yaml"),
-            "--preset", args.preset, "--config_overrides=", "--max_steps", str(args.steps), "--bf16", "true",
+            "--preset", args.preset, "--config_overrides=", "--max_steps", str(steps), "--bf16", "true",
             "--precision", precision, "--logging_steps", "10", "--save_strategy", "steps", "--save_steps",
-            str(args.steps), "--eval_after_training", "false", "--plot", "false", "--output_dir", out,
-            "--seed", str(seed), *shlex.split(args.recipe_args)]
+            str(steps), "--eval_after_training", "false", "--plot", "false", "--output_dir", out,
+            "--seed", str(seed), *(["--model_name_or_path", start] if start else []), *shlex.split(args.recipe_args)]
 
 
 def losses(out: str, steps: int) -> dict[int, float]:
@@ -42,8 +48,19 @@ def losses(out: str, steps: int) -> dict[int, float]:
         return {h["step"]: h["loss"] for h in json.load(f)["log_history"] if "loss" in h}
 
 
+def _run(cmd: list[str], log_path: str):
+    with open(log_path, "w") as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd[1:3])} ... failed: see {log_path}")
+
+
 def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
     """{precision: {seed: {step: loss}}}; `--parallel` runs at a time, each logging to its own file."""
+    start = None
+    if args.from_steps:  # the shared start: autocast, seed 0; the recipe saves its final model (with the code files)
+        start = os.path.join(tmp, "start")
+        _run(command("autocast", 0, args, start, steps=args.from_steps),
+             os.path.join(args.out, "precision_curve_start.log"))
     jobs = [(p, s) for s in args.seeds for p in PRECISIONS]
     curves = {p: {} for p in PRECISIONS}
     for start in range(0, len(jobs), args.parallel):
@@ -51,8 +68,8 @@ def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
         for precision, seed in jobs[start : start + args.parallel]:
             out = os.path.join(tmp, f"{precision}-{seed}")
             log = open(os.path.join(args.out, f"precision_curve_{precision}_{seed}.log"), "w")
-            procs.append((precision, seed, out, log, subprocess.Popen(command(precision, seed, args, out), stdout=log,
-                                                                      stderr=subprocess.STDOUT)))
+            procs.append((precision, seed, out, log, subprocess.Popen(command(precision, seed, args, out, start=start),
+                                                                      stdout=log, stderr=subprocess.STDOUT)))
         for precision, seed, out, log, proc in procs:
             if proc.wait() != 0:
                 raise RuntimeError(f"{precision} seed {seed} failed: see {log.name}")
@@ -71,7 +88,11 @@ def summarize(curves, warmup: int) -> dict:
     spread = [(max(c[s] for c in curves["autocast"].values()) - min(c[s] for c in curves["autocast"].values())) / ref[s]
               for s in late]
     window = {p: [statistics.fmean(c[s] for s in late) for c in curves[p].values()] for p in curves}
+    # the same seed under both precisions: the same start and (with --from-steps) the same batches
+    pairs = [abs(curves["bf16_master"][x][s] - curves["autocast"][x][s]) / curves["autocast"][x][s]
+             for x in curves["autocast"] if x in curves["bf16_master"] for s in late]
     return {"steps": steps, "mean": mean, "late_steps": late,
+            "same_seed_rel_gap_after_warmup": {"max": max(pairs), "mean": statistics.fmean(pairs)},
             "max_rel_gap_of_means_after_warmup": max(gaps),
             "mean_rel_gap_of_means_after_warmup": statistics.fmean(gaps),
             "autocast_seed_spread_after_warmup": {"max": max(spread), "mean": statistics.fmean(spread)},
@@ -96,12 +117,15 @@ def write(report: dict, args) -> None:
     def per_seed(precision):
         return ", ".join(f"{v:.4f}" for v in lw[precision]["per_seed"])
 
+    start = (f"Every run starts from the weights of one {args.from_steps}-step autocast run (seed 0); the seed draws the "
+             "data order.\n\n" if args.from_steps else "Every run starts from random weights drawn by its seed.\n\n")
     text = (f"# bf16 + fp32 master weights vs autocast: {args.preset} preset, {args.steps} steps, seeds {seeds}\n\n"
-            f"Machine: {report['device']} · torch {report['torch']}\n\nCommand: `{report['command']}`\n\n"
+            f"Machine: {report['device']} · torch {report['torch']}\n\nCommand: `{report['command']}`\n\n" + start +
             f"Mean curves over the seeds, after step {args.warmup}: largest relative gap "
             f"**{s['max_rel_gap_of_means_after_warmup']:.2%}**, mean {s['mean_rel_gap_of_means_after_warmup']:.2%}. "
             f"The noise it sits in: the autocast seeds alone are up to {spread['max']:.1%} apart (mean "
-            f"{spread['mean']:.1%}) of their mean at a step.\n\n"
+            f"{spread['mean']:.1%}) of their mean at a step. Same seed, the two precisions: up to "
+            f"{s['same_seed_rel_gap_after_warmup']['max']:.2%} apart (mean {s['same_seed_rel_gap_after_warmup']['mean']:.2%}).\n\n"
             f"Mean loss over steps {s['late_steps'][0]}-{s['late_steps'][-1]}: autocast {lw['autocast']['mean']:.4f} "
             f"(per seed {per_seed('autocast')}), bf16 + master "
             f"{lw['bf16_master']['mean']:.4f} (per seed {per_seed('bf16_master')})."
@@ -133,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=50, help="steps left out of the comparison")
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2])
+    p.add_argument("--from-steps", type=int, default=0,
+                   help="start every run from one autocast run of this many steps (0: from random weights)")
     p.add_argument("--parallel", type=int, default=6, help="runs at a time (they share the GPU)")
     p.add_argument("--recipe-args", default="--shapes_train_samples 6400 --dataloader_num_workers 1 --cpu_threads 1",
                    help="extra recipes/sft.py arguments for every run (default: only the rows 200 steps use)")
@@ -144,13 +170,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         curves = run_all(args, tmp)
     report = {"benchmark": "precision_curve", "preset": args.preset, "steps": args.steps, "seeds": args.seeds,
+              "from_steps": args.from_steps,
               "warmup": args.warmup, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__,
               "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "curves": curves}
     report["summary"] = summarize(curves, args.warmup)
     write(report, args)
-    print(json.dumps({k: report["summary"][k] for k in ("max_rel_gap_of_means_after_warmup",
+    print(json.dumps({k: report["summary"][k] for k in ("max_rel_gap_of_means_after_warmup", "same_seed_rel_gap_after_warmup",
                                                          "mean_rel_gap_of_means_after_warmup",
                                                          "autocast_seed_spread_after_warmup")}))
     return 0
