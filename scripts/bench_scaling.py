@@ -32,25 +32,39 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# setup -> accelerate config, multi-GPU?, label, extra launcher args, extra recipe args, its one-GPU counterpart
 AUTO = ["--precision", "auto"]  # the bench config asks for bf16_master, which the sharded launchers keep themselves
 NO_COMPILE = ["--compile_layers", "false"]  # refused under ZeRO-3 (its parameter hooks)
+
+
+class Setup(NamedTuple):
+    config: str  # accelerate config under accelerate_configs/
+    multi: bool  # runs on --gpus processes (else one)
+    label: str
+    launcher_args: tuple = ()
+    recipe_args: tuple = ()
+    one_gpu: str | None = None  # the same launcher on one GPU, for `vs_same_1gpu`
+
+
 SETUPS = {
-    "single": ("single_gpu.yaml", False, "1 GPU", [], [], None),
-    "ddp": ("multi_gpu.yaml", True, "DDP", [], [], "single"),
-    "zero2": ("deepspeed_zero2.yaml", True, "DeepSpeed ZeRO-2", [], AUTO, "zero2_1gpu"),
-    "zero3": ("deepspeed_zero3.yaml", True, "DeepSpeed ZeRO-3", [], AUTO + NO_COMPILE, "zero3_1gpu"),
-    "fsdp2": ("fsdp2.yaml", True, "FSDP2", [], AUTO, "fsdp2_1gpu"),
-    "fsdp2_noreshard": ("fsdp2.yaml", True, "FSDP2, no reshard after forward", ["--fsdp_reshard_after_forward",
-                                                                                 "false"], AUTO, "fsdp2_1gpu"),
-    "single_autocast": ("single_gpu.yaml", False, "1 GPU, autocast", [], ["--precision", "autocast"], None),
-    "ddp_autocast": ("multi_gpu.yaml", True, "DDP, autocast", [], ["--precision", "autocast"], "single_autocast"),
+    "single": Setup("single_gpu.yaml", False, "1 GPU"),
+    "ddp": Setup("multi_gpu.yaml", True, "DDP", one_gpu="single"),
+    "zero2": Setup("deepspeed_zero2.yaml", True, "DeepSpeed ZeRO-2", recipe_args=AUTO, one_gpu="zero2_1gpu"),
+    "zero3": Setup("deepspeed_zero3.yaml", True, "DeepSpeed ZeRO-3", recipe_args=AUTO + NO_COMPILE,
+                   one_gpu="zero3_1gpu"),
+    "fsdp2": Setup("fsdp2.yaml", True, "FSDP2", recipe_args=AUTO, one_gpu="fsdp2_1gpu"),
+    "fsdp2_noreshard": Setup("fsdp2.yaml", True, "FSDP2, no reshard after forward",
+                             launcher_args=["--fsdp_reshard_after_forward", "false"], recipe_args=AUTO,
+                             one_gpu="fsdp2_1gpu"),
+    "single_autocast": Setup("single_gpu.yaml", False, "1 GPU, autocast", recipe_args=["--precision", "autocast"]),
+    "ddp_autocast": Setup("multi_gpu.yaml", True, "DDP, autocast", recipe_args=["--precision", "autocast"],
+                          one_gpu="single_autocast"),
     # the sharded launchers on one GPU: their own overhead without communication
-    "zero2_1gpu": ("deepspeed_zero2.yaml", False, "DeepSpeed ZeRO-2 on 1 GPU", [], AUTO, None),
-    "zero3_1gpu": ("deepspeed_zero3.yaml", False, "DeepSpeed ZeRO-3 on 1 GPU", [], AUTO + NO_COMPILE, None),
-    "fsdp2_1gpu": ("fsdp2.yaml", False, "FSDP2 on 1 GPU", [], AUTO, None),
+    "zero2_1gpu": Setup("deepspeed_zero2.yaml", False, "DeepSpeed ZeRO-2 on 1 GPU", recipe_args=AUTO),
+    "zero3_1gpu": Setup("deepspeed_zero3.yaml", False, "DeepSpeed ZeRO-3 on 1 GPU", recipe_args=AUTO + NO_COMPILE),
+    "fsdp2_1gpu": Setup("fsdp2.yaml", False, "FSDP2 on 1 GPU", recipe_args=AUTO),
 }
 DEFAULT_SETUPS = "single,ddp,zero2,zero3,fsdp2,single_autocast,ddp_autocast"
 
@@ -78,7 +92,8 @@ def _parser():
 
 def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
     """The launch line of one setup and its environment."""
-    config, multi, _, launcher_extra, extra, _ = SETUPS[setup]  # `main` refused the multi-GPU setups on the CPU
+    spec = SETUPS[setup]  # `main` refused the multi-GPU setups on the CPU
+    config, multi = spec.config, spec.multi
     if args.device == "cpu":
         config = "cpu.yaml"
     gpus = args.gpus if multi else 1
@@ -86,11 +101,12 @@ def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
     if not multi and args.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one process, one GPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join("accelerate_configs", config), "--num_processes", str(gpus), *launcher_extra, "recipes/sft.py",
+           os.path.join("accelerate_configs", config), "--num_processes", str(gpus), *spec.launcher_args,
+           "recipes/sft.py",
            "--config", args.config, "--max_steps", str(args.max_steps + 3 * args.profile),
            "--logging_steps", str(args.logging_steps),
            "--output_dir", output_dir, "--save_strategy", "no", "--eval_after_training", "false", "--plot", "false",
-           *extra, *shlex.split(args.recipe_args)]
+           *spec.recipe_args, *shlex.split(args.recipe_args)]
     if args.profile:  # after the last timed step: the profiler's own cost stays out of the speed log
         cmd += ["--profile_steps", f"{args.max_steps}:{args.max_steps + 3}"]
     if args.device == "cpu":
@@ -100,7 +116,7 @@ def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
 
 def run_setup(setup: str, args, tmp: str) -> dict:
     """One setup's row: its speed from its summary, or `failed` with the tail of its log."""
-    multi, label = SETUPS[setup][1:3]
+    multi, label = SETUPS[setup].multi, SETUPS[setup].label
     label = label.replace("GPU", "CPU process") if args.device == "cpu" else label
     output_dir = os.path.join(tmp, setup)
     cmd, env = command(setup, args, output_dir)
@@ -121,6 +137,14 @@ def run_setup(setup: str, args, tmp: str) -> dict:
     if returncode != 0 or not os.path.exists(summary_path):
         with open(log_path) as f:
             row["failed"] = f"exit {returncode}: " + " | ".join(f.read().strip().splitlines()[-3:])[-400:]
+        partial = os.path.join(output_dir, "throughput.json")  # the speed log so far (the recipe rewrites it)
+        if os.path.exists(partial):
+            with open(partial) as f:
+                speed = json.load(f)
+            row.update(tok_s=speed.get("tokens_per_second"), conv_s=speed.get("conversations_per_second"),
+                       mfu=speed.get("mfu"), peak_mem_gib=speed.get("peak_memory_gib"), timed_s=speed.get("seconds"),
+                       first_interval_excluded=speed.get("first_interval_excluded"),
+                       speed_until_step=speed.get("step"))
         return row
     for name in sorted(os.listdir(output_dir)) if args.profile else ():
         if name.startswith("profile_rank") and name.endswith(".txt"):
@@ -178,7 +202,7 @@ def scaling(rows: list[dict]) -> None:
             continue
         if "single" in base:
             r["vs_1gpu"] = round(r["tok_s"] / base["single"]["tok_s"], 3)
-        same = base.get(SETUPS.get(r["setup"], (None,) * 6)[5])
+        same = base.get(SETUPS[r["setup"]].one_gpu) if r["setup"] in SETUPS else None
         if same is not None:
             r["vs_same_1gpu"] = round(r["tok_s"] / same["tok_s"], 3)
             r["vs_same_1gpu_of"] = same["setup"]
@@ -198,10 +222,11 @@ def write(report: dict, out: str) -> None:
     for r in report["results"]:
         vs = f"{r['vs_1gpu']:.2f}x" if r.get("vs_1gpu") else "-"
         same = f"{r['vs_same_1gpu']:.2f}x (of {r['vs_same_1gpu_of']})" if r.get("vs_same_1gpu") else "-"
-        if r["failed"]:
+        if r["failed"] and not r["tok_s"]:
             lines.append(f"| {r['run']} | {r['gpus']} | - | failed: {r['failed'][:160]} | | | | | |")
             continue
-        lines.append(f"| {r['run']} | {r['gpus']} | {r['precision']} | {fmt(r['tok_s'])} "
+        run = f"{r['run']} (failed after step {r['speed_until_step']}: speed until then)" if r["failed"] else r["run"]
+        lines.append(f"| {run} | {r['gpus']} | {r['precision'] or '-'} | {fmt(r['tok_s'])} "
                      f"| {fmt(r['conv_s'], '{:.2f}')} "
                      f"| {fmt(r['mfu'], '{:.1%}')} | {fmt(r['peak_mem_gib'], '{:.1f}')} | {vs} | {same} |")
     reloads = [f"- {r['run']}: {r['reloads']}" for r in report["results"] if r.get("reloads")]
@@ -235,7 +260,7 @@ def main(argv=None) -> int:
                                                                                     args.logging_steps)):
         raise ValueError("--profile: a logging step falls on the 3 profiled steps after --max-steps; use a "
                          "--logging-steps above 3 that divides --max-steps")
-    if args.device == "cpu" and any(SETUPS[s][1] for s in setups):
+    if args.device == "cpu" and any(SETUPS[s].multi for s in setups):
         raise ValueError("the multi-GPU setups need GPUs; on the CPU pass --setups single (or single_autocast)")
     os.makedirs(args.out, exist_ok=True)
     import torch

@@ -81,27 +81,36 @@ def test_flops_count_parameters_that_deepspeed_zero3_partitioned_away(tiny):
     assert model_flop_coefficients(model) == full
 
 
-def test_rates_use_wall_time_between_logs(monkeypatch):
+def test_rates_use_wall_time_between_logs(monkeypatch, tmp_path):
+    import json
     from types import SimpleNamespace
 
     import ghostvis_hf.training.throughput as throughput
 
-    clock = iter([0.0, 10.0, 12.5, 14.5])  # construction, train begin, two logs
+    clock = iter([0.0, 10.0, 12.5, 14.5, 16.0])  # construction, train begin, three logs
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     cb = ThroughputCallback({"token": 6, "token_sq": 0, "image": 0}, peak_flops=1000.0)
-    args = SimpleNamespace(world_size=1, device=torch.device("cpu"))
-    state = SimpleNamespace(log_history=[{"loss": 1.0, "step": 1}], global_step=1)
+    args = SimpleNamespace(world_size=1, device=torch.device("cpu"), output_dir=str(tmp_path / "run"))
+    state = SimpleNamespace(log_history=[{"loss": 1.0, "step": 1}], global_step=1, is_world_process_zero=True)
     cb.on_train_begin(args, state, None)
     cb.add({"tokens": 500, "tokens_sq": 0, "conversations": 5, "images": 0})
     logs = {"loss": 1.0}
     cb.on_log(args, state, None, logs=logs)
     assert logs["tokens_per_second"] == 200.0 and logs["conversations_per_second"] == 2.0
     assert logs["mfu"] == round(6 * 500 / 2.5 / 1000, 4) == state.log_history[-1]["mfu"]
+    # the speed so far is on disk after every log: a run that dies later keeps it
+    assert json.loads((tmp_path / "run" / "throughput.json").read_text())["tokens_per_second"] == 200.0
     cb.add({"tokens": 100, "tokens_sq": 0, "conversations": 1, "images": 0})
+    state.global_step = 2
     cb.on_log(args, state, None, logs={"loss": 0.5})
     cb.on_log(args, state, None, logs={"train_runtime": 3.0})  # the final summary is not a step log
     summary = cb.summary()
     assert summary["tokens_per_second"] == 50.0 and summary["first_interval_excluded"]
+    assert json.loads((tmp_path / "run" / "throughput.json").read_text()) == {**summary, "step": 2}
+    state.is_world_process_zero = False  # other ranks write nothing
+    (tmp_path / "run" / "throughput.json").unlink()
+    cb.on_log(args, state, None, logs={"loss": 0.4})
+    assert not (tmp_path / "run" / "throughput.json").exists()
 
 
 def test_trainer_logs_tokens_per_second_with_the_right_count(tiny, conversations, tmp_path):

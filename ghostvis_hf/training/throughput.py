@@ -14,7 +14,9 @@
 `throughput_summary(trainer)` is what a recipe writes to its run summary.
 """
 
+import json
 import logging
+import os
 import time
 
 import torch
@@ -23,6 +25,7 @@ from transformers.trainer_callback import TrainerCallback
 logger = logging.getLogger("ghostvis")
 
 STATS_KEY = "ghostvis_batch_stats"
+THROUGHPUT_FILE = "throughput.json"  # the running speed summary in the output folder
 _FIELDS = ("tokens", "tokens_sq", "conversations", "images")
 
 
@@ -84,7 +87,9 @@ class ThroughputCallback(TrainerCallback):
         peak_flops (`float`, *optional*): peak FLOP/s of one device; by default `bench.train.PEAK_FLOPS` by GPU name.
 
     Values go into the `logs` (so the console and the reporting integrations after this callback show them) and
-    into `state.log_history`. `ThroughputMixin` puts it first in the callback list.
+    into `state.log_history`; the main process also rewrites `<output_dir>/throughput.json` (`summary()` so far) at
+    every log, so a run that dies later (or is stopped) still has its speed on disk. `ThroughputMixin` puts it first
+    in the callback list.
     """
 
     def __init__(self, flop_coefficients: dict | None = None, peak_flops: float | None = None):
@@ -121,6 +126,12 @@ class ThroughputCallback(TrainerCallback):
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
+        if args.output_dir and state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            path = os.path.join(args.output_dir, THROUGHPUT_FILE)
+            with open(path + ".tmp", "w") as f:
+                json.dump({**self.summary(args.world_size), "step": state.global_step}, f, indent=2)
+            os.replace(path + ".tmp", path)  # never a half-written file
 
     def _flops(self, counts: dict) -> float | None:
         c = self.flop_coefficients
@@ -231,5 +242,5 @@ def throughput_summary(trainer) -> dict | None:
     return cb.summary(trainer.args.world_size) if cb is not None else None
 
 
-__all__ = ["BatchStatsMixin", "CountingCollator", "STATS_KEY", "ThroughputCallback", "ThroughputMixin", "batch_stats",
+__all__ = ["BatchStatsMixin", "CountingCollator", "STATS_KEY", "THROUGHPUT_FILE", "ThroughputCallback", "ThroughputMixin", "batch_stats",
            "device_peak_flops", "model_flop_coefficients", "throughput_summary"]
