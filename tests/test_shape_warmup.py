@@ -47,7 +47,7 @@ def test_warm_up_builds_the_graphs_a_first_step_would_build(model):
     model = model.to("cuda", torch.bfloat16)
     attention.set_attention(model, attention.ATTN_IMPLEMENTATION)
     result = attention.warm_up_vision_attention(model, [5, 3, 3, 0])
-    assert result["image_counts"] == [3, 5]
+    assert result["image_counts"] == [3, 5] and result["backward"] is True
     size = model.config.vision_config.image_size
 
     def step(n):
@@ -60,3 +60,5 @@ def test_warm_up_builds_the_graphs_a_first_step_would_build(model):
 
     step(3)  # the process's other first-call costs (cuBLAS handles, allocator)
     assert step(5) < 0.05  # a cuDNN graph build takes ~0.1 s or more
+    model.model.vision_tower.requires_grad_(False)  # a frozen tower: forward-only graphs
+    assert attention.warm_up_vision_attention(model, [4])["backward"] is False

@@ -136,8 +136,8 @@ def warm_up_vision_attention(model, image_counts, dtype: torch.dtype = torch.bfl
     ~130-150 ms for the forward and backward of SigLIP-so400m's attention at each new batch size, against ~1 ms a
     call once built (docs/benchmarks/vision_attention.md). Token-budget steps carry a varying number of images, so
     without this a run stalls at every image count it meets for the first time (and, under DDP, every rank waits).
-    A bidirectional attention module of the model is called, forward and backward, on zeros laid out as the tower's
-    projections lay them out; no parameter is touched. Does nothing (returns `None`) off CUDA, for another attention
+    A bidirectional attention module of the model is called, forward and (when the tower trains) backward, on zeros
+    laid out as the tower's projections lay them out; no parameter is touched. Does nothing (returns `None`) off CUDA, for another attention
     implementation, when `GHOSTVIS_VISION_SDPA=flash` or for float32.
 
     Args:
@@ -146,7 +146,7 @@ def warm_up_vision_attention(model, image_counts, dtype: torch.dtype = torch.bfl
         dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): the attention's input dtype in training.
 
     Returns:
-        `dict | None`: `{"image_counts": [...], "seconds": ...}` for what was built.
+        `dict | None`: `{"image_counts": [...], "backward": bool, "seconds": ...}` for what was built.
     """
     counts = sorted({int(n) for n in image_counts if int(n) > 0})
     if not counts or VISION_SDPA_PRIORITY[0] != SDPBackend.CUDNN_ATTENTION or dtype not in (torch.bfloat16,
@@ -160,17 +160,20 @@ def warm_up_vision_attention(model, image_counts, dtype: torch.dtype = torch.bfl
         return None
     tokens = (module.config.image_size // module.config.patch_size) ** 2
     heads, dim = module.num_heads, module.head_dim
+    # a frozen tower runs its attention without autograd: another graph (no backward, no saved statistics)
+    trains = any(p.requires_grad for p in module.parameters())
     start = time.perf_counter()
-    with torch.enable_grad():
+    with torch.set_grad_enabled(trains):
         for n in counts:
             # [B, T, H, D] viewed as [B, H, T, D]: the layout of the tower's projections after `.transpose(1, 2)`
-            q, k, v = (torch.zeros(n, tokens, heads, dim, device=device, dtype=dtype, requires_grad=True)
+            q, k, v = (torch.zeros(n, tokens, heads, dim, device=device, dtype=dtype, requires_grad=trains)
                        for _ in range(3))
             out, _ = ghostvis_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                 None, scaling=getattr(module, "scale", None))
-            out.backward(torch.ones_like(out))
+            if trains:
+                out.backward(torch.ones_like(out))
     torch.cuda.synchronize(device)
-    return {"image_counts": counts, "seconds": round(time.perf_counter() - start, 3)}
+    return {"image_counts": counts, "backward": trains, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def register() -> str:
