@@ -117,15 +117,17 @@ def write(report: dict, args) -> None:
     def per_seed(precision):
         return ", ".join(f"{v:.4f}" for v in lw[precision]["per_seed"])
 
-    start = (f"Every run starts from the weights of one {args.from_steps}-step autocast run (seed 0); the seed draws the "
-             "data order.\n\n" if args.from_steps else "Every run starts from random weights drawn by its seed.\n\n")
+    start = (f"Every run starts from the weights of one {args.from_steps}-step autocast run (seed 0); the seed draws "
+             "the data order.\n\n" if args.from_steps
+             else "Every run starts from random weights drawn by its seed.\n\n")
+    pairs = s["same_seed_rel_gap_after_warmup"]
     text = (f"# bf16 + fp32 master weights vs autocast: {args.preset} preset, {args.steps} steps, seeds {seeds}\n\n"
             f"Machine: {report['device']} · torch {report['torch']}\n\nCommand: `{report['command']}`\n\n" + start +
             f"Mean curves over the seeds, after step {args.warmup}: largest relative gap "
             f"**{s['max_rel_gap_of_means_after_warmup']:.2%}**, mean {s['mean_rel_gap_of_means_after_warmup']:.2%}. "
             f"The noise it sits in: the autocast seeds alone are up to {spread['max']:.1%} apart (mean "
             f"{spread['mean']:.1%}) of their mean at a step. Same seed, the two precisions: up to "
-            f"{s['same_seed_rel_gap_after_warmup']['max']:.2%} apart (mean {s['same_seed_rel_gap_after_warmup']['mean']:.2%}).\n\n"
+            f"{pairs['max']:.2%} apart (mean {pairs['mean']:.2%}).\n\n"
             f"Mean loss over steps {s['late_steps'][0]}-{s['late_steps'][-1]}: autocast {lw['autocast']['mean']:.4f} "
             f"(per seed {per_seed('autocast')}), bf16 + master "
             f"{lw['bf16_master']['mean']:.4f} (per seed {per_seed('bf16_master')})."
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
               "curves": curves}
     report["summary"] = summarize(curves, args.warmup)
     write(report, args)
-    print(json.dumps({k: report["summary"][k] for k in ("max_rel_gap_of_means_after_warmup", "same_seed_rel_gap_after_warmup",
+    print(json.dumps({k: report["summary"][k] for k in ("max_rel_gap_of_means_after_warmup",
+                                                         "same_seed_rel_gap_after_warmup",
                                                          "mean_rel_gap_of_means_after_warmup",
                                                          "autocast_seed_spread_after_warmup")}))
     return 0

@@ -137,8 +137,8 @@ def warm_up_vision_attention(model, image_counts, dtype: torch.dtype = torch.bfl
     call once built (docs/benchmarks/vision_attention.md). Token-budget steps carry a varying number of images, so
     without this a run stalls at every image count it meets for the first time (and, under DDP, every rank waits).
     A bidirectional attention module of the model is called, forward and (when the tower trains) backward, on zeros
-    laid out as the tower's projections lay them out; no parameter is touched. Does nothing (returns `None`) off CUDA, for another attention
-    implementation, when `GHOSTVIS_VISION_SDPA=flash` or for float32.
+    laid out as the tower's projections lay them out; no parameter is touched. Does nothing (returns `None`) off
+    CUDA, for another attention implementation, when `GHOSTVIS_VISION_SDPA=flash` or for float32.
 
     Args:
         model: a GhostVis (or LLaVA-like) model whose vision tower runs `"ghostvis_sdpa"` attention.

@@ -242,5 +242,6 @@ def throughput_summary(trainer) -> dict | None:
     return cb.summary(trainer.args.world_size) if cb is not None else None
 
 
-__all__ = ["BatchStatsMixin", "CountingCollator", "STATS_KEY", "THROUGHPUT_FILE", "ThroughputCallback", "ThroughputMixin", "batch_stats",
+__all__ = ["BatchStatsMixin", "CountingCollator", "STATS_KEY", "THROUGHPUT_FILE", "ThroughputCallback",
+           "ThroughputMixin", "batch_stats",
            "device_peak_flops", "model_flop_coefficients", "throughput_summary"]
