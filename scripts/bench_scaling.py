@@ -133,6 +133,9 @@ def run_setup(setup: str, args, tmp: str) -> dict:
         except subprocess.TimeoutExpired:
             returncode = f"timeout after {args.timeout} s"
     row["wall_s"] = round(time.perf_counter() - t0, 1)
+    for name in sorted(os.listdir(output_dir)) if args.profile and os.path.isdir(output_dir) else ():
+        if name.startswith("profile_rank") and name.endswith(".txt"):  # kept even if the run failed afterwards
+            shutil.copy(os.path.join(output_dir, name), os.path.join(args.out, f"{args.name}_{setup}_{name}"))
     summary_path = os.path.join(output_dir, "sft_summary.json")
     if returncode != 0 or not os.path.exists(summary_path):
         with open(log_path) as f:
@@ -146,9 +149,6 @@ def run_setup(setup: str, args, tmp: str) -> dict:
                        first_interval_excluded=speed.get("first_interval_excluded"),
                        speed_until_step=speed.get("step"))
         return row
-    for name in sorted(os.listdir(output_dir)) if args.profile else ():
-        if name.startswith("profile_rank") and name.endswith(".txt"):
-            shutil.copy(os.path.join(output_dir, name), os.path.join(args.out, f"{args.name}_{setup}_{name}"))
     with open(summary_path) as f:
         summary = json.load(f)
     speed = summary.get("throughput") or {}

@@ -51,20 +51,28 @@ def test_a_failed_setup_is_a_row_with_its_reason(tmp_path):
 
 
 def test_a_run_that_dies_after_its_speed_was_logged_keeps_that_speed(tmp_path, monkeypatch):
-    def fake_run(cmd, cwd, env, stdout, stderr, timeout):  # trains, writes its speed log, then dies while saving
+    real_run = bench_scaling.subprocess.run
+
+    def fake_run(cmd, **kwargs):  # the recipe: trains, writes its speed log, then dies while saving
+        if "--output_dir" not in cmd:
+            return real_run(cmd, **kwargs)
         out = cmd[cmd.index("--output_dir") + 1]
         os.makedirs(out)
+        with open(os.path.join(out, "profile_rank0.txt"), "w") as f:
+            f.write("3 steps: wall 1.0 s under the profiler\n")
         with open(os.path.join(out, "throughput.json"), "w") as f:
             json.dump({"tokens_per_second": 123.0, "conversations_per_second": 1.5, "mfu": 0.3, "peak_memory_gib": 9.0,
                        "seconds": 4.0, "first_interval_excluded": True, "step": 20}, f)
-        stdout.write("Writing model shards\nKilled\n")
-        raise bench_scaling.subprocess.TimeoutExpired(cmd, timeout)
+        kwargs["stdout"].write("Writing model shards\nKilled\n")
+        raise bench_scaling.subprocess.TimeoutExpired(cmd, kwargs["timeout"])
 
     monkeypatch.setattr(bench_scaling.subprocess, "run", fake_run)
-    assert bench_scaling.main(["--setups", "single", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    assert bench_scaling.main(["--setups", "single", "--device", "cpu", "--out", str(tmp_path), "--profile",
+                               "--max-steps", "20", "--logging-steps", "10"]) == 1
     row = json.loads((tmp_path / "scaling.json").read_text())["results"][0]
     assert row["failed"].startswith("exit timeout") and row["tok_s"] == 123.0 and row["speed_until_step"] == 20
     assert "(failed after step 20: speed until then) | 1 | - | 123.0 |" in (tmp_path / "scaling.md").read_text()
+    assert (tmp_path / "scaling_single_profile_rank0.txt").read_text().startswith("3 steps")  # the profile is kept
 
 
 def test_multi_gpu_rows_are_compared_with_the_recipe_default_and_their_own_launcher_on_one_gpu():
