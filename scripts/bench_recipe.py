@@ -6,7 +6,8 @@ conversations, one image each) for `--warmup` + `--steps` optimizer steps, timed
 - stock: TRL's `SFTTrainer` + `LlavaForConditionalGeneration` as TRL's `examples/scripts/sft_vlm.py` runs it, with the
   best settings a TRL user has: random weights of the preset's shapes (`bench.train_scenarios.build_stock`; for
   `1.5b` SigLIP-so400m@384 + Qwen2.5-1.5B, all 729 patches as image tokens), bf16 weights and `bf16=True`, SDPA,
-  Liger if it imports and runs, activation checkpointing only if out of memory (fallbacks recorded), no packing (TRL
+  Liger if it imports and runs, activation checkpointing only if out of memory (fallbacks recorded), the batch size of
+  `--stock-batch` (4, 8, 16) with the most conversations/s (every size's result recorded), no packing (TRL
   refuses it for images), `max_length=None`, TRL's vision collator. Tokens are counted on the host from each fed
   batch's `attention_mask` (`training.throughput.CountingCollator`); the clock runs between two `on_step_end`s, each
   after a `torch.cuda.synchronize()`.
@@ -56,7 +57,9 @@ def _parser():
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="1.5b", help="GhostVis preset whose shapes both sides use (tiny: CPU tests)")
     p.add_argument("--rows", type=int, default=2000, help="synthetic conversations (seed 0) both sides draw from")
-    p.add_argument("--stock-batch", type=int, default=4, help="stock per_device_train_batch_size (conversations)")
+    p.add_argument("--stock-batch", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8, 16],
+                   help="stock per_device_train_batch_size (conversations), a comma list: stock runs at each and keeps "
+                        "its best conversations/s (the sweep is recorded)")
     p.add_argument("--warmup", type=int, default=10, help="steps before the clock starts (>= 1)")
     p.add_argument("--steps", type=int, default=40, help="timed steps (rounded up to a multiple of --warmup)")
     p.add_argument("--workers", type=int, default=4, help="dataloader_num_workers of both sides")
@@ -196,8 +199,30 @@ def _free(device: str) -> None:
 
 
 def run_stock(args, dataset) -> dict:
-    """Stock with its best settings: Liger on if it imports (off if it fails, recorded), no checkpointing unless the
-    run is out of memory (then on, recorded)."""
+    """Stock at its best batch size: `_run_stock_at` for every `--stock-batch`, the row with the most conversations/s
+    kept and every size's result recorded in its settings (`batch_sweep`)."""
+    best, sweep, error = None, [], None
+    for batch in args.stock_batch:
+        try:
+            row = _run_stock_at(argparse.Namespace(**{**vars(args), "stock_batch": batch}), dataset)
+        except Exception as e:  # noqa: BLE001 - a size that fails is a result of the sweep
+            error = e
+            sweep.append({"batch": batch, "failed": repr(e)[:200]})
+            continue
+        sweep.append({"batch": batch, "conv_s": _round(row.get("conv_s"), 3), "tok_s": _round(row.get("tok_s"), 1),
+                      "mfu": _round(row.get("mfu"), 4), "peak_mem_gib": _round(row.get("peak_mem_gib"), 2),
+                      "activation_checkpointing": row["settings"].get("activation_checkpointing")})
+        if best is None or (row.get("conv_s") or 0) > (best.get("conv_s") or 0):
+            best = row
+    if best is None:
+        raise error
+    best["settings"]["batch_sweep"] = sweep
+    return best
+
+
+def _run_stock_at(args, dataset) -> dict:
+    """Stock with its best settings at `args.stock_batch`: Liger on if it imports (off if it fails, recorded), no
+    checkpointing unless the run is out of memory (then on, recorded)."""
     liger, notes = False, []
     try:
         import liger_kernel.transformers  # noqa: F401

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--preset", "tiny", "--device", "cpu", "--rows", "24", "--warmup", "1", "--steps", "2", "--stock-batch", "2",
          "--workers", "0", "--recipe-args", "--max_length 2048 --per_device_train_batch_size 2"]
@@ -71,6 +73,36 @@ def test_stock_falls_back_to_checkpointing_when_out_of_memory(monkeypatch):
         return {"settings": {}}
 
     monkeypatch.setattr(bench, "_stock_attempt", attempt)
-    row = bench.run_stock(bench._parser().parse_args(["--device", "cpu"]), dataset=None)
+    row = bench.run_stock(bench._parser().parse_args(["--device", "cpu", "--stock-batch", "4"]), dataset=None)
     assert calls == [False, True]
     assert any(n.startswith("out of memory without activation checkpointing") for n in row["settings"]["notes"])
+
+
+def test_stock_keeps_its_best_batch_size_and_records_the_sweep(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_recipe", os.path.join(ROOT, "scripts", "bench_recipe.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rates = {4: 10.0, 8: 14.0}  # 16 does not fit even with checkpointing
+
+    def attempt(args, dataset, liger, checkpointing, out_dir):
+        if args.stock_batch not in rates:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"conv_s": rates[args.stock_batch], "tok_s": 100 * rates[args.stock_batch], "mfu": 0.1,
+                "peak_mem_gib": 2.0 * args.stock_batch, "settings": {"per_device_train_batch_size": args.stock_batch,
+                                                                     "activation_checkpointing": checkpointing}}
+
+    monkeypatch.setattr(bench, "_stock_attempt", attempt)
+    args = bench._parser().parse_args(["--device", "cpu"])
+    assert args.stock_batch == [4, 8, 16]
+    row = bench.run_stock(args, dataset=None)
+    assert row["conv_s"] == 14.0 and row["settings"]["per_device_train_batch_size"] == 8
+    sweep = row["settings"]["batch_sweep"]
+    assert [s["batch"] for s in sweep] == [4, 8, 16] and sweep[1]["conv_s"] == 14.0
+    assert "out of memory" in sweep[2]["failed"]
+    monkeypatch.setattr(bench, "_stock_attempt", lambda *a: (_ for _ in ()).throw(ValueError("broken")))
+    with pytest.raises(ValueError, match="broken"):  # no size ran: the side fails with the last error
+        bench.run_stock(args, dataset=None)
