@@ -56,19 +56,19 @@ def _run(cmd: list[str], log_path: str):
 
 def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
     """{precision: {seed: {step: loss}}}; `--parallel` runs at a time, each logging to its own file."""
-    start = None
+    weights = None
     if args.from_steps:  # the shared start: autocast, seed 0; the recipe saves its final model (with the code files)
-        start = os.path.join(tmp, "start")
-        _run(command("autocast", 0, args, start, steps=args.from_steps),
+        weights = os.path.join(tmp, "start")
+        _run(command("autocast", 0, args, weights, steps=args.from_steps),
              os.path.join(args.out, "precision_curve_start.log"))
     jobs = [(p, s) for s in args.seeds for p in PRECISIONS]
     curves = {p: {} for p in PRECISIONS}
-    for start in range(0, len(jobs), args.parallel):
+    for first in range(0, len(jobs), args.parallel):
         procs = []
-        for precision, seed in jobs[start : start + args.parallel]:
+        for precision, seed in jobs[first : first + args.parallel]:
             out = os.path.join(tmp, f"{precision}-{seed}")
             log = open(os.path.join(args.out, f"precision_curve_{precision}_{seed}.log"), "w")
-            procs.append((precision, seed, out, log, subprocess.Popen(command(precision, seed, args, out, start=start),
+            procs.append((precision, seed, out, log, subprocess.Popen(command(precision, seed, args, out, start=weights),
                                                                       stdout=log, stderr=subprocess.STDOUT)))
         for precision, seed, out, log, proc in procs:
             if proc.wait() != 0:

@@ -26,6 +26,34 @@ def test_runs_start_from_the_shared_weights_only_when_asked():
     assert cmd[cmd.index("--model_name_or_path") + 1] == "/tmp/start" and cmd[cmd.index("--max_steps") + 1] == "50"
 
 
+@pytest.mark.parametrize("from_steps", [0, 30])
+def test_every_run_starts_from_the_shared_weights_with_from_steps(tmp_path, monkeypatch, from_steps):
+    launched = []
+
+    class Proc:
+        def __init__(self, cmd, **kwargs):
+            launched.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(precision_curve, "_run", lambda cmd, log: launched.append(cmd))
+    monkeypatch.setattr(precision_curve.subprocess, "Popen", Proc)
+    monkeypatch.setattr(precision_curve, "losses", lambda out, steps: {10: 1.0})
+    args = _args(from_steps=from_steps, seeds=[0, 1], parallel=3, out=str(tmp_path))
+    curves = precision_curve.run_all(args, str(tmp_path / "tmp"))
+    assert set(curves) == {"autocast", "bf16_master"} and set(curves["autocast"]) == {0, 1}
+    arms = launched[1:] if from_steps else launched
+    assert len(arms) == 4
+    if from_steps:  # the shared run first (autocast, its own step count), then every arm from its weights
+        shared = launched[0]
+        assert shared[shared.index("--max_steps") + 1] == "30" and "--model_name_or_path" not in shared
+        weights = shared[shared.index("--output_dir") + 1]
+        assert all(cmd[cmd.index("--model_name_or_path") + 1] == weights for cmd in arms)
+    else:
+        assert all("--model_name_or_path" not in cmd for cmd in arms)
+
+
 def test_summary_compares_means_and_same_seed_pairs_after_the_warmup():
     curves = {"autocast": {0: {10: 2.0, 20: 1.0, 30: 1.0}, 1: {10: 4.0, 20: 2.0, 30: 3.0}},
               "bf16_master": {0: {10: 9.0, 20: 1.01, 30: 1.0}, 1: {10: 9.0, 20: 2.0, 30: 3.03}}}
