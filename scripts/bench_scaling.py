@@ -140,14 +140,12 @@ def run_setup(setup: str, args, tmp: str) -> dict:
     if returncode != 0 or not os.path.exists(summary_path):
         with open(log_path) as f:
             row["failed"] = f"exit {returncode}: " + " | ".join(f.read().strip().splitlines()[-3:])[-400:]
-        partial = os.path.join(output_dir, "throughput.json")  # the speed log so far (the recipe rewrites it)
+        # the speed log so far (the recipe rewrites it at every log: training.throughput.THROUGHPUT_FILE)
+        partial = os.path.join(output_dir, "throughput.json")
         if os.path.exists(partial):
             with open(partial) as f:
                 speed = json.load(f)
-            row.update(tok_s=speed.get("tokens_per_second"), conv_s=speed.get("conversations_per_second"),
-                       mfu=speed.get("mfu"), peak_mem_gib=speed.get("peak_memory_gib"), timed_s=speed.get("seconds"),
-                       first_interval_excluded=speed.get("first_interval_excluded"),
-                       speed_until_step=speed.get("step"))
+            row.update(_speed_fields(speed), speed_until_step=speed.get("step"))
         return row
     with open(summary_path) as f:
         summary = json.load(f)
@@ -159,10 +157,15 @@ def run_setup(setup: str, args, tmp: str) -> dict:
             row["reloads"] = reload_check(output_dir, args.device, timeout=args.timeout)
         except subprocess.TimeoutExpired:
             row["reloads"] = f"no: not loaded and generating within {args.timeout} s"
-    row.update(tok_s=speed.get("tokens_per_second"), conv_s=speed.get("conversations_per_second"),
-               mfu=speed.get("mfu"), peak_mem_gib=speed.get("peak_memory_gib"), precision=summary.get("precision"),
-               timed_s=speed.get("seconds"), first_interval_excluded=speed.get("first_interval_excluded"))
+    row.update(_speed_fields(speed), precision=summary.get("precision"))
     return row
+
+
+def _speed_fields(speed: dict) -> dict:
+    """A row's speed fields from the recipe's speed log (`ThroughputCallback.summary`)."""
+    return dict(tok_s=speed.get("tokens_per_second"), conv_s=speed.get("conversations_per_second"),
+                mfu=speed.get("mfu"), peak_mem_gib=speed.get("peak_memory_gib"), timed_s=speed.get("seconds"),
+                first_interval_excluded=speed.get("first_interval_excluded"))
 
 
 RELOAD = """
