@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ghostvis_hf.training.optimizer import MasterWeightOptimizer, make_optimizer, resolve_precision
+from ghostvis_hf.training.optimizer import MasterWeightOptimizer, cast_parameters, make_optimizer, resolve_precision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,6 +145,78 @@ def test_resolve_precision(tiny, monkeypatch):
         resolve_precision(model, _args(), SimpleNamespace(precision="bf16_master"))
     with pytest.raises(ValueError, match="precision must be"):
         resolve_precision(model, _args(), SimpleNamespace(precision="fp8"))
+
+
+def test_fsdp2_takes_bf16_master_only_when_asked_and_fsdp1_never(tiny, monkeypatch):
+    """Under FSDP2 the masters can be fp32 shards in our optimizer (explicit `bf16_master`); `auto` keeps FSDP's
+    own policy; FSDP1 flattens the parameters before any optimizer exists, so it is refused there."""
+    model, _ = tiny
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert resolve_precision(model, _args(), SimpleNamespace(precision="bf16_master")) == "bf16_master"
+    assert resolve_precision(model, _args(), SimpleNamespace(precision="auto")) == "autocast"
+    args = _args()
+    opt = make_optimizer(model, args, SimpleNamespace(precision="bf16_master", vision_tower_lr=None, projector_lr=None))
+    assert args.mixed_precision == "no"  # accelerate must not upcast the bf16 model for its own policy
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(m.is_meta for m in opt._masters)  # made at the first step, from the shards accelerate swaps in
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="bf16_master keeps them in the optimizer|FSDP"):
+        resolve_precision(model, _args(), SimpleNamespace(precision="bf16_master"))
+
+
+def test_lazy_masters_are_made_at_the_first_step_and_a_late_swap_is_refused(model_and_batch):
+    model, batch = model_and_batch
+    ref = copy.deepcopy(model)
+    cast_parameters(ref, torch.bfloat16)
+    opt = MasterWeightOptimizer(_groups(model), param_dtype=torch.bfloat16, lazy=True, lr=1e-3)
+    ref_opt = MasterWeightOptimizer(_groups(ref), lr=1e-3)  # fp32 copies of the same bf16 weights, made at once
+    assert all(m.is_meta for m in opt._masters)
+    for _ in range(3):
+        _step(model, opt, batch)
+        _step(ref, ref_opt, batch)
+    for m, n in zip(opt.master_weights, ref_opt.master_weights):
+        assert not m.is_meta
+        torch.testing.assert_close(m, n, rtol=0, atol=0)
+    opt.param_groups[0]["params"] = [torch.nn.Parameter(p.detach().clone()) for p in opt.param_groups[0]["params"]]
+    with pytest.raises(RuntimeError, match="replaced after the optimizer stepped"):
+        opt.step()
+
+
+def test_trainer_takes_the_recipes_optimizer_under_fsdp2_only(monkeypatch, tiny):
+    """The Trainer refuses `optimizers=` under FSDP; the mixin hands ours over in `create_optimizer` (FSDP2) and turns
+    bf16 autocast on itself when accelerate's mixed precision is off for the bf16 model."""
+    from ghostvis_hf.training.trainer import OwnOptimizerMixin
+
+    class Base:
+        def __init__(self, *args, optimizers=(None, None), **kwargs):
+            self.optimizer, self.args = optimizers[0], kwargs["args"]
+
+        def create_optimizer(self, model=None):
+            return self.optimizer or "trainer's own"
+
+        def autocast_smart_context_manager(self, cache_enabled=True):
+            return "accelerate's"
+
+    class T(OwnOptimizerMixin, Base):
+        pass
+
+    model, _ = tiny
+    opt = MasterWeightOptimizer(model.parameters(), param_dtype=torch.bfloat16, lr=1e-3)
+    args = _args(mixed_precision="no", device=torch.device("cpu"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    trainer = T(args=args, optimizers=(opt, None))
+    assert trainer.optimizer is None and trainer.create_optimizer() is opt
+    assert isinstance(trainer.autocast_smart_context_manager(), torch.autocast)
+    assert T(args=_args(mixed_precision="bf16"), optimizers=(opt, None)).autocast_smart_context_manager() == \
+        "accelerate's"
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP2 only"):
+        T(args=args, optimizers=(opt, None))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    plain = T(args=args, optimizers=(opt, None))  # unsharded: the Trainer takes it as given
+    assert plain.optimizer is opt and plain.autocast_smart_context_manager() == "accelerate's"
 
 
 def test_auto_keeps_autocast_under_gradient_accumulation(tiny, monkeypatch, caplog):

@@ -29,3 +29,22 @@ def sharded_by(training_args) -> str | None:
     if getattr(training_args, "fsdp", None) or env_flag("ACCELERATE_USE_FSDP"):
         return "FSDP"
     return None
+
+
+def fsdp_version(training_args) -> int | None:
+    """FSDP's version (1 or 2) when FSDP shards this run, else `None`: the Trainer's `--fsdp_config` `version`
+    (transformers' default 2), or the `FSDP_VERSION` that `accelerate launch` sets from its config (its default 1).
+
+    Example:
+    ```python
+    >>> from types import SimpleNamespace
+    >>> fsdp_version(SimpleNamespace(deepspeed=None, fsdp="full_shard", fsdp_config={"version": 2}))
+    2
+
+    ```
+    """
+    if sharded_by(training_args) != "FSDP":
+        return None
+    if getattr(training_args, "fsdp", None):
+        return int((getattr(training_args, "fsdp_config", None) or {}).get("version", 2))
+    return int(os.environ.get("FSDP_VERSION", "1"))

@@ -12,17 +12,20 @@ NOTE: why our own (about 100 lines): torch, accelerate, transformers and TRL hav
 unsharded training; DeepSpeed's `BF16_Optimizer` lives inside the DeepSpeed engine (use it through the ZeRO
 configs); FSDP2's `MixedPrecisionPolicy` is for sharded runs and casts the fp32 shards at every step; torchao's
 bf16 AdamW (stochastic rounding) and transformers' `adamw_anyprecision` (Kahan summation) keep no fp32 weights.
-So: single GPU and DDP only. Gradients stay bf16 on the parameters (what autograd, DDP and the Trainer's clipping
-expect): they are clipped, and with gradient accumulation summed, in bf16.
+So: single GPU, DDP and FSDP2 (where the model is bf16 before `fully_shard`, accelerate's mixed precision is off, and
+the masters are fp32 shards of FSDP2's bf16 DTensor shards: what FSDP2's own policy would do with one fp32 -> bf16
+cast of every unit at every step). Gradients stay bf16 on the parameters (what autograd, DDP, FSDP2's
+reduce-scatter and the Trainer's clipping expect): they are clipped, and with gradient accumulation summed, in bf16.
 """
 
 import functools
 import logging
+from collections import defaultdict
 
 import torch
 
 from .arguments import GhostVisArguments
-from .launch import sharded_by
+from .launch import fsdp_version, sharded_by
 
 logger = logging.getLogger("ghostvis")
 
@@ -49,15 +52,18 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, optimizer_cls=torch.optim.AdamW, param_dtype: torch.dtype | None = None,
-                 kernel: str = "auto", **kwargs):
+                 kernel: str = "auto", lazy: bool = False, **kwargs):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         groups = [{**g, "params": list(g["params"])} for g in groups]
+        if kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel must be auto, triton or torch, got {kernel!r}")
+        if kernel == "triton" and optimizer_cls is not torch.optim.AdamW:
+            raise ValueError("kernel='triton' steps AdamW; optimizer_cls is " + optimizer_cls.__name__)
+        self._optimizer_cls, self._kwargs, self._param_dtype = optimizer_cls, kwargs, param_dtype
         self._params = [p for g in groups for p in g["params"]]
-        own = param_dtype in (None, torch.float32)
-        self._masters = [p if own and p.dtype == torch.float32 else
-                         torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in self._params]
+        self._masters = [self._master_of(p, placeholder=lazy) for p in self._params]
         if param_dtype is not None:
             for p in self._params:
                 p.data = p.data.to(param_dtype)
@@ -66,14 +72,48 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                                        **kwargs)
         super().__init__([{**_hyper(ig), "params": g["params"]} for g, ig in zip(groups, self.optimizer.param_groups)],
                          self.optimizer.defaults)
-        if kernel not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernel must be auto, triton or torch, got {kernel!r}")
-        if kernel == "triton" and optimizer_cls is not torch.optim.AdamW:
-            raise ValueError("kernel='triton' steps AdamW; optimizer_cls is " + optimizer_cls.__name__)
         self.kernel = kernel
         self._adamw = optimizer_cls is torch.optim.AdamW
         self._host_steps: dict[int, int] = {}  # master id -> AdamW step count, read once from the state
         self._param_of = {id(m): p for p, m in zip(self._params, self._masters)}  # masters keep their identity
+
+    def _master_of(self, p, placeholder: bool = False):
+        """`p` itself where it is fp32 and no `param_dtype` is set, else an fp32 copy (on the meta device as a
+        placeholder: `lazy=True` makes the copies at the first step, from the parameters as they are then)."""
+        if self._param_dtype in (None, torch.float32) and p.dtype == torch.float32:
+            return p
+        if placeholder:
+            return torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32, device="meta"))
+        return torch.nn.Parameter(p.detach().to(torch.float32, copy=True))
+
+    def _bind(self) -> None:
+        """Makes the fp32 copies anew when `param_groups` holds other parameters than the ones they were made for
+        (accelerate's FSDP2 `prepare` swaps every parameter for its sharded DTensor after the optimizer exists) or
+        when they are `lazy`'s placeholders. The copies then start from the parameters as they are (bf16 under
+        FSDP2: as DeepSpeed's bf16 optimizer makes its fp32 partitions from the bf16 model). Refused once stepped."""
+        current = [p for g in self.param_groups for p in g["params"]]
+        same = len(current) == len(self._params) and all(a is b for a, b in zip(current, self._params))
+        if same and not any(m.is_meta for m in self._masters):
+            return
+        if any(self.optimizer.state.values()):
+            raise RuntimeError("MasterWeightOptimizer: the parameters were replaced after the optimizer stepped; its "
+                               "fp32 master weights and AdamW state belong to the old ones")
+        self._params = current
+        self._masters = [self._master_of(p) for p in current]
+        masters = iter(self._masters)
+        self.optimizer = self._optimizer_cls(
+            [{**_hyper(g), "params": [next(masters) for _ in g["params"]]} for g in self.param_groups], **self._kwargs)
+        self._host_steps.clear()
+        self._param_of = {id(m): p for p, m in zip(self._params, self._masters)}
+        self.state = defaultdict(dict)
+
+    def _mirror_state(self, force: bool = False) -> None:
+        """The inner optimizer's state, also under the model's parameters in `self.state`: code that looks there
+        (torch.distributed.checkpoint's optimizer state dict, which steps an optimizer whose `state` is empty)
+        sees a stepped optimizer as stepped."""
+        if force or len(self.state) != len(self.optimizer.state):
+            self.state = defaultdict(dict, {p: self.optimizer.state[m] for p, m in zip(self._params, self._masters)
+                                            if m in self.optimizer.state})
 
     def _low_precision(self):
         return [(p, m) for p, m in zip(self._params, self._masters) if m is not p]
@@ -84,9 +124,11 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._bind()
         for group, inner in zip(self.param_groups, self.optimizer.param_groups):
             inner.update(_hyper(group))  # lr from the scheduler, etc.
         if self.uses_kernel and self._kernel_step():
+            self._mirror_state()
             return loss
         stepped = []
         for p, m in self._low_precision():
@@ -97,9 +139,10 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 stepped.append((p, m))
         self.optimizer.step()
         if stepped:
-            torch._foreach_copy_([p for p, _ in stepped], [m for _, m in stepped])  # round to the parameter dtype
+            torch._foreach_copy_([_local(p.data) for p, _ in stepped], [_local(m.data) for _, m in stepped])  # round
             for _, m in stepped:
                 m.grad = None
+        self._mirror_state()
         return loss
 
     @property
@@ -123,7 +166,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 p = self._param_of[id(m)]
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse or not (p.is_contiguous() and p.grad.is_contiguous() and m.is_contiguous()):
+                if p.grad.is_sparse or not all(_local(t).is_contiguous() for t in (p.data, p.grad, m.data)):
                     return False
                 if m.device != p.device:
                     self._move(m, p.device)
@@ -140,9 +183,11 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 self._host_steps[id(m)] = int(state["step"])  # one sync per tensor, at the first step or resume
             self._host_steps[id(m)] += 1
             steps.append(state["step"])
+            tensors = [_local(t) for t in (p.data, p.grad, m.data, state["exp_avg"], state["exp_avg_sq"])]
+            if not tensors[0].numel():  # an FSDP2 shard can be empty on some ranks
+                continue
             lists = launches.setdefault((id(inner), p.dtype, p.grad.dtype, p.device), (inner, [], [], [], [], [], []))
-            for dst, t in zip(lists[1:], (p.data, p.grad, m.data, state["exp_avg"], state["exp_avg_sq"],
-                                          self._host_steps[id(m)])):
+            for dst, t in zip(lists[1:], (*tensors, self._host_steps[id(m)])):
                 dst.append(t)
         for inner, *lists in launches.values():  # one launch per parameter group and dtype
             beta1, beta2 = inner["betas"]
@@ -161,6 +206,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
 
     def state_dict(self):
         """The inner optimizer's state dict, with each low-precision parameter's fp32 copy as `master_weight`."""
+        self._bind()
         sd = self.optimizer.state_dict()
         sd["param_groups"] = [{**_hyper(g), "params": ig["params"]}
                               for g, ig in zip(self.param_groups, sd["param_groups"])]
@@ -171,26 +217,49 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def load_state_dict(self, state_dict):
+        """Like torch's: the saved parameters are matched by position in `param_groups` (their keys may be indices
+        or, from torch.distributed.checkpoint, parameter names)."""
+        self._bind()
+        position = {key: i for i, key in enumerate(k for g in state_dict["param_groups"] for k in g["params"])}
         state = {}
-        for i, s in state_dict["state"].items():
+        for key, s in state_dict["state"].items():
             s = dict(s)
             master = s.pop("master_weight", None)
             if master is not None:
-                p, m = self._params[int(i)], self._masters[int(i)]
+                p, m = self._params[position[key]], self._masters[position[key]]
                 if m is not p:
-                    m.data = master.to(device=p.device, dtype=torch.float32, copy=True)
+                    if _is_dtensor(m):  # in place: a DTensor's `.data =` leaves `to_local()` on the old shard
+                        m.copy_(master)
+                    else:
+                        m.data = master.to(device=p.device, dtype=torch.float32, copy=True)
                     p.copy_(m)
             if s:
-                state[i] = s
+                state[key] = s
         self._host_steps.clear()  # re-read from the loaded state
         self.optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
         for group, inner in zip(self.param_groups, self.optimizer.param_groups):
             group.update(_hyper(inner))
+        self._mirror_state(force=True)
 
     @property
     def master_weights(self) -> list[torch.Tensor]:
         """The fp32 weights, one per parameter (the parameter itself where it is fp32 and `param_dtype` unset)."""
+        self._bind()
         return list(self._masters)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters, their gradients, the masters and moments made from
+    them; in place under `no_grad`), else `t`."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 @functools.cache
@@ -217,7 +286,8 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
     `auto` means bf16 + master weights where they apply (CUDA, `--bf16`, AdamW, no DeepSpeed/FSDP, no LoRA or
     quantized model, no gradient accumulation) and the Trainer's autocast elsewhere; `bf16_master` refuses the cases
     it does not cover, and warns with gradient accumulation (the micro-batches' gradients are summed in bf16: not
-    what docs/benchmarks/precision_curve.md measured).
+    what docs/benchmarks/precision_curve.md measured). Under FSDP2 `bf16_master` is an explicit choice (`auto` keeps
+    FSDP's mixed-precision policy): bf16 shards, fp32 master shards in the optimizer.
     """
     precision = getattr(args, "precision", "autocast")
     if precision not in ("auto", "bf16_master", "autocast"):
@@ -226,8 +296,12 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
         return precision
     sharded = {"DeepSpeed": "DeepSpeed (its bf16 optimizer)", "FSDP": "FSDP (its MixedPrecisionPolicy)"}.get(
         sharded_by(training_args))
+    fsdp2 = fsdp_version(training_args) == 2
+    if fsdp2 and precision == "bf16_master":
+        sharded = None  # the masters are fp32 shards of FSDP2's bf16 shards
     problems = [why for bad, why in (
-        (sharded is not None, f"sharded runs keep master weights in {sharded}"),
+        (sharded is not None, f"this sharded run keeps master weights in {sharded}"
+                              + ("; --precision bf16_master keeps them in the optimizer" if fsdp2 else "")),
         (use_peft, "LoRA trains adapters the trainer adds later"),
         (getattr(model, "is_quantized", False), "the model is quantized"),
         (training_args.optim not in ("adamw_torch", "adamw_torch_fused"), f"optim={training_args.optim!r}"),
@@ -305,8 +379,12 @@ def make_optimizer(model, training_args, args: GhostVisArguments, use_peft: bool
     groups = _param_groups(model, training_args, args)
     if precision == "autocast":
         return torch.optim.AdamW(groups, **kwargs)
-    optimizer = MasterWeightOptimizer(groups, torch.optim.AdamW, param_dtype=torch.bfloat16, **kwargs)
+    fsdp2 = fsdp_version(training_args) == 2
+    # under FSDP2 the fp32 copies are made at the first step, from the shards accelerate swaps in
+    optimizer = MasterWeightOptimizer(groups, torch.optim.AdamW, param_dtype=torch.bfloat16, lazy=fsdp2, **kwargs)
     cast_parameters(model, torch.bfloat16)  # the frozen ones too
+    if fsdp2:  # accelerate would upcast the bf16 model to fp32 for its own policy; the trainer autocasts instead
+        training_args.mixed_precision = "no"
     logger.info("precision: bf16 parameters and activations, fp32 master weights and AdamW state in the optimizer "
                 "(bf16 autocast kept for the ops it runs in fp32)")
     return optimizer

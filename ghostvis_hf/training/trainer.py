@@ -1,16 +1,54 @@
 """The trainer the SFT and alignment recipes use: TRL's `SFTTrainer` plus token-budget steps, a speed log and,
-optionally, the model's own loss.
+optionally, the model's own loss, and the recipes' optimizer under FSDP2.
 
 `TokenBudgetMixin` (`training.sampler`) makes a step `per_device_train_batch_size` rows of `max_length` tokens when
 `--packing --token_budget` are on; `ThroughputMixin` (`training.throughput`) logs tokens/s, conversations/s, MFU and
 peak memory at every logging step; `ModelLossMixin` takes the training loss from the model's forward.
 """
 
+import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
+from .launch import fsdp_version, sharded_by
+from .optimizer import MasterWeightOptimizer
 from .sampler import TokenBudgetMixin
 from .throughput import ThroughputMixin
+
+
+class OwnOptimizerMixin:
+    """The recipes' optimizer (`make_optimizer`: per-part learning rates, bf16 + fp32 master weights) under FSDP too.
+
+    The Trainer refuses `optimizers=` under FSDP ("override `create_optimizer`"): this takes the optimizer from
+    `optimizers` and hands it over in `create_optimizer`, which under FSDP2 runs before accelerate shards the model;
+    accelerate then swaps the optimizer's parameters for their shards (`MasterWeightOptimizer` makes its fp32
+    copies from those). With bf16 master weights and accelerate's mixed precision off (`make_optimizer` turns it
+    off there: accelerate would upcast the bf16 model to fp32), the forward runs in bf16 autocast here instead, as
+    it does on one GPU.
+    """
+
+    def __init__(self, *args, optimizers=(None, None), **kwargs):
+        optimizer, scheduler = optimizers
+        training_args = kwargs.get("args")
+        self._own_optimizer = None
+        if optimizer is not None and sharded_by(training_args) == "FSDP":
+            if fsdp_version(training_args) != 2:  # FSDP1 makes the optimizer after flattening the parameters
+                raise ValueError("the recipes' own optimizer (--precision bf16_master, --vision_tower_lr, "
+                                 "--projector_lr) runs under FSDP2 only: set fsdp_version: 2 in the accelerate config")
+            self._own_optimizer, optimizer = optimizer, None
+        self._bf16_autocast = (isinstance(self._own_optimizer, MasterWeightOptimizer) and training_args.bf16
+                               and training_args.mixed_precision == "no")
+        super().__init__(*args, optimizers=(optimizer, scheduler), **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self._own_optimizer is not None:
+            self.optimizer = self._own_optimizer
+        return super().create_optimizer(model)
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        if self._bf16_autocast:
+            return torch.autocast(self.args.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        return super().autocast_smart_context_manager(cache_enabled)
 
 
 class ModelLossMixin:
@@ -33,9 +71,9 @@ class ModelLossMixin:
         return Trainer.compute_loss(self, model, inputs, False, num_items_in_batch)
 
 
-class GhostVisSFTTrainer(ModelLossMixin, ThroughputMixin, TokenBudgetMixin, SFTTrainer):
+class GhostVisSFTTrainer(ModelLossMixin, OwnOptimizerMixin, ThroughputMixin, TokenBudgetMixin, SFTTrainer):
     """`SFTTrainer` + token-budget steps (`--packing --token_budget`) + tokens/s, MFU, peak memory in every log +
-    the model's own loss (`model_loss=True`)."""
+    the model's own loss (`model_loss=True`) + the recipes' optimizer under FSDP2."""
 
 
-__all__ = ["GhostVisSFTTrainer", "ModelLossMixin"]
+__all__ = ["GhostVisSFTTrainer", "ModelLossMixin", "OwnOptimizerMixin"]
