@@ -9,8 +9,8 @@ With token-budget steps (`sft_1.5b_bench.yaml`) every GPU takes full rows of `ma
 do N times the work of one per step. A setup that fails is a failed row (its log kept), the others still run.
 
 The precision is the recipe's own choice per setup (`--precision auto`: bf16 + fp32 master weights in our optimizer
-on one GPU and under DDP; DeepSpeed's bf16 weights with fp32 master partitions; FSDP2's mixed-precision policy) and is
-recorded per row. Each multi-GPU row is compared with the recipe's default on one GPU (`vs_1gpu`: what the second GPU
+on one GPU and under DDP; DeepSpeed's bf16 weights with fp32 master partitions; FSDP2's mixed-precision policy; the
+`fsdp2_master*` setups: FSDP2 over bf16 shards with fp32 master shards in our optimizer) and is recorded per row. Each multi-GPU row is compared with the recipe's default on one GPU (`vs_1gpu`: what the second GPU
 buys a user) and, where that setup ran, with the same launcher on one GPU (`vs_same_1gpu`: `zero2_1gpu`,
 `fsdp2_1gpu`, ...: the launcher's scaling alone); the `*_autocast` setups run one GPU and DDP under autocast.
 `--profile` records 3 more steps per setup after the timed ones (kernel time by kind, exposed communication).
@@ -58,6 +58,12 @@ SETUPS = {
     "fsdp2_noreshard": Setup("fsdp2.yaml", True, "FSDP2, no reshard after forward",
                              launcher_args=["--fsdp_reshard_after_forward", "false"], recipe_args=AUTO,
                              one_gpu="fsdp2_1gpu"),
+    # FSDP2 over bf16 shards, fp32 master shards in our optimizer (the bench config's bf16_master; no fp32 -> bf16
+    # casts in FSDP2's all-gathers)
+    "fsdp2_master": Setup("fsdp2.yaml", True, "FSDP2, bf16 + master weights", one_gpu="fsdp2_master_1gpu"),
+    "fsdp2_master_noreshard": Setup("fsdp2.yaml", True, "FSDP2, bf16 + master weights, no reshard after forward",
+                                    launcher_args=["--fsdp_reshard_after_forward", "false"],
+                                    one_gpu="fsdp2_master_1gpu"),
     "single_autocast": Setup("single_gpu.yaml", False, "1 GPU, autocast", recipe_args=["--precision", "autocast"]),
     "ddp_autocast": Setup("multi_gpu.yaml", True, "DDP, autocast", recipe_args=["--precision", "autocast"],
                           one_gpu="single_autocast"),
@@ -65,6 +71,7 @@ SETUPS = {
     "zero2_1gpu": Setup("deepspeed_zero2.yaml", False, "DeepSpeed ZeRO-2 on 1 GPU", recipe_args=AUTO),
     "zero3_1gpu": Setup("deepspeed_zero3.yaml", False, "DeepSpeed ZeRO-3 on 1 GPU", recipe_args=AUTO + NO_COMPILE),
     "fsdp2_1gpu": Setup("fsdp2.yaml", False, "FSDP2 on 1 GPU", recipe_args=AUTO),
+    "fsdp2_master_1gpu": Setup("fsdp2.yaml", False, "FSDP2, bf16 + master weights, on 1 GPU"),
 }
 DEFAULT_SETUPS = "single,ddp,zero2,zero3,fsdp2,single_autocast,ddp_autocast"
 

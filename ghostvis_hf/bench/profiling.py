@@ -58,7 +58,8 @@ def kernel_summary(prof, steps: int, wall: float, rows: int = 30) -> str:
     """Text summary of a finished `torch.profiler.profile` over `steps` steps that took `wall` seconds.
 
     Per step: kernel time by kind; the GPU's busy time (union of kernel intervals), its compute-only busy time, the
-    communication not overlapped with compute; then the profiler's own table of the `rows` longest ops.
+    communication not overlapped with compute; then the profiler's own tables of the `rows` ops with the longest
+    device time and of the `rows // 2` with the longest host time.
     """
     events = prof.key_averages()
     attr = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") \
@@ -82,4 +83,6 @@ def kernel_summary(prof, steps: int, wall: float, rows: int = 30) -> str:
              f"kernel time per step, by kind (overlapping kernels both count): {share}"]
     if events:
         lines.append(events.table(sort_by=attr, row_limit=rows))
+        # where the host's time goes (a host-bound step: the launcher's hooks, Python between kernels)
+        lines.append(events.table(sort_by="self_cpu_time_total", row_limit=rows // 2))
     return "\n".join(lines)
