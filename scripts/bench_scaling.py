@@ -64,6 +64,12 @@ SETUPS = {
     "fsdp2_master_noreshard": Setup("fsdp2.yaml", True, "FSDP2, bf16 + master weights, no reshard after forward",
                                     launcher_args=["--fsdp_reshard_after_forward", "false"],
                                     one_gpu="fsdp2_master_1gpu"),
+    # the same with the decoder layers (and perceiver blocks) as FSDP2's units and the vision tower in the root unit:
+    # half the units, so half the per-unit hooks and collectives on a host-bound step
+    "fsdp2_master_lm_units": Setup("fsdp2.yaml", True, "FSDP2, bf16 + master weights, vision tower in the root unit",
+                                   launcher_args=["--fsdp_transformer_layer_cls_to_wrap",
+                                                  "Qwen2DecoderLayer,GhostVisPerceiverBlock"],
+                                   one_gpu="fsdp2_master_1gpu"),
     "single_autocast": Setup("single_gpu.yaml", False, "1 GPU, autocast", recipe_args=["--precision", "autocast"]),
     "ddp_autocast": Setup("multi_gpu.yaml", True, "DDP, autocast", recipe_args=["--precision", "autocast"],
                           one_gpu="single_autocast"),

@@ -75,6 +75,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         self.kernel = kernel
         self._adamw = optimizer_cls is torch.optim.AdamW
         self._host_steps: dict[int, int] = {}  # master id -> AdamW step count, read once from the state
+        self._local_views: dict[int, tuple] = {}  # master id -> the kernel's tensors (`_views_of`)
         self._param_of = {id(m): p for p, m in zip(self._params, self._masters)}  # masters keep their identity
 
     def _master_of(self, p, placeholder: bool = False):
@@ -104,6 +105,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         self.optimizer = self._optimizer_cls(
             [{**_hyper(g), "params": [next(masters) for _ in g["params"]]} for g in self.param_groups], **self._kwargs)
         self._host_steps.clear()
+        self._local_views.clear()
         self._param_of = {id(m): p for p, m in zip(self._params, self._masters)}
         self.state = defaultdict(dict)
 
@@ -155,7 +157,11 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
 
     def _kernel_step(self) -> bool:
         """AdamW through `kernels.adamw.adamw_master_step`, on the inner AdamW's own state; `False` (nothing done)
-        where it does not apply (amsgrad, maximize, sparse or non-contiguous tensors): the torch path runs then."""
+        where it does not apply (amsgrad, maximize, sparse or non-contiguous tensors): the torch path runs then.
+
+        The step is on the host's critical path (the training step is bound by the host), so each parameter's local
+        tensors (parameter, master, moments: DTensor shards under FSDP2, where every `.data` or `.detach()` costs a
+        DTensor dispatch) are looked up once and kept (`_local_views`); a step only reads the gradients."""
         from ..kernels.adamw import adamw_master_step
 
         work = []
@@ -166,28 +172,25 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 p = self._param_of[id(m)]
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse or not all(_local(t).is_contiguous() for t in (p.data, p.grad, m.data)):
+                grad = _local(p.grad)
+                if grad.is_sparse or not grad.is_contiguous():
                     return False
-                if m.device != p.device:
-                    self._move(m, p.device)
-                work.append((inner, p, m))
+                views = self._local_views.get(id(m))
+                if views is None or (views[5] and (p.data_ptr() != views[0].data_ptr()
+                                                   or m.data_ptr() != views[1].data_ptr())):
+                    views = self._views_of(inner, p, m)  # first step, or the tensors were replaced (.data =, .to)
+                    if views is None:
+                        return False
+                work.append((inner, p, m, grad, views))
         launches, steps = {}, []
-        for inner, p, m in work:
-            state = self.optimizer.state[m]
-            if not state:  # what torch's AdamW creates on its first step
-                on_device = inner.get("fused") or inner.get("capturable")
-                state["step"] = torch.zeros((), dtype=torch.float32, device=m.device if on_device else "cpu")
-                state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-            if id(m) not in self._host_steps:
-                self._host_steps[id(m)] = int(state["step"])  # one sync per tensor, at the first step or resume
+        for inner, p, m, grad, (param, master, exp_avg, exp_avg_sq, step, _) in work:
             self._host_steps[id(m)] += 1
-            steps.append(state["step"])
-            tensors = [_local(t) for t in (p.data, p.grad, m.data, state["exp_avg"], state["exp_avg_sq"])]
-            if not tensors[0].numel():  # an FSDP2 shard can be empty on some ranks
+            steps.append(step)
+            if not param.numel():  # an FSDP2 shard can be empty on some ranks
                 continue
-            lists = launches.setdefault((id(inner), p.dtype, p.grad.dtype, p.device), (inner, [], [], [], [], [], []))
-            for dst, t in zip(lists[1:], (*tensors, self._host_steps[id(m)])):
+            lists = launches.setdefault((id(inner), param.dtype, grad.dtype, param.device),
+                                        (inner, [], [], [], [], [], []))
+            for dst, t in zip(lists[1:], (param, grad, master, exp_avg, exp_avg_sq, self._host_steps[id(m)])):
                 dst.append(t)
         for inner, *lists in launches.values():  # one launch per parameter group and dtype
             beta1, beta2 = inner["betas"]
@@ -196,7 +199,29 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1.0)
         return True
 
+    def _views_of(self, inner, p, m):
+        """(parameter, master, exp_avg, exp_avg_sq) as local contiguous tensors, the step counter and whether to
+        check the parameter's address each step (plain tensors; FSDP2 keeps its shards' storage); the AdamW state
+        is made as torch's AdamW makes it on its first step. `None` if a tensor is not contiguous."""
+        if m.device != p.device:
+            self._move(m, p.device)
+        state = self.optimizer.state[m]
+        if not state:
+            on_device = inner.get("fused") or inner.get("capturable")
+            state["step"] = torch.zeros((), dtype=torch.float32, device=m.device if on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+        if id(m) not in self._host_steps:
+            self._host_steps[id(m)] = int(state["step"])  # one sync per tensor, at the first step or resume
+        tensors = [_local(t) for t in (p.data, m.data, state["exp_avg"], state["exp_avg_sq"])]
+        if not all(t.is_contiguous() for t in tensors):
+            return None
+        views = (*tensors, state["step"], not _is_dtensor(p))
+        self._local_views[id(m)] = views
+        return views
+
     def _move(self, master, device):
+        self._local_views.pop(id(master), None)
         master.data = master.data.to(device)
         group = next(g for g in self.optimizer.param_groups if any(q is master for q in g["params"]))
         keep_step_on_cpu = not (group.get("fused") or group.get("capturable"))
@@ -236,6 +261,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             if s:
                 state[key] = s
         self._host_steps.clear()  # re-read from the loaded state
+        self._local_views.clear()  # the loaded moments are new tensors
         self.optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
         for group, inner in zip(self.param_groups, self.optimizer.param_groups):
             group.update(_hyper(inner))
