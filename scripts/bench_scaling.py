@@ -9,8 +9,8 @@ With token-budget steps (`sft_1.5b_bench.yaml`) every GPU takes full rows of `ma
 do N times the work of one per step. A setup that fails is a failed row (its log kept), the others still run.
 
 The precision is the recipe's own choice per setup (`--precision auto`: bf16 + fp32 master weights in our optimizer
-on one GPU and under DDP; DeepSpeed's bf16 weights with fp32 master partitions; FSDP2's mixed-precision policy; the
-`fsdp2_master*` setups: FSDP2 over bf16 shards with fp32 master shards in our optimizer) and is recorded per row. Each multi-GPU row is compared with the recipe's default on one GPU (`vs_1gpu`: what the second GPU
+on one GPU, under DDP and under FSDP2 (bf16 shards, fp32 master shards); DeepSpeed's bf16 weights with fp32 master
+partitions; `fsdp2_policy`: FSDP's own mixed-precision policy) and is recorded per row. Each multi-GPU row is compared with the recipe's default on one GPU (`vs_1gpu`: what the second GPU
 buys a user) and, where that setup ran, with the same launcher on one GPU (`vs_same_1gpu`: `zero2_1gpu`,
 `fsdp2_1gpu`, ...: the launcher's scaling alone); the `*_autocast` setups run one GPU and DDP under autocast.
 `--profile` records 3 more steps per setup after the timed ones (kernel time by kind, exposed communication).
@@ -35,7 +35,7 @@ import time
 from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUTO = ["--precision", "auto"]  # the bench config asks for bf16_master, which the sharded launchers keep themselves
+AUTO = ["--precision", "auto"]  # the bench config asks for bf16_master, which DeepSpeed refuses (it keeps its own)
 NO_COMPILE = ["--compile_layers", "false"]  # refused under ZeRO-3 (its parameter hooks)
 
 
@@ -58,18 +58,15 @@ SETUPS = {
     "fsdp2_noreshard": Setup("fsdp2.yaml", True, "FSDP2, no reshard after forward",
                              launcher_args=["--fsdp_reshard_after_forward", "false"], recipe_args=AUTO,
                              one_gpu="fsdp2_1gpu"),
-    # FSDP2 over bf16 shards, fp32 master shards in our optimizer (the bench config's bf16_master; no fp32 -> bf16
-    # casts in FSDP2's all-gathers)
-    "fsdp2_master": Setup("fsdp2.yaml", True, "FSDP2, bf16 + master weights", one_gpu="fsdp2_master_1gpu"),
-    "fsdp2_master_noreshard": Setup("fsdp2.yaml", True, "FSDP2, bf16 + master weights, no reshard after forward",
-                                    launcher_args=["--fsdp_reshard_after_forward", "false"],
-                                    one_gpu="fsdp2_master_1gpu"),
-    # the same with the decoder layers (and perceiver blocks) as FSDP2's units and the vision tower in the root unit:
-    # half the units, so half the per-unit hooks and collectives on a host-bound step
-    "fsdp2_master_lm_units": Setup("fsdp2.yaml", True, "FSDP2, bf16 + master weights, vision tower in the root unit",
-                                   launcher_args=["--fsdp_transformer_layer_cls_to_wrap",
-                                                  "Qwen2DecoderLayer,GhostVisPerceiverBlock"],
-                                   one_gpu="fsdp2_master_1gpu"),
+    # fsdp2.yaml's choices one at a time: each vision encoder layer its own unit (the file keeps the vision tower in
+    # the root unit), and FSDP's own mixed-precision policy (fp32 shards cast at every all-gather) instead of bf16
+    # shards with fp32 master shards in our optimizer
+    "fsdp2_vision_units": Setup("fsdp2.yaml", True, "FSDP2, each vision layer a unit",
+                                launcher_args=["--fsdp_transformer_layer_cls_to_wrap",
+                                               "Qwen2DecoderLayer,SiglipEncoderLayer,GhostVisPerceiverBlock"],
+                                recipe_args=AUTO, one_gpu="fsdp2_1gpu"),
+    "fsdp2_policy": Setup("fsdp2.yaml", True, "FSDP2, FSDP's mixed-precision policy",
+                          recipe_args=["--precision", "autocast"], one_gpu="fsdp2_1gpu"),
     "single_autocast": Setup("single_gpu.yaml", False, "1 GPU, autocast", recipe_args=["--precision", "autocast"]),
     "ddp_autocast": Setup("multi_gpu.yaml", True, "DDP, autocast", recipe_args=["--precision", "autocast"],
                           one_gpu="single_autocast"),
@@ -77,7 +74,6 @@ SETUPS = {
     "zero2_1gpu": Setup("deepspeed_zero2.yaml", False, "DeepSpeed ZeRO-2 on 1 GPU", recipe_args=AUTO),
     "zero3_1gpu": Setup("deepspeed_zero3.yaml", False, "DeepSpeed ZeRO-3 on 1 GPU", recipe_args=AUTO + NO_COMPILE),
     "fsdp2_1gpu": Setup("fsdp2.yaml", False, "FSDP2 on 1 GPU", recipe_args=AUTO),
-    "fsdp2_master_1gpu": Setup("fsdp2.yaml", False, "FSDP2, bf16 + master weights, on 1 GPU"),
 }
 DEFAULT_SETUPS = "single,ddp,zero2,zero3,fsdp2,single_autocast,ddp_autocast"
 

@@ -147,21 +147,25 @@ def test_resolve_precision(tiny, monkeypatch):
         resolve_precision(model, _args(), SimpleNamespace(precision="fp8"))
 
 
-def test_fsdp2_takes_bf16_master_only_when_asked_and_fsdp1_never(tiny, monkeypatch):
-    """Under FSDP2 the masters can be fp32 shards in our optimizer (explicit `bf16_master`); `auto` keeps FSDP's
-    own policy; FSDP1 flattens the parameters before any optimizer exists, so it is refused there."""
+def test_fsdp2_takes_bf16_master_and_fsdp1_never(tiny, monkeypatch):
+    """Under FSDP2 the masters are fp32 shards in our optimizer (`auto` on a GPU, as on one GPU); FSDP1 flattens the
+    parameters before any optimizer exists, so it is refused there."""
     model, _ = tiny
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert resolve_precision(model, _args(), SimpleNamespace(precision="bf16_master")) == "bf16_master"
-    assert resolve_precision(model, _args(), SimpleNamespace(precision="auto")) == "autocast"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what `auto` decides on a GPU
+    assert resolve_precision(model, _args(), SimpleNamespace(precision="auto")) == "bf16_master"
+    monkeypatch.undo()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
     args = _args()
     opt = make_optimizer(model, args, SimpleNamespace(precision="bf16_master", vision_tower_lr=None, projector_lr=None))
     assert args.mixed_precision == "no"  # accelerate must not upcast the bf16 model for its own policy
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(m.is_meta for m in opt._masters)  # made at the first step, from the shards accelerate swaps in
     monkeypatch.setenv("FSDP_VERSION", "1")
-    with pytest.raises(ValueError, match="bf16_master keeps them in the optimizer|FSDP"):
+    with pytest.raises(ValueError, match="FSDP"):
         resolve_precision(model, _args(), SimpleNamespace(precision="bf16_master"))
 
 

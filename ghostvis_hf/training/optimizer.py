@@ -309,11 +309,12 @@ def cast_parameters(model, dtype: torch.dtype) -> None:
 def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: bool = False) -> str:
     """`"bf16_master"` or `"autocast"` from `args.precision` (`auto` | `bf16_master` | `autocast`).
 
-    `auto` means bf16 + master weights where they apply (CUDA, `--bf16`, AdamW, no DeepSpeed/FSDP, no LoRA or
-    quantized model, no gradient accumulation) and the Trainer's autocast elsewhere; `bf16_master` refuses the cases
-    it does not cover, and warns with gradient accumulation (the micro-batches' gradients are summed in bf16: not
-    what docs/benchmarks/precision_curve.md measured). Under FSDP2 `bf16_master` is an explicit choice (`auto` keeps
-    FSDP's mixed-precision policy): bf16 shards, fp32 master shards in the optimizer.
+    `auto` means bf16 + master weights where they apply (CUDA, `--bf16`, AdamW, one GPU, DDP or FSDP2 (bf16
+    shards, fp32 master shards in the optimizer), no LoRA or quantized model, no gradient accumulation) and the
+    Trainer's autocast elsewhere (DeepSpeed keeps its own bf16 master partitions); `bf16_master` refuses the cases it
+    does not cover, and warns with gradient accumulation (the micro-batches' gradients are summed in bf16: not what
+    docs/benchmarks/precision_curve.md measured). Under FSDP2 it ran 31,544 tok/s on 2x H200 where FSDP's own
+    mixed-precision policy (fp32 shards cast at every all-gather) ran 25,353 (docs/benchmarks/scaling_2026-11-30d.md).
     """
     precision = getattr(args, "precision", "autocast")
     if precision not in ("auto", "bf16_master", "autocast"):
@@ -323,11 +324,10 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
     sharded = {"DeepSpeed": "DeepSpeed (its bf16 optimizer)", "FSDP": "FSDP (its MixedPrecisionPolicy)"}.get(
         sharded_by(training_args))
     fsdp2 = fsdp_version(training_args) == 2
-    if fsdp2 and precision == "bf16_master":
+    if fsdp2:
         sharded = None  # the masters are fp32 shards of FSDP2's bf16 shards
     problems = [why for bad, why in (
-        (sharded is not None, f"this sharded run keeps master weights in {sharded}"
-                              + ("; --precision bf16_master keeps them in the optimizer" if fsdp2 else "")),
+        (sharded is not None, f"this sharded run keeps master weights in {sharded}"),
         (use_peft, "LoRA trains adapters the trainer adds later"),
         (getattr(model, "is_quantized", False), "the model is quantized"),
         (training_args.optim not in ("adamw_torch", "adamw_torch_fused"), f"optim={training_args.optim!r}"),
