@@ -45,6 +45,9 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             back; `"auto"`: `"triton"` for `torch.optim.AdamW` on CUDA parameters with Triton installed, else
             `"torch"`. Both keep the same
             state (a run resumes on either).
+        lazy (`bool`, *optional*, defaults to `False`): make the fp32 copies at the first step (from the parameters
+            as they are then: the bf16 DTensor shards under FSDP2, which accelerate swaps into `param_groups` after
+            the optimizer is made) instead of now. Parameters swapped after the first step are refused.
         **kwargs: the hyperparameters of `optimizer_cls` (`lr`, `betas`, `weight_decay`, `fused`, ...).
 
     The LR scheduler and the Trainer see this optimizer's `param_groups` (the model's parameters); their
@@ -313,8 +316,9 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
     shards, fp32 master shards in the optimizer), no LoRA or quantized model, no gradient accumulation) and the
     Trainer's autocast elsewhere (DeepSpeed keeps its own bf16 master partitions); `bf16_master` refuses the cases it
     does not cover, and warns with gradient accumulation (the micro-batches' gradients are summed in bf16: not what
-    docs/benchmarks/precision_curve.md measured). Under FSDP2 it ran 31,544 tok/s on 2x H200 where FSDP's own
-    mixed-precision policy (fp32 shards cast at every all-gather) ran 25,353 (docs/benchmarks/scaling_2026-11-30d.md).
+    docs/benchmarks/precision_curve.md measured). Under FSDP2 on 2x H200 it ran 31,544 tok/s where FSDP's own
+    mixed-precision policy (fp32 shards cast at every all-gather) had run 25,353 in an earlier call with the same
+    command (docs/benchmarks/scaling_fsdp2.md).
     """
     precision = getattr(args, "precision", "autocast")
     if precision not in ("auto", "bf16_master", "autocast"):
