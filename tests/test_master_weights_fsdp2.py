@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 _WORKER = r'''
 import copy, json, sys
@@ -20,15 +21,20 @@ from torch.distributed.fsdp import fully_shard
 
 from ghostvis_hf.training.optimizer import MasterWeightOptimizer
 
-dist.init_process_group("gloo")
-torch.manual_seed(0)
+kernel, device = sys.argv[2], sys.argv[3]  # "torch" | "triton" (the fused AdamW kernel; the CPU runs Triton's
+# interpreter), "cpu" (gloo) | "cuda" (NCCL, one GPU per rank)
+dist.init_process_group("nccl" if device == "cuda" else "gloo")
 rank = dist.get_rank()
-kernel = sys.argv[2]  # "torch", or "triton" (the fused AdamW kernel, in Triton's interpreter on the CPU)
+if device == "cuda":
+    torch.cuda.set_device(rank)
+    device = f"cuda:{rank}"
+torch.manual_seed(0)
 
 
 def build():
     torch.manual_seed(0)  # 33 output rows: the shards of the first layer are uneven (17 + 16)
-    return torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.GELU(), torch.nn.Linear(33, 8), torch.nn.LayerNorm(8))
+    return torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.GELU(), torch.nn.Linear(33, 8),
+                               torch.nn.LayerNorm(8)).to(device)
 
 
 def groups(model):
@@ -49,7 +55,7 @@ def sharded(model, lazy=True):
     return opt
 
 
-batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(12)]  # same on both ranks
+batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)).to(device) for i in range(12)]  # same on both
 
 
 def step(model, opt, x):
@@ -113,17 +119,34 @@ dist.destroy_process_group()
 '''
 
 
+def _launch(tmp_path, kernel, device):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    interpret = kernel == "triton" and device == "cpu"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"TRITON_INTERPRET": "1"} if interpret else {})}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                          str(tmp_path), kernel, device], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_fsdp2_shards_train_like_one_process_and_resume_through_dcp(tmp_path, kernel):
     if kernel == "triton":
         pytest.importorskip("triton")
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"TRITON_INTERPRET": "1"} if kernel == "triton" else {})}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                          str(tmp_path), kernel], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _check(_launch(tmp_path, kernel, "cpu"), exact_resume=kernel == "torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_fsdp2_on_two_gpus(tmp_path, kernel):
+    """The same on two GPUs over NCCL; the CUDA kernel rounds as torch does, so both paths resume bit-identically."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    _check(_launch(tmp_path, kernel, "cuda"), exact_resume=True)
+
+
+def _check(reports, exact_resume):
     for rank, report in enumerate(reports):
         assert report["master_types"] == ["DTensor"]  # fp32 shards, not full copies
         assert report["local_shapes"][0] == [17 - rank, 16]  # this rank's rows of the 33 x 16 weight
@@ -131,9 +154,9 @@ def test_fsdp2_shards_train_like_one_process_and_resume_through_dcp(tmp_path, ke
         assert report["master_vs_ref"] < 1e-5, report["master_vs_ref"]
         assert report["params_equal_ref"] and report["params_are_bf16"]  # the rounded masters, as unsharded
         assert report["steps_untouched_by_saving"]  # DCP saw a stepped optimizer and did not step it again
-        if kernel == "torch":  # Triton's CPU interpreter rounds fp32 -> bf16 by truncation where torch (and Triton
-            # on CUDA) round to nearest, so there a resumed run's parameters (rounded by torch on loading) part from
-            # the kernel-rounded ones by an ulp and the runs drift apart
+        if exact_resume:  # Triton's CPU interpreter rounds fp32 -> bf16 by truncation where torch (and Triton on
+            # CUDA) round to nearest, so there a resumed run's parameters (rounded by torch on loading) part from the
+            # kernel-rounded ones by an ulp and the runs drift apart
             assert report["resumed_equal"] and report["resumed_masters_equal"]
         assert report["refused_swap"]
     saved = reports[0]["saved"]
