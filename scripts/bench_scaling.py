@@ -10,9 +10,10 @@ do N times the work of one per step. A setup that fails is a failed row (its log
 
 The precision is the recipe's own choice per setup (`--precision auto`: bf16 + fp32 master weights in our optimizer
 on one GPU, under DDP and under FSDP2 (bf16 shards, fp32 master shards); DeepSpeed's bf16 weights with fp32 master
-partitions; `fsdp2_policy`: FSDP's own mixed-precision policy) and is recorded per row. Each multi-GPU row is compared with the recipe's default on one GPU (`vs_1gpu`: what the second GPU
-buys a user) and, where that setup ran, with the same launcher on one GPU (`vs_same_1gpu`: `zero2_1gpu`,
-`fsdp2_1gpu`, ...: the launcher's scaling alone); the `*_autocast` setups run one GPU and DDP under autocast.
+partitions; `fsdp2_policy`: FSDP's own mixed-precision policy) and is recorded per row. Each multi-GPU row is
+compared with the recipe's default on one GPU (`vs_1gpu`: what the second GPU buys a user) and, where that setup
+ran, with the same launcher on one GPU (`vs_same_1gpu`: `zero2_1gpu`, `fsdp2_1gpu`, ...: the launcher's scaling
+alone); the `*_autocast` setups run one GPU and DDP under autocast.
 `--profile` records 3 more steps per setup after the timed ones (kernel time by kind, exposed communication).
 
 Writes scaling.json (`benchmark: scaling`, rows in the `bench train` shape with a `gpus` field) and scaling.md.

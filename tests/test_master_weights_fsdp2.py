@@ -82,7 +82,8 @@ for x in batches[:6]:
 report = {"local_shapes": [list(m.to_local().shape) for m in opt.master_weights],
           "master_types": sorted({type(m).__name__ for m in opt.master_weights}),
           "moved": sum((full(p) - s).abs().sum().item() for p, s in zip(model.parameters(), start)),
-          "master_vs_ref": max((full(m) - r).abs().max().item() for m, r in zip(opt.master_weights, ref_opt.master_weights)),
+          "master_vs_ref": max((full(m) - r).abs().max().item()
+                               for m, r in zip(opt.master_weights, ref_opt.master_weights)),
           "params_equal_ref": all(torch.equal(full(p), r.float()) for p, r in zip(opt._params, ref_opt._params)),
           "params_are_bf16": all(p.dtype == torch.bfloat16 for p in model.parameters())}
 steps_before = [float(s["step"]) for s in opt.state.values()]

@@ -325,11 +325,10 @@ def resolve_precision(model, training_args, args: GhostVisArguments, use_peft: b
         raise ValueError(f"precision must be auto, bf16_master or autocast, got {precision!r}")
     if precision == "autocast":
         return precision
-    sharded = {"DeepSpeed": "DeepSpeed (its bf16 optimizer)", "FSDP": "FSDP (its MixedPrecisionPolicy)"}.get(
+    # launchers that keep the master weights themselves (under FSDP2 the masters are fp32 shards of its bf16 shards)
+    sharded = None if fsdp_version(training_args) == 2 else {
+        "DeepSpeed": "DeepSpeed (its bf16 optimizer)", "FSDP": "FSDP (its MixedPrecisionPolicy)"}.get(
         sharded_by(training_args))
-    fsdp2 = fsdp_version(training_args) == 2
-    if fsdp2:
-        sharded = None  # the masters are fp32 shards of FSDP2's bf16 shards
     problems = [why for bad, why in (
         (sharded is not None, f"this sharded run keeps master weights in {sharded}"),
         (use_peft, "LoRA trains adapters the trainer adds later"),

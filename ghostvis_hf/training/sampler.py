@@ -64,15 +64,14 @@ def conversation_lengths(dataset, processor, max_length: int | None = None, trun
             lengths.append(len(ids) + grow * images[-1])
             if first_long is None and max_length is not None and lengths[-1] > max_length:
                 first_long = (len(lengths) - 1, text)
-    if first_long is not None:
-        if truncation:
-            lengths = [min(n, max_length) for n in lengths]
-            return (lengths, images) if return_images else lengths
+    if first_long is not None and not truncation:
         i, text = first_long
         raise ValueError(
             f"conversation {i} of the training set ({text[:80]!r}...) has {lengths[i]} tokens, more than "
             f"max_length={max_length} ({sum(n > max_length for n in lengths)} such rows): raise max_length, drop "
             "those rows, or allow truncation (--truncate_long_rows)")
+    if first_long is not None:
+        lengths = [min(n, max_length) for n in lengths]
     return (lengths, images) if return_images else lengths
 
 
@@ -220,14 +219,16 @@ class TokenBudgetMixin:
                     "(%.1f%% of the token slots filled)", len(lengths), tokens, len(sampler), budget.rows,
                     budget.max_length, 100 * tokens / (len(sampler) * sampler.num_replicas * budget.rows
                                                         * budget.max_length))
-        for cb in [cb for cb in self.callback_handler.callbacks if isinstance(cb, _EpochSync)]:
-            self.callback_handler.remove_callback(cb)
-        self.add_callback(_EpochSync(sampler))
+        self._replace_callback(_EpochSync(sampler))
         if self.args.device.type == "cuda":  # the image counts of every step of every rank, for the vision warm-up
-            for cb in [cb for cb in self.callback_handler.callbacks if isinstance(cb, VisionAttentionWarmup)]:
-                self.callback_handler.remove_callback(cb)
-            self.add_callback(VisionAttentionWarmup(sampler.images_per_step(images)))
+            self._replace_callback(VisionAttentionWarmup(sampler.images_per_step(images)))
         return sampler
+
+    def _replace_callback(self, callback) -> None:
+        """Adds `callback` in place of any earlier one of its class (the sampler is made again on each `train`)."""
+        for cb in [cb for cb in self.callback_handler.callbacks if isinstance(cb, type(callback))]:
+            self.callback_handler.remove_callback(cb)
+        self.add_callback(callback)
 
 
 __all__ = ["TokenBudgetBatchSampler", "TokenBudgetMixin", "conversation_lengths"]

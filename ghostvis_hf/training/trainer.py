@@ -3,7 +3,8 @@ optionally, the model's own loss, and the recipes' optimizer under FSDP2.
 
 `TokenBudgetMixin` (`training.sampler`) makes a step `per_device_train_batch_size` rows of `max_length` tokens when
 `--packing --token_budget` are on; `ThroughputMixin` (`training.throughput`) logs tokens/s, conversations/s, MFU and
-peak memory at every logging step; `ModelLossMixin` takes the training loss from the model's forward.
+peak memory at every logging step; `ModelLossMixin` takes the training loss from the model's forward;
+`OwnOptimizerMixin` hands the recipes' optimizer to the Trainer under FSDP2, where it refuses `optimizers=`.
 """
 
 import torch
