@@ -353,3 +353,51 @@ def test_build_sft_collator_reads_the_token_budget_arguments(tiny):
                                                                                 truncate_long_rows=True))
     assert collator.token_budget == TokenBudget(rows=4, max_length=512, window=64, truncation=True)
     assert build_sft_collator(tiny[1], training_args())[0].token_budget is None  # arguments without the fields
+
+
+def _image_costs(lengths, seed=0):
+    """Per-conversation FLOPs by the speed log's formula at the 1.5b preset's coefficients; 0-3 images each."""
+    rnd = random.Random(seed)
+    images = [rnd.choice([0, 1, 1, 2, 3]) for _ in lengths]
+    return [9.0e9 * n + 5.2e4 * n * n + 2.2e12 * k for n, k in zip(lengths, images)]
+
+
+@pytest.mark.parametrize("replicas,rows", [(2, 4), (3, 2), (4, 3)])
+def test_balanced_ranks_keep_every_invariant_and_are_closer(replicas, rows):
+    lengths = _lengths(900, seed=5, lo=20, hi=500)
+    costs = _image_costs(lengths)
+    plain = [TokenBudgetBatchSampler(lengths, rows, 1024, window=300, num_replicas=replicas, rank=r, num_epochs=2)
+             for r in range(replicas)]
+    balanced = [TokenBudgetBatchSampler(lengths, rows, 1024, window=300, num_replicas=replicas, rank=r,
+                                        num_epochs=2, costs=costs) for r in range(replicas)]
+    for epoch in range(2):
+        for p, b in zip(plain, balanced):
+            p.set_epoch(epoch)
+            b.set_epoch(epoch)
+        steps_p, steps_b = [list(s) for s in plain], [list(s) for s in balanced]
+        assert [len(s) for s in steps_b] == [len(s) for s in steps_p]  # the same step count on every rank
+        flat = sorted(i for s in steps_b for step in s for i in step)
+        assert flat == list(range(len(lengths)))  # every conversation once, shards disjoint
+        for k in range(len(steps_b[0])):  # the steps that run together hold the same bins, each rank its rows
+            together = lambda steps: sorted(i for s in steps for i in s[k])  # noqa: E731
+            assert together(steps_b) == together(steps_p)
+            for r in range(replicas):
+                assert len(next_fit([lengths[i] for i in steps_b[r][k]], 1024)) <= rows
+        worst = lambda steps: sum(max(sum(costs[i] for i in s[k]) for s in steps)  # noqa: E731
+                                  for k in range(len(steps[0])))
+        assert worst(steps_b) < worst(steps_p)
+    after, before = balanced[0].rank_imbalance(1)
+    assert 1.0 <= after < before
+    assert plain[0].rank_imbalance() == (1.0, 1.0)
+
+
+def test_balancing_deals_the_heaviest_bins_to_different_ranks():
+    # eight one-conversation bins (each fills max_length) in one lockstep step of two ranks x four rows
+    costs = [8.0, 7.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    sampler = TokenBudgetBatchSampler([10] * 8, 4, 10, num_replicas=2, costs=costs)
+    loads = sorted(sum(costs[i] for b in step for i in b) for step in sampler.plan(0))
+    assert loads == [10.0, 11.0]  # 8+1+1+1 | 7+1+1+1; without balancing a rank could hold both 8 and 7
+    with pytest.raises(ValueError, match="3 costs for 8 conversations"):
+        TokenBudgetBatchSampler([10] * 8, 4, 10, num_replicas=2, costs=costs[:3])
+    again = TokenBudgetBatchSampler([10] * 8, 4, 10, num_replicas=2, rank=1, costs=costs)  # another process
+    assert list(again) == [[i for b in sampler.plan(0)[1] for i in b]]  # rank 1 runs the plan's second step
