@@ -31,14 +31,19 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "sft.py")
-PRECISIONS = ("autocast", "bf16_master")
+# the variants a run can take (`--precisions`), as recipes/sft.py arguments; the first one is the reference
+VARIANTS = {
+    "autocast": ["--precision", "autocast"],
+    "bf16_master": ["--precision", "bf16_master"],
+    "bf16_master_fp32res": ["--precision", "bf16_master", "--fp32_residual", "true"],  # kernels.residual
+}
 
 
 def command(precision: str, seed: int, args, out: str, steps: int | None = None, start: str | None = None) -> list[str]:
     steps = args.steps if steps is None else steps
     return [sys.executable, RECIPE, "--config", os.path.join(ROOT, "recipes", "configs", "sft_tiny.yaml"),
             "--preset", args.preset, "--config_overrides=", "--max_steps", str(steps), "--bf16", "true",
-            "--precision", precision, "--logging_steps", "10", "--save_strategy", "steps", "--save_steps",
+            *VARIANTS[precision], "--logging_steps", "10", "--save_strategy", "steps", "--save_steps",
             str(steps), "--eval_after_training", "false", "--plot", "false", "--output_dir", out,
             "--seed", str(seed), *(["--model_name_or_path", start] if start else []), *shlex.split(args.recipe_args)]
 
@@ -61,15 +66,16 @@ def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
         weights = os.path.join(tmp, "start")
         _run(command("autocast", 0, args, weights, steps=args.from_steps),
              os.path.join(args.out, "precision_curve_start.log"))
-    jobs = [(p, s) for s in args.seeds for p in PRECISIONS]
-    curves = {p: {} for p in PRECISIONS}
+    jobs = [(p, s) for s in args.seeds for p in args.precisions]
+    curves = {p: {} for p in args.precisions}
     for first in range(0, len(jobs), args.parallel):
         procs = []
-        for precision, seed in jobs[first : first + args.parallel]:
+        for i, (precision, seed) in enumerate(jobs[first : first + args.parallel]):
             out = os.path.join(tmp, f"{precision}-{seed}")
             log = open(os.path.join(args.out, f"precision_curve_{precision}_{seed}.log"), "w")
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % args.gpus)} if args.gpus > 1 else None
             procs.append((precision, seed, out, log, subprocess.Popen(command(precision, seed, args, out, start=weights),
-                                                                      stdout=log, stderr=subprocess.STDOUT)))
+                                                                      stdout=log, stderr=subprocess.STDOUT, env=env)))
         for precision, seed, out, log, proc in procs:
             if proc.wait() != 0:
                 raise RuntimeError(f"{precision} seed {seed} failed: see {log.name}")
@@ -78,60 +84,74 @@ def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
     return curves
 
 
-def summarize(curves, warmup: int) -> dict:
+def _gaps(mean: dict, curves: dict, variant: str, ref: str, steps: list[int]) -> dict:
+    gaps = [(mean[variant][s] - mean[ref][s]) / mean[ref][s] for s in steps]
+    # the same seed under both: the same start and (with --from-steps) the same batches
+    pairs = [abs(curves[variant][x][s] - curves[ref][x][s]) / curves[ref][x][s]
+             for x in curves[ref] if x in curves[variant] for s in steps]
+    return {"max_abs": max(abs(g) for g in gaps), "mean_abs": statistics.fmean(abs(g) for g in gaps),
+            "mean_signed": statistics.fmean(gaps),
+            "same_seed": {"max": max(pairs), "mean": statistics.fmean(pairs)}}
+
+
+def summarize(curves, warmup: int, late_from: int | None = None) -> dict:
+    """Per variant against the first (the reference): the relative gap of the mean curves over the steps after
+    `warmup` and over those from `late_from` on (default: the second half), next to the reference seeds' spread."""
     steps = sorted(set.intersection(*(set(c) for p in curves.values() for c in p.values())))
     mean = {p: {s: statistics.fmean(c[s] for c in curves[p].values()) for s in steps} for p in curves}
-    late = [s for s in steps if s > warmup]
-    ref, new = mean["autocast"], mean["bf16_master"]
-    gaps = [abs(new[s] - ref[s]) / ref[s] for s in late]
-    # the noise: how far apart the autocast seeds are at each step, relative to their mean
-    spread = [(max(c[s] for c in curves["autocast"].values()) - min(c[s] for c in curves["autocast"].values())) / ref[s]
-              for s in late]
-    window = {p: [statistics.fmean(c[s] for s in late) for c in curves[p].values()] for p in curves}
-    # the same seed under both precisions: the same start and (with --from-steps) the same batches
-    pairs = [abs(curves["bf16_master"][x][s] - curves["autocast"][x][s]) / curves["autocast"][x][s]
-             for x in curves["autocast"] if x in curves["bf16_master"] for s in late]
-    return {"steps": steps, "mean": mean, "late_steps": late,
-            "same_seed_rel_gap_after_warmup": {"max": max(pairs), "mean": statistics.fmean(pairs)},
-            "max_rel_gap_of_means_after_warmup": max(gaps),
-            "mean_rel_gap_of_means_after_warmup": statistics.fmean(gaps),
-            "autocast_seed_spread_after_warmup": {"max": max(spread), "mean": statistics.fmean(spread)},
-            "late_window_loss": {p: {"per_seed": v, "mean": statistics.fmean(v),
-                                     "stdev": statistics.stdev(v) if len(v) > 1 else None} for p, v in window.items()}}
+    ref = next(iter(curves))
+    after = [s for s in steps if s > warmup]
+    late_from = steps[-1] // 2 if late_from is None else late_from
+    late = [s for s in steps if s >= late_from]
+    # the noise: how far apart the reference seeds are at each step, relative to their mean
+    spread = [(max(c[s] for c in curves[ref].values()) - min(c[s] for c in curves[ref].values())) / mean[ref][s]
+              for s in after]
+    window = {p: [statistics.fmean(c[s] for s in after) for c in curves[p].values()] for p in curves}
+    return {"reference": ref, "steps": steps, "mean": mean, "after_warmup_steps": after, "late_steps": late,
+            "gap_after_warmup": {p: _gaps(mean, curves, p, ref, after) for p in curves if p != ref},
+            "gap_late": {p: _gaps(mean, curves, p, ref, late) for p in curves if p != ref},
+            "reference_seed_spread_after_warmup": {"max": max(spread), "mean": statistics.fmean(spread)},
+            "window_loss_after_warmup": {p: {"per_seed": v, "mean": statistics.fmean(v),
+                                             "stdev": statistics.stdev(v) if len(v) > 1 else None}
+                                         for p, v in window.items()}}
 
 
 def write(report: dict, args) -> None:
     s = report["summary"]
     with open(os.path.join(args.out, "precision_curve.json"), "w") as f:
         json.dump(report, f, indent=2)
-    seeds = args.seeds
-    runs = " | ".join(f"{p} s{x}" for p in PRECISIONS for x in seeds)
-    head = f"| step | {runs} | autocast mean | bf16_master mean | gap |"
-    rows = [head, "|" + "---|" * (3 + len(PRECISIONS) * len(seeds))]
+    seeds, variants, ref = args.seeds, list(report["curves"]), s["reference"]
+    others = [p for p in variants if p != ref]
+    runs = " | ".join(f"{p} s{x}" for p in variants for x in seeds)
+    head = (f"| step | {runs} | " + " | ".join(f"{p} mean" for p in variants) + " | "
+            + " | ".join(f"gap {p}" for p in others) + " |")
+    rows = [head, "|" + "---|" * (1 + len(variants) * (len(seeds) + 1) + len(others))]
     for step in s["steps"]:
-        cells = [f"{report['curves'][p][x][step]:.4f}" for p in PRECISIONS for x in seeds]
-        a, b = s["mean"]["autocast"][step], s["mean"]["bf16_master"][step]
-        rows.append(f"| {step} | " + " | ".join(cells) + f" | {a:.4f} | {b:.4f} | {(b - a) / a:+.1%} |")
-    lw, spread = s["late_window_loss"], s["autocast_seed_spread_after_warmup"]
-
-    def per_seed(precision):
-        return ", ".join(f"{v:.4f}" for v in lw[precision]["per_seed"])
-
+        cells = [f"{report['curves'][p][x][step]:.4f}" for p in variants for x in seeds]
+        means = [f"{s['mean'][p][step]:.4f}" for p in variants]
+        a = s["mean"][ref][step]
+        gaps = [f"{(s['mean'][p][step] - a) / a:+.1%}" for p in others]
+        rows.append(f"| {step} | " + " | ".join(cells + means + gaps) + " |")
+    lw, spread = s["window_loss_after_warmup"], s["reference_seed_spread_after_warmup"]
     start = (f"Every run starts from the weights of one {args.from_steps}-step autocast run (seed 0); the seed draws "
              "the data order.\n\n" if args.from_steps
              else "Every run starts from random weights drawn by its seed.\n\n")
-    pairs = s["same_seed_rel_gap_after_warmup"]
-    text = (f"# bf16 + fp32 master weights vs autocast: {args.preset} preset, {args.steps} steps, seeds {seeds}\n\n"
-            f"Machine: {report['device']} · torch {report['torch']}\n\nCommand: `{report['command']}`\n\n" + start +
-            f"Mean curves over the seeds, after step {args.warmup}: largest relative gap "
-            f"**{s['max_rel_gap_of_means_after_warmup']:.2%}**, mean {s['mean_rel_gap_of_means_after_warmup']:.2%}. "
-            f"The noise it sits in: the autocast seeds alone are up to {spread['max']:.1%} apart (mean "
-            f"{spread['mean']:.1%}) of their mean at a step. Same seed, the two precisions: up to "
-            f"{pairs['max']:.2%} apart (mean {pairs['mean']:.2%}).\n\n"
-            f"Mean loss over steps {s['late_steps'][0]}-{s['late_steps'][-1]}: autocast {lw['autocast']['mean']:.4f} "
-            f"(per seed {per_seed('autocast')}), bf16 + master "
-            f"{lw['bf16_master']['mean']:.4f} (per seed {per_seed('bf16_master')})."
-            f"\n\n" + "\n".join(rows) + "\n")
+    after, late = s["after_warmup_steps"], s["late_steps"]
+    lines = []
+    for p in others:
+        g, h = s["gap_after_warmup"][p], s["gap_late"][p]
+        lines.append(f"- **{p}** vs {ref}, mean curves: steps {after[0]}-{after[-1]} largest gap "
+                     f"**{g['max_abs']:.2%}** (mean {g['mean_abs']:.2%}, signed {g['mean_signed']:+.2%}); steps "
+                     f"{late[0]}-{late[-1]} largest **{h['max_abs']:.2%}** (mean {h['mean_abs']:.2%}, signed "
+                     f"{h['mean_signed']:+.2%}); same seed up to {g['same_seed']['max']:.2%} apart (mean "
+                     f"{g['same_seed']['mean']:.2%}). Mean loss over steps {after[0]}-{after[-1]}: "
+                     f"{lw[p]['mean']:.4f} (per seed " + ", ".join(f"{v:.4f}" for v in lw[p]["per_seed"]) + ").")
+    text = (f"# Training precisions vs {ref}: {args.preset} preset, {args.steps} steps, seeds {seeds}\n\n"
+            f"Machine: {report['device']} · torch {report['torch']}\n\nCommand: `{report['command']}`\n\n" + start
+            + f"The noise: the {ref} seeds alone are up to {spread['max']:.1%} apart (mean {spread['mean']:.1%}) of "
+            f"their mean at a step after step {args.warmup}; their mean loss over steps {after[0]}-{after[-1]} is "
+            f"{lw[ref]['mean']:.4f} (per seed " + ", ".join(f"{v:.4f}" for v in lw[ref]["per_seed"]) + ").\n\n"
+            + "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n")
     with open(os.path.join(args.out, "precision_curve.md"), "w") as f:
         f.write(text)
     try:
@@ -142,7 +162,7 @@ def write(report: dict, args) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for p, color in zip(PRECISIONS, ("tab:blue", "tab:orange")):
+    for p, color in zip(variants, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         lo = [min(c[x] for c in report["curves"][p].values()) for x in s["steps"]]
         hi = [max(c[x] for c in report["curves"][p].values()) for x in s["steps"]]
         ax.fill_between(s["steps"], lo, hi, color=color, alpha=0.2)
@@ -161,11 +181,18 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2])
     p.add_argument("--from-steps", type=int, default=0,
                    help="start every run from one autocast run of this many steps (0: from random weights)")
-    p.add_argument("--parallel", type=int, default=6, help="runs at a time (they share the GPU)")
+    p.add_argument("--precisions", type=lambda t: t.split(","), default=["autocast", "bf16_master"],
+                   help=f"comma list of {', '.join(VARIANTS)}; the first is the reference")
+    p.add_argument("--late-from", type=int, default=None, help="first step of the late window (default: half way)")
+    p.add_argument("--parallel", type=int, default=6, help="runs at a time (they share the GPUs)")
+    p.add_argument("--gpus", type=int, default=1, help="spread the parallel runs over this many GPUs")
     p.add_argument("--recipe-args", default="--shapes_train_samples 6400 --dataloader_num_workers 1 --cpu_threads 1",
                    help="extra recipes/sft.py arguments for every run (default: only the rows 200 steps use)")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args(argv)
+    unknown = [v for v in args.precisions if v not in VARIANTS]
+    if unknown or len(args.precisions) < 2:
+        p.error(f"--precisions: two or more of {list(VARIANTS)} (got {args.precisions})")
     os.makedirs(args.out, exist_ok=True)
     import torch
 
@@ -177,12 +204,10 @@ def main(argv=None) -> int:
               "torch": torch.__version__,
               "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "curves": curves}
-    report["summary"] = summarize(curves, args.warmup)
+    report["summary"] = summarize(curves, args.warmup, args.late_from)
     write(report, args)
-    print(json.dumps({k: report["summary"][k] for k in ("max_rel_gap_of_means_after_warmup",
-                                                         "same_seed_rel_gap_after_warmup",
-                                                         "mean_rel_gap_of_means_after_warmup",
-                                                         "autocast_seed_spread_after_warmup")}))
+    print(json.dumps({k: report["summary"][k] for k in ("gap_after_warmup", "gap_late",
+                                                         "reference_seed_spread_after_warmup")}))
     return 0
 
 

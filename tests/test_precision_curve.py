@@ -22,6 +22,8 @@ def test_runs_start_from_the_shared_weights_only_when_asked():
     cmd = precision_curve.command("bf16_master", 3, _args(), "/tmp/x")
     assert "--model_name_or_path" not in cmd and cmd[cmd.index("--seed") + 1] == "3"
     assert cmd[cmd.index("--precision") + 1] == "bf16_master" and cmd[cmd.index("--max_steps") + 1] == "200"
+    cmd = precision_curve.command("bf16_master_fp32res", 3, _args(), "/tmp/x")
+    assert cmd[cmd.index("--precision") + 1] == "bf16_master" and cmd[cmd.index("--fp32_residual") + 1] == "true"
     cmd = precision_curve.command("autocast", 0, _args(), "/tmp/x", steps=50, start="/tmp/start")
     assert cmd[cmd.index("--model_name_or_path") + 1] == "/tmp/start" and cmd[cmd.index("--max_steps") + 1] == "50"
 
@@ -30,9 +32,12 @@ def test_runs_start_from_the_shared_weights_only_when_asked():
 def test_every_run_starts_from_the_shared_weights_with_from_steps(tmp_path, monkeypatch, from_steps):
     launched = []
 
+    gpus = []
+
     class Proc:
-        def __init__(self, cmd, **kwargs):
+        def __init__(self, cmd, env=None, **kwargs):
             launched.append(cmd)
+            gpus.append(env["CUDA_VISIBLE_DEVICES"])
 
         def wait(self):
             return 0
@@ -40,11 +45,12 @@ def test_every_run_starts_from_the_shared_weights_with_from_steps(tmp_path, monk
     monkeypatch.setattr(precision_curve, "_run", lambda cmd, log: launched.append(cmd))
     monkeypatch.setattr(precision_curve.subprocess, "Popen", Proc)
     monkeypatch.setattr(precision_curve, "losses", lambda out, steps: {10: 1.0})
-    args = _args(from_steps=from_steps, seeds=[0, 1], parallel=3, out=str(tmp_path))
+    args = _args(from_steps=from_steps, seeds=[0, 1], parallel=3, out=str(tmp_path), gpus=2,
+                 precisions=["autocast", "bf16_master", "bf16_master_fp32res"])
     curves = precision_curve.run_all(args, str(tmp_path / "tmp"))
-    assert set(curves) == {"autocast", "bf16_master"} and set(curves["autocast"]) == {0, 1}
+    assert set(curves) == {"autocast", "bf16_master", "bf16_master_fp32res"} and set(curves["autocast"]) == {0, 1}
     arms = launched[1:] if from_steps else launched
-    assert len(arms) == 4
+    assert len(arms) == 6 and gpus == ["0", "1", "0", "0", "1", "0"]  # each batch of 3 spread over the 2 GPUs
     if from_steps:  # the shared run first (autocast, its own step count), then every arm from its weights
         shared = launched[0]
         assert shared[shared.index("--max_steps") + 1] == "30" and "--model_name_or_path" not in shared
@@ -54,13 +60,27 @@ def test_every_run_starts_from_the_shared_weights_with_from_steps(tmp_path, monk
         assert all("--model_name_or_path" not in cmd for cmd in arms)
 
 
-def test_summary_compares_means_and_same_seed_pairs_after_the_warmup():
+def test_summary_compares_each_variant_to_the_first_after_the_warmup_and_late():
     curves = {"autocast": {0: {10: 2.0, 20: 1.0, 30: 1.0}, 1: {10: 4.0, 20: 2.0, 30: 3.0}},
-              "bf16_master": {0: {10: 9.0, 20: 1.01, 30: 1.0}, 1: {10: 9.0, 20: 2.0, 30: 3.03}}}
-    s = precision_curve.summarize(curves, warmup=10)
-    assert s["late_steps"] == [20, 30]  # step 10 (the warm-up) is left out
-    assert s["same_seed_rel_gap_after_warmup"]["max"] == pytest.approx(0.01)
-    assert s["same_seed_rel_gap_after_warmup"]["mean"] == pytest.approx(0.005)
-    assert s["max_rel_gap_of_means_after_warmup"] == pytest.approx(0.03 / 4.0)
-    # the noise reference: the autocast seeds' own spread at each step, relative to their mean
-    assert s["autocast_seed_spread_after_warmup"]["max"] == pytest.approx(2.0 / 2.0)
+              "bf16_master": {0: {10: 9.0, 20: 1.01, 30: 1.0}, 1: {10: 9.0, 20: 2.0, 30: 3.03}},
+              "bf16_master_fp32res": {0: {10: 3.0, 20: 1.0, 30: 1.0}, 1: {10: 3.0, 20: 2.0, 30: 3.0}}}
+    s = precision_curve.summarize(curves, warmup=10, late_from=30)
+    assert s["reference"] == "autocast" and s["after_warmup_steps"] == [20, 30]  # step 10 (the warm-up) left out
+    g = s["gap_after_warmup"]["bf16_master"]
+    assert g["same_seed"]["max"] == pytest.approx(0.01) and g["same_seed"]["mean"] == pytest.approx(0.005)
+    assert g["max_abs"] == pytest.approx(0.03 / 4.0) and g["mean_signed"] == pytest.approx((0.005 / 1.5 + 0.015 / 2.0) / 2)
+    assert s["gap_late"]["bf16_master"]["max_abs"] == pytest.approx(0.03 / 4.0) and s["late_steps"] == [30]
+    assert s["gap_after_warmup"]["bf16_master_fp32res"]["max_abs"] == 0.0
+    # the noise reference: the reference seeds' own spread at each step, relative to their mean
+    assert s["reference_seed_spread_after_warmup"]["max"] == pytest.approx(2.0 / 2.0)
+
+
+def test_report_names_every_variant(tmp_path):
+    curves = {"autocast": {0: {10: 2.0, 20: 1.0}, 1: {10: 4.0, 20: 2.0}},
+              "bf16_master_fp32res": {0: {10: 2.1, 20: 1.0}, 1: {10: 4.0, 20: 2.1}}}
+    args = _args(seeds=[0, 1], warmup=0, out=str(tmp_path))
+    report = {"curves": curves, "device": "cpu", "torch": "x", "command": "c",
+              "summary": precision_curve.summarize(curves, warmup=0)}
+    precision_curve.write(report, args)
+    text = (tmp_path / "precision_curve.md").read_text()
+    assert "**bf16_master_fp32res** vs autocast" in text and "| gap bf16_master_fp32res |" in text

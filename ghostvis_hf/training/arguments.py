@@ -118,6 +118,12 @@ class GhostVisArguments:
                           "fused kernel steps them); autocast: the Trainer's --bf16 autocast over fp32 weights. Over 3 "
                           "seeds of the small preset their mean loss curves are within the seeds' own spread "
                           "(docs/benchmarks/precision_curve.md)."})
+    fp32_residual: bool = field(
+        default=False,
+        metadata={"help": "With bf16_master: keep the residual stream (the sum every layer adds to) in fp32, as "
+                          "autocast over fp32 weights does (Megatron-LM's fp32_residual_connection; "
+                          "ghostvis_hf.kernels.residual). Embeddings return fp32, each norm casts its input to bf16. "
+                          "Other precisions already have it."})
     qat: str | None = field(
         default=None,
         metadata={"help": "int8: quantization-aware training, int8 fake-quantized weights on the layers that "

@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import torch
 
+from ..kernels.residual import fp32_residual_stream
 from .arguments import GhostVisArguments
 from .launch import fsdp_version, sharded_by
 
@@ -397,6 +398,8 @@ def make_optimizer(model, training_args, args: GhostVisArguments, use_peft: bool
     like the trainer's default.
     """
     precision = resolve_precision(model, training_args, args, use_peft)
+    if getattr(args, "fp32_residual", False) and precision != "bf16_master":
+        logger.info("fp32_residual: the residual stream is already fp32 under %s precision", precision)
     if precision == "autocast" and args.vision_tower_lr is None and args.projector_lr is None:
         return None
     if training_args.optim not in ("adamw_torch", "adamw_torch_fused"):
@@ -412,6 +415,8 @@ def make_optimizer(model, training_args, args: GhostVisArguments, use_peft: bool
     # under FSDP2 the fp32 copies are made at the first step, from the shards accelerate swaps in
     optimizer = MasterWeightOptimizer(groups, torch.optim.AdamW, param_dtype=torch.bfloat16, lazy=fsdp2, **kwargs)
     cast_parameters(model, torch.bfloat16)  # the frozen ones too
+    if getattr(args, "fp32_residual", False):
+        logger.info("fp32_residual: %d hooks keep the residual stream fp32", fp32_residual_stream(model))
     if fsdp2:  # accelerate would upcast the bf16 model to fp32 for its own policy; the trainer autocasts instead
         training_args.mixed_precision = "no"
     logger.info("precision: bf16 parameters and activations, fp32 master weights and AdamW state in the optimizer "
