@@ -56,9 +56,10 @@ SETUPS = {
     "zero3": Setup("deepspeed_zero3.yaml", True, "DeepSpeed ZeRO-3", recipe_args=AUTO + NO_COMPILE,
                    one_gpu="zero3_1gpu"),
     "fsdp2": Setup("fsdp2.yaml", True, "FSDP2", recipe_args=AUTO, one_gpu="fsdp2_1gpu"),
-    "fsdp2_noreshard": Setup("fsdp2.yaml", True, "FSDP2, no reshard after forward",
-                             launcher_args=["--fsdp_reshard_after_forward", "false"], recipe_args=AUTO,
-                             one_gpu="fsdp2_1gpu"),
+    # fsdp2.yaml keeps the gathered parameters from forward to backward; this one frees them after each unit's forward
+    "fsdp2_reshard": Setup("fsdp2.yaml", True, "FSDP2, reshard after forward",
+                           launcher_args=["--fsdp_reshard_after_forward", "true"], recipe_args=AUTO,
+                           one_gpu="fsdp2_1gpu"),
     # fsdp2.yaml's choices one at a time: each vision encoder layer its own unit (the file keeps the vision tower in
     # the root unit), and FSDP's own mixed-precision policy (fp32 shards cast at every all-gather) instead of bf16
     # shards with fp32 master shards in our optimizer

@@ -53,10 +53,15 @@ def losses(out: str, steps: int) -> dict[int, float]:
         return {h["step"]: h["loss"] for h in json.load(f)["log_history"] if "loss" in h}
 
 
-def _run(cmd: list[str], log_path: str):
+def _run(cmd: list[str], log_path: str, env: dict | None = None):
     with open(log_path, "w") as log:
-        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
             raise RuntimeError(f"{shlex.join(cmd[1:3])} ... failed: see {log_path}")
+
+
+def _one_gpu(i: int, gpus: int) -> dict | None:
+    """The environment of the i-th parallel run: GPU i % gpus alone (None with one GPU: the caller's own)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else None
 
 
 def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
@@ -64,8 +69,9 @@ def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
     weights = None
     if args.from_steps:  # the shared start: autocast, seed 0; the recipe saves its final model (with the code files)
         weights = os.path.join(tmp, "start")
+        # one process sees one GPU (TRL refuses the Trainer's nn.DataParallel over several)
         _run(command("autocast", 0, args, weights, steps=args.from_steps),
-             os.path.join(args.out, "precision_curve_start.log"))
+             os.path.join(args.out, "precision_curve_start.log"), env=_one_gpu(0, args.gpus))
     jobs = [(p, s) for s in args.seeds for p in args.precisions]
     curves = {p: {} for p in args.precisions}
     for first in range(0, len(jobs), args.parallel):
@@ -73,7 +79,7 @@ def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
         for i, (precision, seed) in enumerate(jobs[first : first + args.parallel]):
             out = os.path.join(tmp, f"{precision}-{seed}")
             log = open(os.path.join(args.out, f"precision_curve_{precision}_{seed}.log"), "w")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % args.gpus)} if args.gpus > 1 else None
+            env = _one_gpu(i, args.gpus)
             procs.append((precision, seed, out, log, subprocess.Popen(command(precision, seed, args, out, start=weights),
                                                                       stdout=log, stderr=subprocess.STDOUT, env=env)))
         for precision, seed, out, log, proc in procs:

@@ -97,6 +97,6 @@ def test_profile_runs_three_more_steps_after_the_timed_ones(tmp_path):
     cmd, _ = bench_scaling.command("zero2", args, str(tmp_path))
     assert cmd[cmd.index("--max_steps") + 1] == "33" and cmd[cmd.index("--profile_steps") + 1] == "30:33"
     assert cmd[cmd.index("--precision") + 1] == "auto"  # the sharded launchers keep their own master weights
-    cmd, _ = bench_scaling.command("fsdp2_noreshard", args, str(tmp_path))
-    assert cmd[cmd.index("--fsdp_reshard_after_forward") + 1] == "false"
+    cmd, _ = bench_scaling.command("fsdp2_reshard", args, str(tmp_path))
+    assert cmd[cmd.index("--fsdp_reshard_after_forward") + 1] == "true"
     assert cmd.index("--fsdp_reshard_after_forward") < cmd.index("recipes/sft.py")  # a launcher argument

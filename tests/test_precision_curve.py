@@ -37,12 +37,12 @@ def test_every_run_starts_from_the_shared_weights_with_from_steps(tmp_path, monk
     class Proc:
         def __init__(self, cmd, env=None, **kwargs):
             launched.append(cmd)
-            gpus.append(env["CUDA_VISIBLE_DEVICES"])
+            gpus.append(env)
 
         def wait(self):
             return 0
 
-    monkeypatch.setattr(precision_curve, "_run", lambda cmd, log: launched.append(cmd))
+    monkeypatch.setattr(precision_curve, "_run", lambda cmd, log, env: (launched.append(cmd), gpus.append(env)))
     monkeypatch.setattr(precision_curve.subprocess, "Popen", Proc)
     monkeypatch.setattr(precision_curve, "losses", lambda out, steps: {10: 1.0})
     args = _args(from_steps=from_steps, seeds=[0, 1], parallel=3, out=str(tmp_path), gpus=2,
@@ -50,7 +50,8 @@ def test_every_run_starts_from_the_shared_weights_with_from_steps(tmp_path, monk
     curves = precision_curve.run_all(args, str(tmp_path / "tmp"))
     assert set(curves) == {"autocast", "bf16_master", "bf16_master_fp32res"} and set(curves["autocast"]) == {0, 1}
     arms = launched[1:] if from_steps else launched
-    assert len(arms) == 6 and gpus == ["0", "1", "0", "0", "1", "0"]  # each batch of 3 spread over the 2 GPUs
+    visible = [env["CUDA_VISIBLE_DEVICES"] for env in gpus]  # one GPU per process (TRL refuses DataParallel)
+    assert len(arms) == 6 and visible == ["0"] * bool(from_steps) + ["0", "1", "0", "0", "1", "0"]
     if from_steps:  # the shared run first (autocast, its own step count), then every arm from its weights
         shared = launched[0]
         assert shared[shared.index("--max_steps") + 1] == "30" and "--model_name_or_path" not in shared
