@@ -123,7 +123,9 @@ class GhostVisArguments:
         metadata={"help": "With bf16_master: keep the residual stream (the sum every layer adds to) in fp32, as "
                           "autocast over fp32 weights does (Megatron-LM's fp32_residual_connection; "
                           "ghostvis_hf.kernels.residual). Embeddings return fp32, each norm casts its input to bf16. "
-                          "Other precisions already have it."})
+                          "Other precisions already have it. Measured on the small preset (3 seeds, "
+                          "docs/benchmarks/precision_curve_fp32res.md): no resolvable change of the loss curve, 3.8 %% "
+                          "slower on one H200; off by default."})
     qat: str | None = field(
         default=None,
         metadata={"help": "int8: quantization-aware training, int8 fake-quantized weights on the layers that "
