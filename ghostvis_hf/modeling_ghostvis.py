@@ -297,10 +297,11 @@ class GhostVisModel(GhostVisPreTrainedModel):
             mask = input_ids == self.config.image_token_id
         n_features = image_features.shape[0] * image_features.shape[1]
         # NOTE: the count lives on the device; reading it is a data-dependent step that a compiled graph cannot take
-        # (torch 2.11's dynamo also fails on `torch._check_tensor_all` of it here), so compiled graphs skip the check
-        # (`is_compiling` is constant while tracing: no graph break) and eager forwards, where inputs come from
-        # users, keep it.
-        if not torch.compiler.is_compiling() and (n_tokens := int(mask.sum())) != n_features:
+        # (torch 2.11's dynamo also fails on `torch._check_tensor_all` of it here) and a CUDA-graph capture may not
+        # sync, so compiled graphs and captures skip the check (`is_compiling` is constant while tracing: no graph
+        # break) and eager forwards, where inputs come from users, keep it.
+        capturing = inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and (n_tokens := int(mask.sum())) != n_features:
             raise ValueError(
                 f"Image features and image placeholder tokens do not match: {n_tokens} placeholder tokens "
                 f"(id {self.config.image_token_id}) in the text but {n_features} image features "

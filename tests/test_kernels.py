@@ -329,3 +329,28 @@ def test_a_model_still_on_the_cpu_gets_the_kernels_of_the_device_it_will_run_on(
         assert patched == ["patch_rms_norm", "patch_swiglu", "patch_rope"]
     finally:
         ACTIVE.clear()
+
+
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_static_fused_ce_equals_the_selecting_one_without_syncs(tiny, num_items):
+    """`LinearCrossEntropy(static=True)` (what a CUDA-graph capture runs): every position, the ignored ones weighted
+    0, the scale on the device; the same loss and gradients as the default path, which selects the scored rows."""
+    from ghostvis_hf.kernels.cross_entropy import LinearCrossEntropy
+
+    model, _ = tiny
+    model.train()
+    with forced("fallback"):
+        apply_kernels(model, attention=None)
+    ids, labels = _batch(model)
+    labels[:, : labels.shape[1] // 2] = -100  # a prompt half, not scored
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    model.linear_cross_entropy = LinearCrossEntropy("torch", chunk_size=16)
+    ref, g_ref = _loss_and_grads(model, ids, labels, **kw)
+    model.linear_cross_entropy = LinearCrossEntropy("torch", chunk_size=16, static=True)
+    out, g = _loss_and_grads(model, ids, labels, **kw)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    all_ignored = model(input_ids=ids, labels=torch.full_like(labels, -100))
+    all_ignored.loss.backward()
+    assert all_ignored.loss.item() == 0.0

@@ -37,6 +37,7 @@ PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
 
 RUNS = ["stock", "swaps", "master", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
 COMPILE_RUNS = ["compile", "compile_master", "compile_all_master", "graphs_master", "compile_ckpt2", "compile_liger"]
+GRAPH_RUNS = ["graphed_step_master"]  # whole forward + backward as CUDA graphs (fixed shapes); runs with --runs only
 
 
 def _parser():
@@ -49,7 +50,8 @@ def _parser():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--scenarios", default="fixed,mix")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd decoder layers")
-    p.add_argument("--runs", default=None, help="comma list of runs (default: all; see RUNS)")
+    p.add_argument("--runs", default=None, help="comma list of runs (default: RUNS, + COMPILE_RUNS with --compile; "
+                                                "GRAPH_RUNS only by name)")
     p.add_argument("--profile", nargs="?", const="swaps", default=None, metavar="RUN",
                    help="write a kernel profile of a few steps of this fixed-scenario run (default: swaps) to "
                         "train_profile_<RUN>.txt")
@@ -68,9 +70,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _run(model, opt, batches, args, kind, n_patches, name, scenario):
-    """Warm-up then timed optimizer steps; returns a result row."""
+def _run(model, opt, batches, args, kind, n_patches, name, scenario, loss_of=None):
+    """Warm-up then timed optimizer steps; returns a result row. `loss_of(inputs)` replaces the model's forward."""
     device = args.device
+    if loss_of is None:
+        def loss_of(inputs):
+            return model(**inputs, use_cache=False).loss
     autocast = device.startswith("cuda")
     gc.collect()
     if autocast:
@@ -86,7 +91,7 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario):
             t0 = time.perf_counter()
             torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graphed (reduce-overhead) regions
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
-                loss = model(**inputs, use_cache=False).loss
+                loss = loss_of(inputs)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -214,13 +219,18 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
 
     def fixed_run(key, label, setup=None):
         if fixed and key in runs:
+            loss_of = None
             try:
                 if setup is not None:
-                    setup()
+                    loss_of = setup()
             except Exception as e:  # noqa: BLE001 - a setup that fails is a result too
+                import traceback
+
+                traceback.print_exc()
                 results.append({"scenario": "fixed", "run": label, "steps": 0, "failed": repr(e)[:300]})
                 return
-            results.append(_run(gv, opt, fixed, args, "ghostvis", n_patches, label, "fixed"))
+            results.append(_run(gv, opt, fixed, args, "ghostvis", n_patches, label, "fixed",
+                                loss_of=loss_of if callable(loss_of) else None))
             if key in (args.profile or "").split(","):
                 _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, f"train_profile_{key}.txt"))
 
@@ -228,6 +238,12 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
     if fixed and "master" in runs:  # the recipes' GPU default: no per-step casts of fp32 weights under autocast
         opt = _bf16_master(gv, opt)
         fixed_run("master", "GhostVis, all swaps, bf16 params + fp32 master weights")
+        opt = _fp32_params(gv, opt)
+    if fixed and "graphed_step_master" in runs:  # the eager layers with all swaps, before anything is compiled
+        opt = _bf16_master(gv, opt)
+        fixed_run("graphed_step_master", "GhostVis, all swaps, forward + backward as CUDA graphs, bf16 + fp32 master",
+                  lambda: _graphed_loss(gv, fixed[0], args))
+        apply_kernels(gv)  # the Liger cross-entropy back in place of the static one
         opt = _fp32_params(gv, opt)
     if "mix" in scenarios:
         labels = {"padded": "GhostVis, all swaps, padded",
@@ -263,6 +279,38 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
               lambda: enable_gradient_checkpointing(gv, every_n_layers=2))
     ckpt_off()
     fixed_run("compile_liger", "GhostVis, compiled layers + all Liger swaps", lambda: apply_kernels(gv))
+
+
+class _LossOf(torch.nn.Module):
+    """`model(**inputs).loss` as a module of positional tensors, for `torch.cuda.make_graphed_callables`."""
+
+    def __init__(self, model, keys):
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.keys, tensors)), use_cache=False).loss
+
+
+def _graphed_loss(model, batch, args):
+    """Captures the model's forward + loss and its backward as two CUDA graphs (`torch.cuda.make_graphed_callables`,
+    3 eager warm-up iterations first); returns `loss_of(inputs)` for `_run`. Fixed shapes only: the fixed scenario's
+    rows have no padding, so no attention mask goes in (transformers checks a mask on the host), and the fused
+    cross-entropy runs its static (sync-free) path. The optimizer step stays eager: a few launches."""
+    from ghostvis_hf.kernels.cross_entropy import LinearCrossEntropy
+
+    if not args.device.startswith("cuda"):
+        raise ValueError("graphed_step_master needs a CUDA device")
+    keys = ("input_ids", "pixel_values", "labels")
+    model.linear_cross_entropy = LinearCrossEntropy("torch", static=True)
+    sample = tuple(batch[k].to(args.device) for k in keys)
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(_LossOf(model, keys), sample, num_warmup_iters=3)
+
+    def loss_of(inputs):
+        return graphed(*(inputs[k] for k in keys))
+
+    return loss_of
 
 
 def _bf16_master(model, opt):

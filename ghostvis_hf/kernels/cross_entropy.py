@@ -7,7 +7,11 @@ Two backends behind one call signature (`GhostVisForConditionalGeneration.linear
   gradients of the hidden states and of the head weight, so peak extra memory is one chunk of logits.
 
 Both score only the positions whose (shifted) label is not -100: with an assistant-only SFT loss most positions are
-prompt, image or padding, and the head is the largest matmul of a small model, so this also saves time.
+prompt, image or padding, and the head is the largest matmul of a small model, so this also saves time. Selecting
+them is a device-to-host sync (their count sets a shape), as is Liger's own count of them, and `num_items_in_batch`
+is read on the host. A CUDA-graph capture allows none of these: `static=True` (and any call made while a CUDA stream
+is capturing) runs the `"torch"` backend over every position instead, the ignored ones weighted 0, with the scale
+kept on the device: same loss and gradients, fixed shapes, no sync.
 
 NOTE: Liger's default chunking (`chunk_mem_const=1`) keeps the transient logits at about `tokens x hidden`; for a
 152k vocabulary and 1.5k hidden that is 128-token chunks and 64 fp32 read-modify-writes of the whole head gradient
@@ -38,7 +42,7 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale: float, chunk_size: int):
+    def forward(ctx, hidden, weight, bias, targets, scale, chunk_size: int, masked: bool = False):
         dev = hidden.device.type
         autocast = torch.is_autocast_enabled(dev)
         mm_dtype = torch.get_autocast_dtype(dev) if autocast else torch.promote_types(hidden.dtype, weight.dtype)
@@ -57,14 +61,18 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 h = hidden[start : start + chunk_size].to(mm_dtype)  # [c, d]
                 y = targets[start : start + chunk_size]  # [c]
+                if masked:  # every position, the ignored ones weighted 0 (fixed shapes, no sync)
+                    keep = (y != IGNORE_INDEX).float()
+                    y = y.clamp_min(0)
                 logits = nn.functional.linear(h, w, b).float()  # [c, V]
                 lse = torch.logsumexp(logits, dim=-1)  # [c]
-                loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                nll = lse - logits.gather(1, y[:, None]).squeeze(1)
+                loss += (nll * keep).sum() if masked else nll.sum()
                 if not need_grad:
                     continue
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, written over the logits
                 g[torch.arange(h.shape[0], device=h.device), y] -= 1.0
-                g = g.mul_(scale).to(mm_dtype)  # d loss / d logits, [c, V]
+                g = g.mul_((keep * scale)[:, None] if masked else scale).to(mm_dtype)  # d loss / d logits, [c, V]
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk_size] = g @ w
                 if grad_weight is not None:
@@ -91,12 +99,13 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_output).to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def torch_linear_cross_entropy(hidden, weight, bias, targets, scale: float, chunk_size: int = 1024):
-    """Plain-PyTorch fused linear cross-entropy over already shifted and selected rows (see module docstring)."""
-    return ChunkedLinearCrossEntropyFunction.apply(hidden, weight, bias, targets, scale, chunk_size)
+def torch_linear_cross_entropy(hidden, weight, bias, targets, scale, chunk_size: int = 1024, masked: bool = False):
+    """Plain-PyTorch fused linear cross-entropy over already shifted rows (see module docstring): selected ones, or
+    with `masked` all of them, the -100 targets weighted 0. `scale` is a float or a 0-d tensor."""
+    return ChunkedLinearCrossEntropyFunction.apply(hidden, weight, bias, targets, scale, chunk_size, masked)
 
 
 def liger_linear_cross_entropy(hidden, weight, bias, targets, scale: float, chunk_mem_const: int = 8):
@@ -122,20 +131,26 @@ class LinearCrossEntropy:
         chunk_size (`int`, *optional*, defaults to 1024): tokens per chunk for the `"torch"` backend.
         chunk_mem_const (`int`, *optional*, defaults to 8): Liger's transient-logits budget in units of
             `tokens x hidden` (larger = fewer, bigger chunks).
+        static (`bool`, *optional*, defaults to `False`): no host syncs and fixed shapes (see the module docstring),
+            for CUDA-graph captures; also on whenever a call is made while a CUDA stream is capturing.
     """
 
-    def __init__(self, backend: str = "torch", chunk_size: int = 1024, chunk_mem_const: int = 8):
+    def __init__(self, backend: str = "torch", chunk_size: int = 1024, chunk_mem_const: int = 8, static: bool = False):
         if backend not in ("liger", "torch"):
             raise ValueError(f"backend={backend!r} is not supported; allowed: ['liger', 'torch']")
         self.backend = backend
         self.chunk_size = chunk_size
         self.chunk_mem_const = chunk_mem_const
+        self.static = static
 
     def __repr__(self):
-        return f"LinearCrossEntropy(backend={self.backend!r})"
+        return f"LinearCrossEntropy(backend={self.backend!r}{', static=True' if self.static else ''})"
 
     def __call__(self, hidden_states, lm_head: nn.Linear, labels, num_items_in_batch=None):
-        hidden, targets = _shift_and_select(hidden_states, labels.to(hidden_states.device))
+        labels = labels.to(hidden_states.device)
+        if self.static or (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._static(hidden_states, lm_head, labels, num_items_in_batch)
+        hidden, targets = _shift_and_select(hidden_states, labels)
         if num_items_in_batch is None:
             denom = max(int(targets.numel()), 1)  # NOTE: a host sync, as in ForCausalLMLoss' mean
         else:
@@ -148,3 +163,13 @@ class LinearCrossEntropy:
                 hidden, lm_head.weight, lm_head.bias, targets, scale, self.chunk_mem_const
             )
         return torch_linear_cross_entropy(hidden, lm_head.weight, lm_head.bias, targets, scale, self.chunk_size)
+
+    def _static(self, hidden_states, lm_head: nn.Linear, labels, num_items_in_batch=None):
+        targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+        if num_items_in_batch is None:
+            denom = (targets != IGNORE_INDEX).sum().clamp_min(1)  # the mean over scored tokens, on the device
+        else:
+            denom = torch.as_tensor(num_items_in_batch, device=hidden_states.device)
+        scale = 1.0 / denom.float()
+        return torch_linear_cross_entropy(hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head.weight,
+                                          lm_head.bias, targets, scale, self.chunk_size, masked=True)
