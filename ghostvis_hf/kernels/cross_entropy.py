@@ -150,14 +150,15 @@ class LinearCrossEntropy:
         labels = labels.to(hidden_states.device)
         if self.static or (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
             return self._static(hidden_states, lm_head, labels, num_items_in_batch)
-        hidden, targets = _shift_and_select(hidden_states, labels)
-        if num_items_in_batch is None:
-            denom = max(int(targets.numel()), 1)  # NOTE: a host sync, as in ForCausalLMLoss' mean
-        else:
-            denom = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        hidden, targets = _shift_and_select(hidden_states, labels)  # NOTE: a host sync (the selection's size)
         if targets.numel() == 0:  # keep the graph connected so backward() works on an all-ignored batch
             return hidden_states.sum() * 0.0
-        scale = 1.0 / float(denom)
+        if num_items_in_batch is None:
+            scale = 1.0 / targets.numel()  # the mean over the scored tokens, as ForCausalLMLoss
+        elif torch.is_tensor(num_items_in_batch):  # the Trainer's count stays on the device: no second sync
+            scale = 1.0 / num_items_in_batch.to(hidden.device, torch.float32)
+        else:
+            scale = 1.0 / float(num_items_in_batch)
         if self.backend == "liger":
             return liger_linear_cross_entropy(
                 hidden, lm_head.weight, lm_head.bias, targets, scale, self.chunk_mem_const
