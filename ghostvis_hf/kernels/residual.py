@@ -101,6 +101,9 @@ def remove_fp32_residual_stream(model) -> None:
         handle.remove()
     if hasattr(model, _HANDLES):
         delattr(model, _HANDLES)
+    for module in model.modules():
+        if hasattr(module, "_ghostvis_param_dtype"):
+            del module._ghostvis_param_dtype
 
 
 __all__ = ["fp32_residual_stream", "remove_fp32_residual_stream"]
