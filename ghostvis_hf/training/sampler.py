@@ -12,7 +12,8 @@ rank. Bins are full of tokens but not of work: a bin of short conversations carr
 image costs about as much as 200 text tokens of the 1.5b decoder) and a bin of long ones more attention. Given each
 conversation's cost (`costs`, FLOPs by the speed log's formula), the bins of the W steps that run together are dealt
 out again among the ranks, heaviest first to the lightest rank with a free row (each step keeps its row count): on
-2x H200 at 8 rows of 2048 the unbalanced plan cost DDP ~77 ms a step over one GPU's 516 ms.
+2x H200 at 8 rows of 2048 that took DDP from 1.74x to 1.82x one GPU's tokens/s, FSDP2 from 1.63x to 1.73x
+(docs/benchmarks/scaling_8rows.md).
 
 The Trainer needs one length for every epoch, so `len()` is the largest step count of the epochs it will run (an
 epoch that packs tighter spreads its bins over the same number of steps). Resuming needs nothing of its own: the
@@ -174,7 +175,7 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
                 steps[g : g + self.num_replicas] = self._balance(steps[g : g + self.num_replicas])
         return steps
 
-    def bin_cost(self, b: list[int]) -> float:
+    def _bin_cost(self, b: list[int]) -> float:
         return sum(self.costs[i] for i in b)
 
     def _balance(self, group: list[list[list[int]]]) -> list[list[list[int]]]:
@@ -183,10 +184,10 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         sizes = [len(step) for step in group]
         out: list[list[list[int]]] = [[] for _ in group]
         load = [0.0] * len(group)
-        for b in sorted((b for step in group for b in step), key=self.bin_cost, reverse=True):
+        for b in sorted((b for step in group for b in step), key=self._bin_cost, reverse=True):
             r = min((r for r in range(len(group)) if len(out[r]) < sizes[r]), key=lambda r: load[r])
             out[r].append(b)
-            load[r] += self.bin_cost(b)
+            load[r] += self._bin_cost(b)
         return out
 
     def rank_imbalance(self, epoch: int = 0) -> tuple[float, float]:
@@ -204,7 +205,7 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         def ratio(steps):
             w, out = self.num_replicas, []
             for g in range(0, len(steps), w):
-                loads = [sum(self.bin_cost(b) for b in step) for step in steps[g : g + w]]
+                loads = [sum(self._bin_cost(b) for b in step) for step in steps[g : g + w]]
                 out.append(max(loads) * len(loads) / max(sum(loads), 1e-30))
             return sum(out) / len(out)
 
