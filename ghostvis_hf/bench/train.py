@@ -37,7 +37,9 @@ PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
 
 RUNS = ["stock", "swaps", "master", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
 COMPILE_RUNS = ["compile", "compile_master", "compile_all_master", "graphs_master", "compile_ckpt2", "compile_liger"]
-GRAPH_RUNS = ["graphed_step_master"]  # whole forward + backward as CUDA graphs (fixed shapes); runs with --runs only
+# by name only (--runs): the MLP that recomputes its product (less memory), and the whole forward + backward as CUDA
+# graphs (fixed shapes), each with bf16 params + fp32 master weights
+GRAPH_RUNS = ["master_lean", "graphed_step_master", "graphed_step_master_lean"]
 
 
 def _parser():
@@ -239,11 +241,18 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
         opt = _bf16_master(gv, opt)
         fixed_run("master", "GhostVis, all swaps, bf16 params + fp32 master weights")
         opt = _fp32_params(gv, opt)
-    if fixed and "graphed_step_master" in runs:  # the eager layers with all swaps, before anything is compiled
+    if fixed and {"master_lean", "graphed_step_master", "graphed_step_master_lean"} & runs:  # before any compile
         opt = _bf16_master(gv, opt)
         fixed_run("graphed_step_master", "GhostVis, all swaps, forward + backward as CUDA graphs, bf16 + fp32 master",
                   lambda: _graphed_loss(gv, fixed[0], args))
-        apply_kernels(gv)  # the Liger cross-entropy back in place of the static one
+        lean = "GhostVis, all swaps, MLP recomputing its product"
+        fixed_run("master_lean", f"{lean}, bf16 + fp32 master", lambda: (reset_kernels(gv),
+                                                                         apply_kernels(gv, swiglu="recompute")))
+        fixed_run("graphed_step_master_lean", f"{lean}, forward + backward as CUDA graphs, bf16 + fp32 master",
+                  lambda: (reset_kernels(gv), apply_kernels(gv, swiglu="recompute"),
+                           _graphed_loss(gv, fixed[0], args))[-1])
+        reset_kernels(gv)
+        apply_kernels(gv)  # all swaps again (the Liger MLP and cross-entropy)
         opt = _fp32_params(gv, opt)
     if "mix" in scenarios:
         labels = {"padded": "GhostVis, all swaps, padded",

@@ -19,7 +19,7 @@ from .cross_entropy import LinearCrossEntropy
 from .memory import cast_frozen_params, compile_decoder_layers, enable_gradient_checkpointing, fused_adamw
 
 
-def apply_kernels(model, rms_norm: bool = True, swiglu: bool = True, rope: bool = True, fused_ce: bool = True,
+def apply_kernels(model, rms_norm: bool = True, swiglu: bool | str = True, rope: bool = True, fused_ce: bool = True,
                   attention: str | None = "auto", ce_chunk_mem_const: int = 8, device=None) -> dict[str, str]:
     """Swaps fast kernels into a built GhostVis model (in place) and returns what is now active per swap.
 
@@ -27,7 +27,9 @@ def apply_kernels(model, rms_norm: bool = True, swiglu: bool = True, rope: bool 
         model: a `GhostVisForConditionalGeneration` (the RMSNorm/SwiGLU/RoPE swaps also take any model whose text
             decoder is Qwen2 or Llama; `fused_ce` needs GhostVis's `linear_cross_entropy` hook).
         rms_norm (`bool`, *optional*, defaults to `True`): Liger RMSNorm in the decoder.
-        swiglu (`bool`, *optional*, defaults to `True`): Liger SiLU(gate) * up in the decoder MLPs.
+        swiglu (`bool` or `"recompute"`, *optional*, defaults to `True`): Liger SiLU(gate) * up in the decoder MLPs;
+            `"recompute"`: the MLP of `kernels.mlp`, whose backward makes the product again instead of keeping it
+            (a third less MLP activation memory, one elementwise pass more).
         rope (`bool`, *optional*, defaults to `True`): Liger RoPE (process-wide for the family: see `kernels.liger`).
         fused_ce (`bool`, *optional*, defaults to `True`): fused linear cross-entropy in the head; training forwards
             with `labels` then return `logits=None`. TRL's `SFTTrainer` is unaffected: it calls the model with
@@ -49,12 +51,16 @@ def apply_kernels(model, rms_norm: bool = True, swiglu: bool = True, rope: bool 
     fast_layers = _compat.want_fast(on_cuda and liger_available() and family is not None, "Liger decoder kernels")
     if fast_layers and rms_norm:
         _liger.patch_rms_norm(model)
+    if swiglu not in (True, False, "recompute"):
+        raise ValueError(f"swiglu={swiglu!r}: True, False or 'recompute'")
     if fast_layers and swiglu:
-        _liger.patch_swiglu(model)
+        _liger.patch_swiglu(model, recompute=swiglu == "recompute")
     if fast_layers and rope:
         _liger.patch_rope(model)
     for name, wanted in (("rms_norm", rms_norm), ("swiglu", swiglu), ("rope", rope)):
         ACTIVE[name] = ("liger" if fast_layers else "torch") if wanted else "off"
+    if fast_layers and swiglu == "recompute":
+        ACTIVE["swiglu"] = "liger+recompute"
     if fused_ce:
         if not hasattr(model, "linear_cross_entropy"):
             raise ValueError(f"{type(model).__name__} has no `linear_cross_entropy` hook (GhostVis models only)")

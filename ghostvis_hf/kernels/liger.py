@@ -46,17 +46,23 @@ def patch_rms_norm(model) -> int:
     return n
 
 
-def patch_swiglu(model) -> int:
-    """Binds Liger's fused SiLU(gate) * up forward on every decoder MLP; returns how many were patched."""
+def patch_swiglu(model, recompute: bool = False) -> int:
+    """Binds Liger's fused SiLU(gate) * up forward on every decoder MLP, or with `recompute` the MLP of
+    `kernels.mlp` (the product made again in the backward, with Liger's kernels); returns how many were patched."""
     from liger_kernel.transformers.monkey_patch import _patch_swiglu_module
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    from .mlp import patch_recompute_mlp
 
     n = 0
     for layer in _decoder(model).layers:
         mlp = layer.mlp
         if getattr(mlp.config, "hidden_act", "silu") not in ("silu", "swish") or getattr(mlp.config, "mlp_bias", False):
             continue
-        _patch_swiglu_module(mlp, LigerSwiGLUMLP)
+        if recompute:
+            patch_recompute_mlp(mlp)
+        else:
+            _patch_swiglu_module(mlp, LigerSwiGLUMLP)
         n += 1
     return n
 
