@@ -320,7 +320,7 @@ def test_a_model_still_on_the_cpu_gets_the_kernels_of_the_device_it_will_run_on(
     patched = []
     monkeypatch.setattr(kernels, "liger_available", lambda: True)
     for name in ("patch_rms_norm", "patch_swiglu", "patch_rope"):
-        monkeypatch.setattr(_liger, name, lambda m, _n=name: patched.append(_n))
+        monkeypatch.setattr(_liger, name, lambda m, _n=name, **kw: patched.append(_n))
     try:
         assert apply_kernels(model, fused_ce=False, attention=None)["rms_norm"] == "torch"  # on the CPU: fallbacks
         assert patched == []
