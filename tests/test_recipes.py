@@ -306,3 +306,29 @@ def test_a_malformed_profile_window_is_refused_before_anything_loads(window):
 
     with pytest.raises(ValueError, match="profile_steps"):
         GhostVisArguments(profile_steps=window)
+
+
+def test_recompute_mlp_asks_for_the_recomputing_mlp_swap(monkeypatch):
+    import torch
+
+    import ghostvis_hf
+    from ghostvis_hf import kernels
+    from ghostvis_hf.kernels import ACTIVE
+    from ghostvis_hf.kernels import liger as _liger
+    from ghostvis_hf.training import GhostVisArguments, apply_gpu_speedups
+
+    model, _ = ghostvis_hf.create("tiny")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "liger_available", lambda: True)
+    for name in ("patch_rms_norm", "patch_swiglu", "patch_rope"):
+        monkeypatch.setattr(_liger, name, lambda m, _n=name, **kw: calls.append((_n, kw)))
+    try:
+        for flag, want in ((True, {"recompute": True}), (False, {"recompute": False})):
+            calls.clear()
+            active = apply_gpu_speedups(model, GhostVisArguments(recompute_mlp=flag))
+            assert ("patch_swiglu", want) in calls
+            assert active["swiglu"] == ("liger+recompute" if flag else "liger")
+    finally:
+        ACTIVE.clear()
+        kernels.reset_kernels(model)

@@ -216,9 +216,12 @@ def apply_gpu_speedups(model, args: GhostVisArguments) -> dict | None:
     active = None
     if args.kernels:
         layer_kernels = not args.compile_layers
-        active = apply_kernels(model, rms_norm=layer_kernels, swiglu=layer_kernels, rope=layer_kernels,
-                               device="cuda")
+        swiglu = ("recompute" if getattr(args, "recompute_mlp", False) else True) if layer_kernels else False
+        active = apply_kernels(model, rms_norm=layer_kernels, swiglu=swiglu, rope=layer_kernels, device="cuda")
         logger.info("kernels: %s", active)
     if args.compile_layers:
+        if getattr(args, "recompute_mlp", False):
+            logger.warning("recompute_mlp applies to the eager Liger MLPs; with compile_layers Inductor decides "
+                           "what the compiled layers keep")
         logger.info("compiled layers (decoder + vision encoder): %d", compile_decoder_layers(model, vision=True))
     return active
