@@ -283,3 +283,19 @@ def test_trainer_resume_with_master_weights_and_clipping(tmp_path, tiny):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     for m, n in zip(opt2.master_weights, opt.master_weights):
         torch.testing.assert_close(m, n, rtol=0, atol=0)
+
+
+def test_make_optimizer_keeps_compact_masters_when_asked_and_refuses_them_under_fsdp2(tiny, monkeypatch):
+    from ghostvis_hf.training import optimizer as opt
+
+    model, _ = tiny
+    monkeypatch.setattr(opt, "resolve_precision", lambda *a, **k: "bf16_master")
+    args = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
+                           weight_decay=0.0, fsdp=None, fsdp_config=None, accelerator_config=None)
+    gv = SimpleNamespace(precision="bf16_master", compact_master_weights=True, vision_tower_lr=None, projector_lr=None)
+    made = opt.make_optimizer(model, args, gv)
+    assert made.compact and all(m.dtype == torch.int16 for m in made._masters)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    monkeypatch.setattr(opt, "fsdp_version", lambda training_args: 2)
+    with pytest.raises(ValueError, match="compact_master_weights does not run under FSDP2"):
+        opt.make_optimizer(model, args, gv)

@@ -37,8 +37,8 @@ PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
 
 RUNS = ["stock", "swaps", "master", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
 COMPILE_RUNS = ["compile", "compile_master", "compile_all_master", "graphs_master", "compile_ckpt2", "compile_liger"]
-# by name only (--runs): the MLP that recomputes its product (less memory), and the whole forward + backward as CUDA
-# graphs (fixed shapes), each with bf16 params + fp32 master weights
+# by name only (--runs): the memory-lean settings (the MLP that recomputes its product, compact fp32 masters), and the
+# whole forward + backward as CUDA graphs (fixed shapes), each with bf16 params + fp32 master weights
 GRAPH_RUNS = ["master_lean", "graphed_step_master", "graphed_step_master_lean"]
 
 
@@ -245,10 +245,11 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
         opt = _bf16_master(gv, opt)
         fixed_run("graphed_step_master", "GhostVis, all swaps, forward + backward as CUDA graphs, bf16 + fp32 master",
                   lambda: _graphed_loss(gv, fixed[0], args))
-        lean = "GhostVis, all swaps, MLP recomputing its product"
-        fixed_run("master_lean", f"{lean}, bf16 + fp32 master", lambda: (reset_kernels(gv),
-                                                                         apply_kernels(gv, swiglu="recompute")))
-        fixed_run("graphed_step_master_lean", f"{lean}, forward + backward as CUDA graphs, bf16 + fp32 master",
+        if {"master_lean", "graphed_step_master_lean"} & runs:  # the memory-lean settings
+            opt = _bf16_master(gv, opt, compact=True)
+        lean = "GhostVis, all swaps, MLP recomputing its product, bf16 + compact fp32 masters"
+        fixed_run("master_lean", lean, lambda: (reset_kernels(gv), apply_kernels(gv, swiglu="recompute")))
+        fixed_run("graphed_step_master_lean", f"{lean}, forward + backward as CUDA graphs",
                   lambda: (reset_kernels(gv), apply_kernels(gv, swiglu="recompute"),
                            _graphed_loss(gv, fixed[0], args))[-1])
         reset_kernels(gv)
@@ -322,14 +323,16 @@ def _graphed_loss(model, batch, args):
     return loss_of
 
 
-def _bf16_master(model, opt):
-    """Drops `opt` and returns the recipes' `MasterWeightOptimizer`: bf16 parameters, fp32 masters + AdamW state."""
+def _bf16_master(model, opt, compact: bool = False):
+    """Drops `opt` and returns the recipes' `MasterWeightOptimizer`: bf16 parameters, fp32 masters + AdamW state
+    (`compact`: the masters as 16-bit remainders under the bf16 parameters; CUDA only)."""
     from ghostvis_hf.training.optimizer import MasterWeightOptimizer
 
     del opt
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
-    return MasterWeightOptimizer(params, param_dtype=torch.bfloat16, lr=1e-5, fused=params[0].is_cuda)
+    return MasterWeightOptimizer(params, param_dtype=torch.bfloat16, lr=1e-5, fused=params[0].is_cuda,
+                                 compact=compact and params[0].is_cuda)
 
 
 def _fp32_params(model, opt):

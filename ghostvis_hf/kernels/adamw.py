@@ -21,50 +21,74 @@ import torch
 import triton
 import triton.language as tl
 
+from .master_bits import join_master, split_master  # noqa: F401  (the compact masters' layout, re-exported)
+
 BLOCK = 4096
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int16: tl.int16}
 _block_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @triton.jit
 def _adamw_update(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, offs, n, lr, beta1, beta2, eps, decay, step_size,
-                  bias_correction2_sqrt, PARAM: tl.constexpr, MASKED: tl.constexpr):
+                  bias_correction2_sqrt, PARAM: tl.constexpr, MASKED: tl.constexpr, COMPACT: tl.constexpr):
+    mask = offs < n
     if MASKED:
-        mask = offs < n
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     else:
         g = tl.load(grad_ptr + offs).to(tl.float32)
-        w = tl.load(master_ptr + offs)
         m = tl.load(m_ptr + offs)
         v = tl.load(v_ptr + offs)
+    if COMPACT:  # the master's bits: the bf16 parameter's 16 above, a signed 16-bit remainder below (`split_master`)
+        if MASKED:
+            hi = tl.load(param_ptr + offs, mask=mask, other=0.0)
+            lo = tl.load(master_ptr + offs, mask=mask, other=0)
+        else:
+            hi = tl.load(param_ptr + offs)
+            lo = tl.load(master_ptr + offs)
+        hi = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
+        bits = (hi << 16) + lo.to(tl.int32).to(tl.uint32, bitcast=True)
+        w = bits.to(tl.float32, bitcast=True)
+    elif MASKED:
+        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    else:
+        w = tl.load(master_ptr + offs)
     w = w * decay  # 1 - lr * weight_decay
     m = m + (1.0 - beta1) * (g - m)  # torch's exp_avg.lerp_(grad, 1 - beta1)
     v = v * beta2 + (1.0 - beta2) * g * g
     w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+    if COMPACT:  # the nearest bf16 above (ties away from zero), the exact remainder below
+        bits = w.to(tl.uint32, bitcast=True)
+        hi = (bits + 0x8000) >> 16
+        rest = (bits - (hi << 16)).to(tl.int32, bitcast=True).to(tl.int16)
+        low = hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        new_master = rest
+    else:
+        low = w.to(PARAM)
+        new_master = w
     if MASKED:
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
-        tl.store(master_ptr + offs, w, mask=mask)
-        tl.store(param_ptr + offs, w.to(PARAM), mask=mask)
+        tl.store(master_ptr + offs, new_master, mask=mask)
+        tl.store(param_ptr + offs, low, mask=mask)
     else:
         tl.store(m_ptr + offs, m)
         tl.store(v_ptr + offs, v)
-        tl.store(master_ptr + offs, w)
-        tl.store(param_ptr + offs, w.to(PARAM))
+        tl.store(master_ptr + offs, new_master)
+        tl.store(param_ptr + offs, low)
 
 
 @triton.jit
 def _adamw_master_kernel(table_ptr, scalars_ptr, block_tensor_ptr, block_start_ptr, lr, beta1, beta2, eps, decay,
-                         PARAM: tl.constexpr, GRAD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                         PARAM: tl.constexpr, GRAD: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr,
+                         BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid).to(tl.int64)
     row = table_ptr + t * 6  # param, grad, master, exp_avg, exp_avg_sq addresses, numel
     param_ptr = tl.load(row).to(tl.pointer_type(PARAM))
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD))
-    master_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    master_ptr = tl.load(row + 2).to(tl.pointer_type(MASTER))
     m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     n = tl.load(row + 5)
@@ -80,10 +104,10 @@ def _adamw_master_kernel(table_ptr, scalars_ptr, block_tensor_ptr, block_start_p
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:  # whole blocks unmasked (vectorised); the tail of each tensor masked
         _adamw_update(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, offs, n, lr, beta1, beta2, eps, decay,
-                      step_size, bias_correction2_sqrt, PARAM, False)
+                      step_size, bias_correction2_sqrt, PARAM, False, MASTER == tl.int16)
     else:
         _adamw_update(param_ptr, grad_ptr, master_ptr, m_ptr, v_ptr, offs, n, lr, beta1, beta2, eps, decay,
-                      step_size, bias_correction2_sqrt, PARAM, True)
+                      step_size, bias_correction2_sqrt, PARAM, True, MASTER == tl.int16)
 
 
 def _blocks(numels: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +130,9 @@ def adamw_master_step(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: 
 
     Args:
         params, grads, masters, exp_avgs, exp_avg_sqs: tensors (or lists of tensors, one launch for all) on one
-            device; each list's parameters share one dtype and its gradients one dtype; masters and moments fp32;
-            all contiguous, the i-th of each with the same number of elements.
+            device; each list's parameters share one dtype and its gradients one dtype; moments fp32; masters fp32,
+            or all int16 with bf16 parameters: compact masters (`split_master`: the fp32 master is the parameter's
+            bits and these 16 below, exactly); all contiguous, the i-th of each with the same number of elements.
         steps (`int` or list of `int`): each tensor's step number after this update (1 for the first).
         lr, beta1, beta2, eps, weight_decay: AdamW's hyperparameters, shared by the list.
     """
@@ -123,11 +148,14 @@ def adamw_master_step(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: 
                              "elements")
         if not all(t.is_contiguous() for t in group):
             raise ValueError(f"tensor {i}: adamw_master_step needs contiguous tensors")
-        if group[2].dtype != torch.float32 or group[3].dtype != torch.float32 or group[4].dtype != torch.float32:
-            raise ValueError(f"tensor {i}: masters and moments must be float32")
-    ps, gs = lists[0], lists[1]
-    if len({p.dtype for p in ps}) != 1 or len({g.dtype for g in gs}) != 1:
-        raise ValueError("one call takes one parameter dtype and one gradient dtype")
+        if group[2].dtype not in (torch.float32, torch.int16) or group[3].dtype != torch.float32 \
+                or group[4].dtype != torch.float32:
+            raise ValueError(f"tensor {i}: masters must be float32 (or int16: compact) and moments float32")
+    ps, gs, ws = lists[0], lists[1], lists[2]
+    if len({p.dtype for p in ps}) != 1 or len({g.dtype for g in gs}) != 1 or len({w.dtype for w in ws}) != 1:
+        raise ValueError("one call takes one parameter dtype, one gradient dtype and one master dtype")
+    if ws[0].dtype == torch.int16 and ps[0].dtype != torch.bfloat16:
+        raise ValueError("compact (int16) masters go with bfloat16 parameters (their bits are the master's upper half)")
     device = ps[0].device
     rows = [[p.data_ptr(), g.data_ptr(), w.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel()]
             for p, g, w, m, v in zip(*lists)]
@@ -138,4 +166,6 @@ def adamw_master_step(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: 
     _adamw_master_kernel[(block_tensor.numel(),)](
         table.to(device, non_blocking=True), scalars.to(device, non_blocking=True), block_tensor, block_start,
         lr, beta1, beta2, eps, 1.0 - lr * weight_decay,
-        PARAM=_TL_DTYPES[ps[0].dtype], GRAD=_TL_DTYPES[gs[0].dtype], ALIGNED=aligned, BLOCK=BLOCK)
+        PARAM=_TL_DTYPES[ps[0].dtype], GRAD=_TL_DTYPES[gs[0].dtype], MASTER=_TL_DTYPES[ws[0].dtype], ALIGNED=aligned,
+        BLOCK=BLOCK)
+

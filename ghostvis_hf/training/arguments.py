@@ -126,6 +126,12 @@ class GhostVisArguments:
                           "Other precisions already have it. Measured on the small preset (3 seeds, "
                           "docs/benchmarks/precision_curve_fp32res.md): no resolvable change of the loss curve, 3.8 %% "
                           "slower on one H200; off by default."})
+    compact_master_weights: bool = field(
+        default=False,
+        metadata={"help": "With bf16_master: keep each fp32 master weight as the bf16 parameter's bits plus a 16-bit "
+                          "remainder (ghostvis_hf.kernels.master_bits): the same fp32 masters, exactly, in 2 bytes a "
+                          "parameter instead of 4 (4 GB less at the 1.5b preset); the fused AdamW kernel on CUDA only; "
+                          "not under FSDP2. Checkpoints hold fp32 masters either way."})
     qat: str | None = field(
         default=None,
         metadata={"help": "int8: quantization-aware training, int8 fake-quantized weights on the layers that "

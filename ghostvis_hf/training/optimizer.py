@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import torch
 
+from ..kernels.master_bits import join_master, split_master
 from ..kernels.residual import fp32_residual_stream
 from .arguments import GhostVisArguments
 from .launch import fsdp_version, sharded_by
@@ -49,6 +50,11 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         lazy (`bool`, *optional*, defaults to `False`): make the fp32 copies at the first step (from the parameters
             as they are then: the bf16 DTensor shards under FSDP2, which accelerate swaps into `param_groups` after
             the optimizer is made) instead of now. Parameters swapped after the first step are refused.
+        compact (`bool`, *optional*, defaults to `False`): keep each fp32 master as the bf16 parameter's bits plus a
+            16-bit remainder (`kernels.adamw.split_master`): the same fp32 master, exactly, in 2 bytes a parameter
+            instead of 4 (the parameter is then the master rounded to nearest with ties away from zero). AdamW with
+            bf16 parameters through the fused kernel only (CUDA, or `kernel="triton"`); not with `lazy`. State dicts
+            hold the fp32 masters, as without it: a run resumes either way.
         **kwargs: the hyperparameters of `optimizer_cls` (`lr`, `betas`, `weight_decay`, `fused`, ...).
 
     The LR scheduler and the Trainer see this optimizer's `param_groups` (the model's parameters); their
@@ -56,7 +62,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, optimizer_cls=torch.optim.AdamW, param_dtype: torch.dtype | None = None,
-                 kernel: str = "auto", lazy: bool = False, **kwargs):
+                 kernel: str = "auto", lazy: bool = False, compact: bool = False, **kwargs):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
@@ -65,10 +71,19 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             raise ValueError(f"kernel must be auto, triton or torch, got {kernel!r}")
         if kernel == "triton" and optimizer_cls is not torch.optim.AdamW:
             raise ValueError("kernel='triton' steps AdamW; optimizer_cls is " + optimizer_cls.__name__)
+        if compact:
+            if optimizer_cls is not torch.optim.AdamW or kernel == "torch" or lazy:
+                raise ValueError("compact master weights step AdamW through the fused kernel, made now (not lazy)")
+            if kwargs.get("amsgrad") or kwargs.get("maximize"):
+                raise ValueError("compact master weights: the fused kernel has no amsgrad / maximize")
+            if (param_dtype or torch.bfloat16) != torch.bfloat16:
+                raise ValueError("compact master weights go with bfloat16 parameters")
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("fused", "foreach")}  # int16 masters: never torch's
         self._optimizer_cls, self._kwargs, self._param_dtype = optimizer_cls, kwargs, param_dtype
+        self.compact = compact
         self._params = [p for g in groups for p in g["params"]]
         self._masters = [self._master_of(p, placeholder=lazy) for p in self._params]
-        if param_dtype is not None:
+        if param_dtype is not None and not compact:
             for p in self._params:
                 p.data = p.data.to(param_dtype)
         masters = iter(self._masters)
@@ -85,10 +100,14 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
     def _master_of(self, p, placeholder: bool = False):
         """`p` itself where it is fp32 and no `param_dtype` is set, else an fp32 copy (on the meta device as a
         placeholder: `lazy=True` makes the copies at the first step, from the parameters as they are then)."""
-        if self._param_dtype in (None, torch.float32) and p.dtype == torch.float32:
+        if self._param_dtype in (None, torch.float32) and p.dtype == torch.float32 and not self.compact:
             return p
         if placeholder:
             return torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32, device="meta"))
+        if self.compact:  # the parameter becomes the master's upper bits, this its remainder
+            high, low = split_master(p.detach().to(torch.float32))
+            p.data = high
+            return torch.nn.Parameter(low, requires_grad=False)
         return torch.nn.Parameter(p.detach().to(torch.float32, copy=True))
 
     def _bind(self) -> None:
@@ -136,6 +155,10 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         if self.uses_kernel and self._kernel_step():
             self._mirror_state()
             return loss
+        if self.compact:
+            raise RuntimeError("compact master weights step through the fused Triton kernel only (AdamW on CUDA, or "
+                               "kernel='triton'); these parameters are not stepped there (not on CUDA, or a "
+                               "non-contiguous or sparse gradient)")
         stepped = []
         for p, m in self._low_precision():
             if m.device != p.device:  # the model moved after the optimizer was made
@@ -213,8 +236,9 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         if not state:
             on_device = inner.get("fused") or inner.get("capturable")
             state["step"] = torch.zeros((), dtype=torch.float32, device=m.device if on_device else "cpu")
-            state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+            # fp32 moments also for compact (int16) masters
+            state["exp_avg"] = torch.zeros_like(m, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(m, dtype=torch.float32, memory_format=torch.preserve_format)
         if id(m) not in self._host_steps:
             self._host_steps[id(m)] = int(state["step"])  # one sync per tensor, at the first step or resume
         tensors = [_local(t) for t in (p.data, m.data, state["exp_avg"], state["exp_avg_sq"])]
@@ -241,7 +265,8 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                               for g, ig in zip(self.param_groups, sd["param_groups"])]
         for i, (p, m) in enumerate(zip(self._params, self._masters)):
             if m is not p:
-                sd["state"][i] = {**sd["state"].get(i, {}), "master_weight": m.detach()}
+                master = join_master(p.detach(), m.detach()) if self.compact else m.detach()
+                sd["state"][i] = {**sd["state"].get(i, {}), "master_weight": master}
         return sd
 
     @torch.no_grad()
@@ -256,7 +281,11 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             master = s.pop("master_weight", None)
             if master is not None:
                 p, m = self._params[position[key]], self._masters[position[key]]
-                if m is not p:
+                if self.compact:
+                    high, low = split_master(master.to(device=p.device, dtype=torch.float32))
+                    m.data = low
+                    p.copy_(high)
+                elif m is not p:
                     if _is_dtensor(m):  # in place: a DTensor's `.data =` leaves `to_local()` on the old shard
                         m.copy_(master)
                     else:
@@ -273,8 +302,11 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
 
     @property
     def master_weights(self) -> list[torch.Tensor]:
-        """The fp32 weights, one per parameter (the parameter itself where it is fp32 and `param_dtype` unset)."""
+        """The fp32 weights, one per parameter (the parameter itself where it is fp32 and `param_dtype` unset; new
+        fp32 tensors from the parameter and its remainder with `compact`)."""
         self._bind()
+        if self.compact:
+            return [join_master(p.detach(), m.detach()) for p, m in zip(self._params, self._masters)]
         return list(self._masters)
 
 
@@ -400,6 +432,9 @@ def make_optimizer(model, training_args, args: GhostVisArguments, use_peft: bool
     precision = resolve_precision(model, training_args, args, use_peft)
     if getattr(args, "fp32_residual", False) and precision != "bf16_master":
         logger.info("fp32_residual: the residual stream is already fp32 under %s precision", precision)
+    if getattr(args, "compact_master_weights", False) and precision != "bf16_master":
+        logger.warning("compact_master_weights applies to bf16_master precision; this run trains in %s: not used",
+                       precision)
     if precision == "autocast" and args.vision_tower_lr is None and args.projector_lr is None:
         return None
     if training_args.optim not in ("adamw_torch", "adamw_torch_fused"):
@@ -412,13 +447,18 @@ def make_optimizer(model, training_args, args: GhostVisArguments, use_peft: bool
     if precision == "autocast":
         return torch.optim.AdamW(groups, **kwargs)
     fsdp2 = fsdp_version(training_args) == 2
+    compact = getattr(args, "compact_master_weights", False)
+    if compact and fsdp2:
+        raise ValueError("compact_master_weights does not run under FSDP2 (its masters are made from the shards at "
+                         "the first step); leave it off there")
     # under FSDP2 the fp32 copies are made at the first step, from the shards accelerate swaps in
-    optimizer = MasterWeightOptimizer(groups, torch.optim.AdamW, param_dtype=torch.bfloat16, lazy=fsdp2, **kwargs)
+    optimizer = MasterWeightOptimizer(groups, torch.optim.AdamW, param_dtype=torch.bfloat16, lazy=fsdp2,
+                                      compact=compact, **kwargs)
     cast_parameters(model, torch.bfloat16)  # the frozen ones too
     if getattr(args, "fp32_residual", False):
         logger.info("fp32_residual: %d hooks keep the residual stream fp32", fp32_residual_stream(model))
     if fsdp2:  # accelerate would upcast the bf16 model to fp32 for its own policy; the trainer autocasts instead
         training_args.mixed_precision = "no"
-    logger.info("precision: bf16 parameters and activations, fp32 master weights and AdamW state in the optimizer "
-                "(bf16 autocast kept for the ops it runs in fp32)")
+    logger.info("precision: bf16 parameters and activations, fp32 master weights%s and AdamW state in the optimizer "
+                "(bf16 autocast kept for the ops it runs in fp32)", " (compact: bf16 + 16-bit remainders)" * compact)
     return optimizer
