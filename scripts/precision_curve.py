@@ -36,6 +36,7 @@ VARIANTS = {
     "autocast": ["--precision", "autocast"],
     "bf16_master": ["--precision", "bf16_master"],
     "bf16_master_fp32res": ["--precision", "bf16_master", "--fp32_residual", "true"],  # kernels.residual
+    "bf16_master_noautocast": ["--precision", "bf16_master", "--master_autocast", "false"],
 }
 
 

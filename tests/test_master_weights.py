@@ -215,6 +215,9 @@ def test_trainer_takes_the_recipes_optimizer_under_fsdp2_only(monkeypatch, tiny)
     assert isinstance(trainer.autocast_smart_context_manager(), torch.autocast)
     assert T(args=_args(mixed_precision="bf16"), optimizers=(opt, None)).autocast_smart_context_manager() == \
         "accelerate's"
+    opt.autocast = False  # --master_autocast false: no autocast here either
+    assert T(args=args, optimizers=(opt, None)).autocast_smart_context_manager() == "accelerate's"
+    opt.autocast = True
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="FSDP2 only"):
         T(args=args, optimizers=(opt, None))
@@ -299,3 +302,12 @@ def test_make_optimizer_keeps_compact_masters_when_asked_and_refuses_them_under_
     monkeypatch.setattr(opt, "fsdp_version", lambda training_args: 2)
     with pytest.raises(ValueError, match="compact_master_weights does not run under FSDP2"):
         opt.make_optimizer(model, args, gv)
+
+
+def test_master_autocast_false_turns_the_launchers_autocast_off(tiny):
+    model, _ = tiny
+    args = _args()
+    opt = make_optimizer(model, args, SimpleNamespace(precision="bf16_master", master_autocast=False,
+                                                      vision_tower_lr=None, projector_lr=None))
+    assert isinstance(opt, MasterWeightOptimizer) and opt.autocast is False
+    assert args.mixed_precision == "no"  # accelerate wraps no autocast around the forward

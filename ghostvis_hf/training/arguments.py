@@ -126,6 +126,12 @@ class GhostVisArguments:
                           "Other precisions already have it. Measured on the small preset (3 seeds, "
                           "docs/benchmarks/precision_curve_fp32res.md): no resolvable change of the loss curve, 3.8 %% "
                           "slower on one H200; off by default."})
+    master_autocast: bool = field(
+        default=True,
+        metadata={"help": "With bf16_master: run the forward under bf16 autocast, which keeps some ops in fp32 "
+                          "(layer norms, softmax, losses) and casts around them (default, the cautious choice); "
+                          "false: no autocast, those ops run on bf16 tensors (their reductions in fp32 inside) "
+                          "without the casts. Not measured yet on a GPU."})
     compact_master_weights: bool = field(
         default=False,
         metadata={"help": "With bf16_master: keep each fp32 master weight as the bf16 parameter's bits plus a 16-bit "

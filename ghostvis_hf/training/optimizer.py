@@ -457,8 +457,10 @@ def make_optimizer(model, training_args, args: GhostVisArguments, use_peft: bool
     cast_parameters(model, torch.bfloat16)  # the frozen ones too
     if getattr(args, "fp32_residual", False):
         logger.info("fp32_residual: %d hooks keep the residual stream fp32", fp32_residual_stream(model))
-    if fsdp2:  # accelerate would upcast the bf16 model to fp32 for its own policy; the trainer autocasts instead
-        training_args.mixed_precision = "no"
+    optimizer.autocast = getattr(args, "master_autocast", True)  # read by the trainer's FSDP2 path (OwnOptimizerMixin)
+    if fsdp2 or not optimizer.autocast:  # FSDP2: accelerate would upcast the bf16 model to fp32 for its own policy
+        training_args.mixed_precision = "no"  # (the trainer autocasts there itself); else: no autocast at all
     logger.info("precision: bf16 parameters and activations, fp32 master weights%s and AdamW state in the optimizer "
-                "(bf16 autocast kept for the ops it runs in fp32)", " (compact: bf16 + 16-bit remainders)" * compact)
+                "(%s)", " (compact: bf16 + 16-bit remainders)" * compact,
+                "bf16 autocast kept for the ops it runs in fp32" if optimizer.autocast else "no autocast")
     return optimizer

@@ -38,7 +38,8 @@ class OwnOptimizerMixin:
                                  "--projector_lr) runs under FSDP2 only: set fsdp_version: 2 in the accelerate config")
             self._own_optimizer, optimizer = optimizer, None
         self._bf16_autocast = (isinstance(self._own_optimizer, MasterWeightOptimizer) and training_args.bf16
-                               and training_args.mixed_precision == "no")
+                               and training_args.mixed_precision == "no"
+                               and getattr(self._own_optimizer, "autocast", True))  # --master_autocast
         super().__init__(*args, optimizers=(optimizer, scheduler), **kwargs)
 
     def create_optimizer(self, model=None):
