@@ -37,9 +37,9 @@ PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
 
 RUNS = ["stock", "swaps", "master", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
 COMPILE_RUNS = ["compile", "compile_master", "compile_all_master", "graphs_master", "compile_ckpt2", "compile_liger"]
-# by name only (--runs): the memory-lean settings (the MLP that recomputes its product, compact fp32 masters), and the
+# by name only (--runs): bf16 + master without autocast, the memory-lean settings (the MLP that recomputes its product, compact fp32 masters), and the
 # whole forward + backward as CUDA graphs (fixed shapes), each with bf16 params + fp32 master weights
-GRAPH_RUNS = ["master_lean", "graphed_step_master", "graphed_step_master_lean"]
+GRAPH_RUNS = ["master_noautocast", "master_lean", "graphed_step_master", "graphed_step_master_lean"]
 
 
 def _parser():
@@ -72,15 +72,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _run(model, opt, batches, args, kind, n_patches, name, scenario, loss_of=None):
-    """Warm-up then timed optimizer steps; returns a result row. `loss_of(inputs)` replaces the model's forward."""
+def _run(model, opt, batches, args, kind, n_patches, name, scenario, loss_of=None, autocast=True):
+    """Warm-up then timed optimizer steps; returns a result row. `loss_of(inputs)` replaces the model's forward;
+    `autocast=False` runs it without bf16 autocast (bf16 parameters)."""
     device = args.device
     if loss_of is None:
         def loss_of(inputs):
             return model(**inputs, use_cache=False).loss
-    autocast = device.startswith("cuda")
+    on_cuda = device.startswith("cuda")
+    autocast = autocast and on_cuda
     gc.collect()
-    if autocast:
+    if on_cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times, real, slots, convs, flops, failed = [], 0, 0, 0, 0.0, None
@@ -116,8 +118,8 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, loss_of=Non
     finally:
         opt.zero_grad(set_to_none=True)
     total = sum(times)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if autocast else None
-    gpu = torch.cuda.get_device_name().lower() if autocast else ""
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None
+    gpu = torch.cuda.get_device_name().lower() if on_cuda else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
     row = {
         "scenario": scenario, "run": name, "gpus": 1, "steps": len(times), "failed": failed,
@@ -219,7 +221,7 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
     results.report["params"]["ghostvis"] = sum(p.numel() for p in gv.parameters())
     ckpt_off = getattr(gv, "activation_checkpointing_disable", gv.gradient_checkpointing_disable)
 
-    def fixed_run(key, label, setup=None):
+    def fixed_run(key, label, setup=None, autocast=True):
         if fixed and key in runs:
             loss_of = None
             try:
@@ -232,14 +234,16 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
                 results.append({"scenario": "fixed", "run": label, "steps": 0, "failed": repr(e)[:300]})
                 return
             results.append(_run(gv, opt, fixed, args, "ghostvis", n_patches, label, "fixed",
-                                loss_of=loss_of if callable(loss_of) else None))
+                                loss_of=loss_of if callable(loss_of) else None, autocast=autocast))
             if key in (args.profile or "").split(","):
                 _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, f"train_profile_{key}.txt"))
 
     fixed_run("swaps", "GhostVis, all swaps")
-    if fixed and "master" in runs:  # the recipes' GPU default: no per-step casts of fp32 weights under autocast
+    if fixed and {"master", "master_noautocast"} & runs:  # the recipes' GPU default: no per-step casts of fp32 weights under autocast
         opt = _bf16_master(gv, opt)
         fixed_run("master", "GhostVis, all swaps, bf16 params + fp32 master weights")
+        fixed_run("master_noautocast", "GhostVis, all swaps, bf16 params + fp32 master weights, no autocast",
+                  autocast=False)
         opt = _fp32_params(gv, opt)
     if fixed and {"master_lean", "graphed_step_master", "graphed_step_master_lean"} & runs:  # before any compile
         opt = _bf16_master(gv, opt)
