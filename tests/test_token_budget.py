@@ -401,3 +401,17 @@ def test_balancing_deals_the_heaviest_bins_to_different_ranks():
         TokenBudgetBatchSampler([10] * 8, 4, 10, num_replicas=2, costs=costs[:3])
     again = TokenBudgetBatchSampler([10] * 8, 4, 10, num_replicas=2, rank=1, costs=costs)  # another process
     assert list(again) == [[i for b in sampler.plan(0)[1] for i in b]]  # rank 1 runs the plan's second step
+
+
+def test_balance_costs_follow_the_flop_formula_and_a_frozen_tower(tiny):
+    from ghostvis_hf.training.sampler import balance_costs
+    from ghostvis_hf.training.throughput import model_flop_coefficients
+
+    model, _ = tiny
+    c = model_flop_coefficients(model)
+    lengths, images = [100, 300], [2, 0]
+    assert balance_costs(model, lengths, images) == [c["token"] * 100 + c["token_sq"] * 100**2 + c["image"] * 2,
+                                                     c["token"] * 300 + c["token_sq"] * 300**2]
+    model.model.vision_tower.requires_grad_(False)  # frozen: its images cost the forward only
+    assert balance_costs(model, lengths, images)[0] == pytest.approx(
+        c["token"] * 100 + c["token_sq"] * 100**2 + c["image"] * 2 / 3)

@@ -84,6 +84,22 @@ def conversation_lengths(dataset, processor, max_length: int | None = None, trun
     return (lengths, images) if return_images else lengths
 
 
+def balance_costs(model, lengths: list[int], images: list[int]) -> list[float] | None:
+    """Each conversation's training FLOPs for balancing the ranks: the speed log's formula (`token`, `token_sq`,
+    `image` coefficients), with a frozen vision tower's images at a third (forward only, where the formula counts
+    forward and backward as MFU conventions do); `None` for a model without the formula."""
+    c = model_flop_coefficients(model)
+    if c is None:
+        return None
+    base = getattr(model, "module", model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    tower = getattr(getattr(base, "model", None), "vision_tower", None)
+    image = c["image"]
+    if tower is not None and not any(p.requires_grad for p in tower.parameters()):
+        image /= 3.0
+    return [c["token"] * n + c["token_sq"] * n * n + image * k for n, k in zip(lengths, images)]
+
+
 class TokenBudgetBatchSampler(BatchRebalanceSampler):
     """Yields, per step, the dataset indices of this rank's `rows` bins, bin after bin.
 
@@ -257,9 +273,7 @@ class TokenBudgetMixin:
         lengths, images = conversation_lengths(dataset, self.data_collator.processor, budget.max_length,
                                                budget.truncation, return_images=True)
         args = self.args
-        costs = None
-        if args.world_size > 1 and (c := model_flop_coefficients(self.model)) is not None:
-            costs = [c["token"] * n + c["token_sq"] * n * n + c["image"] * k for n, k in zip(lengths, images)]
+        costs = balance_costs(self.model, lengths, images) if args.world_size > 1 else None
         sampler = TokenBudgetBatchSampler(
             lengths, budget.rows, budget.max_length, window=budget.window,
             seed=args.data_seed if args.data_seed is not None else args.seed,
@@ -292,4 +306,4 @@ class TokenBudgetMixin:
         self.add_callback(callback)
 
 
-__all__ = ["TokenBudgetBatchSampler", "TokenBudgetMixin", "conversation_lengths"]
+__all__ = ["TokenBudgetBatchSampler", "TokenBudgetMixin", "balance_costs", "conversation_lengths"]
