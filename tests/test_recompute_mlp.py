@@ -94,3 +94,21 @@ def test_liger_kernels_path_on_cuda(tiny):
     for a, b in ((y2, y), (x2.grad, x.grad), (mlp.gate_proj.weight.grad, ref.gate_proj.weight.grad),
                  (mlp.down_proj.weight.grad, ref.down_proj.weight.grad)):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+def test_fp32_weights_under_bf16_autocast(tiny):
+    """Autocast over fp32 weights (the recipes' autocast precision): bf16 products, fp32 weight gradients."""
+    stock = _mlps(tiny)[0]
+    lean = copy.deepcopy(stock)
+    patch_recompute_mlp(lean)
+    x = torch.randn(3, 7, stock.hidden_size, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y2 = stock(x), lean(x2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert y2.dtype == y.dtype == torch.bfloat16 and torch.equal(y2, y)
+    for p, p2 in zip(stock.parameters(), lean.parameters()):
+        assert p2.grad.dtype == torch.float32
+        assert ((p2.grad - p.grad).norm() / p.grad.norm()).item() < 1e-2

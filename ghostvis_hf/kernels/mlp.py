@@ -63,10 +63,11 @@ class SwiGLUDownFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         gate, up, weight = ctx.saved_tensors
         product = swiglu_product(gate, up)  # made again, in the forward's arithmetic
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(product.reshape(-1, product.shape[-1]))
-        grad_product = grad_out.matmul(weight)
+        grad_weight = None  # the products in the gradient's dtype (autocast's bf16 over fp32 weights); the engine
+        if ctx.needs_input_grad[2]:  # casts each gradient to its input's dtype
+            grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(
+                product.reshape(-1, product.shape[-1]).to(grad_out.dtype))
+        grad_product = grad_out.matmul(weight.to(grad_out.dtype))
         del product
         grad_gate, grad_up = swiglu_product_backward(gate, up, grad_product)
         return grad_gate, grad_up, grad_weight
