@@ -92,16 +92,3 @@ def test_closer_to_an_fp32_forward_of_the_same_weights(model_and_batch):
         # the sublayers' own bf16 rounding stays; the sums' rounding goes (6 decoder layers: ~0.82x here)
         assert err_kept < 0.9 * err_plain, (err_kept, err_plain)
 
-
-def test_the_recipes_optimizer_installs_it_with_bf16_master(model_and_batch, monkeypatch):
-    from types import SimpleNamespace
-
-    from ghostvis_hf.training import optimizer as opt
-
-    model, _ = model_and_batch
-    monkeypatch.setattr(opt, "resolve_precision", lambda *a, **k: "bf16_master")
-    args = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
-                           weight_decay=0.0, fsdp=None, fsdp_config=None, accelerator_config=None)
-    gv = SimpleNamespace(precision="bf16_master", fp32_residual=True, vision_tower_lr=None, projector_lr=None)
-    opt.make_optimizer(model, args, gv)
-    assert next(model.parameters()).dtype == torch.bfloat16 and getattr(model, "_ghostvis_fp32_residual_hooks")

@@ -292,22 +292,17 @@ def test_make_optimizer_keeps_compact_masters_when_asked_and_refuses_them_under_
     from ghostvis_hf.training import optimizer as opt
 
     model, _ = tiny
-    monkeypatch.setattr(opt, "resolve_precision", lambda *a, **k: "bf16_master")
-    args = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch",
-                           weight_decay=0.0, fsdp=None, fsdp_config=None, accelerator_config=None)
     gv = SimpleNamespace(precision="bf16_master", compact_master_weights=True, vision_tower_lr=None, projector_lr=None)
-    made = opt.make_optimizer(model, args, gv)
+    made = opt.make_optimizer(model, _args(), gv)
     assert made.compact and all(m.dtype == torch.int16 for m in made._masters)
     assert next(model.parameters()).dtype == torch.bfloat16
     monkeypatch.setattr(opt, "fsdp_version", lambda training_args: 2)
     with pytest.raises(ValueError, match="compact_master_weights does not run under FSDP2"):
-        opt.make_optimizer(model, args, gv)
+        opt.make_optimizer(model, _args(), gv)
 
 
-def test_master_autocast_false_turns_the_launchers_autocast_off(tiny):
+def test_make_optimizer_installs_the_fp32_residual_stream_with_bf16_master(tiny):
     model, _ = tiny
-    args = _args()
-    opt = make_optimizer(model, args, SimpleNamespace(precision="bf16_master", master_autocast=False,
-                                                      vision_tower_lr=None, projector_lr=None))
-    assert isinstance(opt, MasterWeightOptimizer) and opt.autocast is False
-    assert args.mixed_precision == "no"  # accelerate wraps no autocast around the forward
+    gv = SimpleNamespace(precision="bf16_master", fp32_residual=True, vision_tower_lr=None, projector_lr=None)
+    make_optimizer(model, _args(), gv)
+    assert next(model.parameters()).dtype == torch.bfloat16 and getattr(model, "_ghostvis_fp32_residual_hooks")
