@@ -132,6 +132,7 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         self.epoch = 0
         self.drop_last = True  # read by accelerate's BatchSamplerShard: never loop back to the start
         self._plans: dict[int, list[list[list[int]]]] = {}
+        self._imbalances: dict[int, tuple[float, float]] = {}
         self._bin_counts: dict[int, int] = {}
         self.steps_per_rank = 0
         self.plan_epochs(num_epochs)
@@ -168,7 +169,14 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
     def plan(self, epoch: int) -> list[list[list[int]]]:
         """The global steps of `epoch` (all ranks), each a list of bins; rank r takes steps r, r + W, ..."""
         if epoch not in self._plans:
-            self._plans = {epoch: self._steps(self._bins(epoch))}  # keep one epoch
+            steps, imbalance = self._steps(self._bins(epoch)), (1.0, 1.0)
+            if self.costs is not None and self.num_replicas > 1:
+                before = self._imbalance(steps)
+                w = self.num_replicas
+                steps = [step for g in range(0, len(steps), w) for step in self._balance(steps[g : g + w])]
+                imbalance = (self._imbalance(steps), before)
+            self._plans = {epoch: steps}  # keep one epoch
+            self._imbalances = {epoch: imbalance}
         return self._plans[epoch]
 
     def _steps(self, bins: list[list[int]]) -> list[list[list[int]]]:
@@ -186,46 +194,37 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
             take = min(self.rows, len(bins) - i - (n_steps - s - 1))
             steps.append(bins[i : i + take])
             i += take
-        if self.costs is not None and self.num_replicas > 1:
-            for g in range(0, n_steps, self.num_replicas):  # global steps g .. g + W - 1 run together
-                steps[g : g + self.num_replicas] = self._balance(steps[g : g + self.num_replicas])
         return steps
 
     def _bin_cost(self, b: list[int]) -> float:
         return sum(self.costs[i] for i in b)
 
     def _balance(self, group: list[list[list[int]]]) -> list[list[list[int]]]:
-        """The bins of `group` (one step per rank) dealt out again, each step keeping its row count: heaviest bin
-        first, to the lightest step with a free row (ties to the lower rank: the plan stays deterministic)."""
+        """The bins of `group` (the steps of one lockstep step, one per rank) dealt out again, each step keeping its
+        row count: heaviest bin first, to the lightest step with a free row (ties to the lower rank: the plan stays
+        deterministic)."""
         sizes = [len(step) for step in group]
         out: list[list[list[int]]] = [[] for _ in group]
         load = [0.0] * len(group)
-        for b in sorted((b for step in group for b in step), key=self._bin_cost, reverse=True):
+        for cost, b in sorted(((self._bin_cost(b), b) for step in group for b in step), key=lambda cb: -cb[0]):
             r = min((r for r in range(len(group)) if len(out[r]) < sizes[r]), key=lambda r: load[r])
             out[r].append(b)
-            load[r] += self._bin_cost(b)
+            load[r] += cost
         return out
 
+    def _imbalance(self, steps: list[list[list[int]]]) -> float:
+        """Mean over the lockstep steps of the slowest rank's cost over the mean rank cost."""
+        w, ratios = self.num_replicas, []
+        for g in range(0, len(steps), w):
+            loads = [sum(self._bin_cost(b) for b in step) for step in steps[g : g + w]]
+            ratios.append(max(loads) * len(loads) / max(sum(loads), 1e-30))
+        return sum(ratios) / len(ratios)
+
     def rank_imbalance(self, epoch: int = 0) -> tuple[float, float]:
-        """Mean over the lockstep steps of (slowest rank's cost / mean rank cost), for this plan and for the plan
-        without balancing; (1.0, 1.0) on one rank or without costs."""
-        if self.costs is None or self.num_replicas == 1:
-            return 1.0, 1.0
-        balanced = self.plan(epoch)
-        costs, self.costs = self.costs, None
-        try:
-            plain = self._steps(self._bins(epoch))
-        finally:
-            self.costs = costs
-
-        def ratio(steps):
-            w, out = self.num_replicas, []
-            for g in range(0, len(steps), w):
-                loads = [sum(self._bin_cost(b) for b in step) for step in steps[g : g + w]]
-                out.append(max(loads) * len(loads) / max(sum(loads), 1e-30))
-            return sum(out) / len(out)
-
-        return ratio(balanced), ratio(plain)
+        """`_imbalance` of this epoch's plan and of the same plan before balancing (recorded when it was made);
+        (1.0, 1.0) on one rank or without costs."""
+        self.plan(epoch)
+        return self._imbalances[epoch]
 
     def images_per_step(self, images: list[int]) -> set[int]:
         """The distinct totals of `images` (one count per conversation) over the steps of every planned epoch and
