@@ -65,7 +65,8 @@ def test_lora_wrapped_down_proj_takes_the_stock_path_and_unpatch_restores(tiny):
             super().__init__()
             self.mlp = m
 
-    wrapped = peft.get_peft_model(Holder(mlp), peft.LoraConfig(target_modules=["down_proj"], r=2, init_lora_weights=False))
+    lora = peft.LoraConfig(target_modules=["down_proj"], r=2, init_lora_weights=False)
+    wrapped = peft.get_peft_model(Holder(mlp), lora)
     x = torch.randn(2, 5, mlp.hidden_size)
     inner = wrapped.base_model.model.mlp
     want = inner.down_proj(inner.act_fn(inner.gate_proj(x)) * inner.up_proj(x))  # the LoRA delta included

@@ -37,9 +37,9 @@ PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}  # dense bf16, SXM
 
 RUNS = ["stock", "swaps", "master", "mix_padded", "mix_packed_b", "mix_packed_rows", "ckpt", "ckpt2", "nokernels"]
 COMPILE_RUNS = ["compile", "compile_master", "compile_all_master", "graphs_master", "compile_ckpt2", "compile_liger"]
-# by name only (--runs): bf16 + master without autocast, the memory-lean settings (the MLP that recomputes its product, compact fp32 masters), and the
-# whole forward + backward as CUDA graphs (fixed shapes), each with bf16 params + fp32 master weights
-GRAPH_RUNS = ["master_noautocast", "master_lean", "graphed_step_master", "graphed_step_master_lean"]
+# by name only (--runs), each with bf16 params + fp32 master weights: without autocast, the memory-lean settings (the
+# MLP that recomputes its product, compact fp32 masters), and the whole forward + backward as CUDA graphs
+NAMED_RUNS = ["master_noautocast", "master_lean", "graphed_step_master", "graphed_step_master_lean"]
 
 
 def _parser():
@@ -53,7 +53,7 @@ def _parser():
     p.add_argument("--scenarios", default="fixed,mix")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd decoder layers")
     p.add_argument("--runs", default=None, help="comma list of runs (default: RUNS, + COMPILE_RUNS with --compile; "
-                                                "GRAPH_RUNS only by name)")
+                                                "NAMED_RUNS only by name)")
     p.add_argument("--profile", nargs="?", const="swaps", default=None, metavar="RUN",
                    help="write a kernel profile of a few steps of this fixed-scenario run (default: swaps) to "
                         "train_profile_<RUN>.txt")
@@ -239,16 +239,18 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
                 _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, f"train_profile_{key}.txt"))
 
     fixed_run("swaps", "GhostVis, all swaps")
-    if fixed and {"master", "master_noautocast"} & runs:  # the recipes' GPU default: no per-step casts of fp32 weights under autocast
+    if fixed and {"master", "master_noautocast"} & runs:  # the recipes' GPU default: no per-step casts of weights
         opt = _bf16_master(gv, opt)
         fixed_run("master", "GhostVis, all swaps, bf16 params + fp32 master weights")
         fixed_run("master_noautocast", "GhostVis, all swaps, bf16 params + fp32 master weights, no autocast",
                   autocast=False)
         opt = _fp32_params(gv, opt)
     if fixed and {"master_lean", "graphed_step_master", "graphed_step_master_lean"} & runs:  # before any compile
-        opt = _bf16_master(gv, opt)
-        fixed_run("graphed_step_master", "GhostVis, all swaps, forward + backward as CUDA graphs, bf16 + fp32 master",
-                  lambda: _graphed_loss(gv, fixed[0], args))
+        if "graphed_step_master" in runs:
+            opt = _bf16_master(gv, opt)
+            fixed_run("graphed_step_master",
+                      "GhostVis, all swaps, forward + backward as CUDA graphs, bf16 + fp32 master",
+                      lambda: _graphed_loss(gv, fixed[0], args))
         if {"master_lean", "graphed_step_master_lean"} & runs:  # the memory-lean settings
             opt = _bf16_master(gv, opt, compact=True)
         lean = "GhostVis, all swaps, MLP recomputing its product, bf16 + compact fp32 masters"

@@ -51,7 +51,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             as they are then: the bf16 DTensor shards under FSDP2, which accelerate swaps into `param_groups` after
             the optimizer is made) instead of now. Parameters swapped after the first step are refused.
         compact (`bool`, *optional*, defaults to `False`): keep each fp32 master as the bf16 parameter's bits plus a
-            16-bit remainder (`kernels.adamw.split_master`): the same fp32 master, exactly, in 2 bytes a parameter
+            16-bit remainder (`kernels.master_bits.split_master`): the same fp32 master, exactly, in 2 bytes a parameter
             instead of 4 (the parameter is then the master rounded to nearest with ties away from zero). AdamW with
             bf16 parameters through the fused kernel only (CUDA, or `kernel="triton"`); not with `lazy`. State dicts
             hold the fp32 masters, as without it: a run resumes either way.
