@@ -212,8 +212,36 @@ def image_label_mask(input_ids: torch.Tensor, tokens) -> torch.Tensor:
         with this one function (TRL's fused LM head skips the model's own masking, so the collators must do it too).
     """
     ids = [tokens.image_token_id, tokens.vision_start_token_id, tokens.vision_end_token_id]
-    ids = [i for i in ids if i is not None]
-    return torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i in ids:  # comparisons with Python ints: no host-to-device copy (a CUDA-graph capture allows none)
+        if i is not None:
+            mask |= input_ids == i
+    return mask
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def scatter_image_features(inputs_embeds: torch.Tensor, mask: torch.Tensor, image_features: torch.Tensor,
+                           static: bool | None = None) -> torch.Tensor:
+    """`inputs_embeds` with the image features written, in order, over the placeholder positions (`mask`, expanded
+    to the shape of `inputs_embeds`).
+
+    Eager forwards use `masked_scatter`, as LLaVA does. Its backward selects the masked gradient (`masked_select`, whose
+    output size is read on the host), which a CUDA-graph capture does not allow; `static=True` (the default while a
+    CUDA stream is capturing) gathers instead: each position reads feature `cumsum(mask) - 1`, and `torch.where`
+    keeps the text embeddings elsewhere. Same values, fixed shapes, no host sync forward or backward.
+    """
+    if static is None:
+        static = _capturing(inputs_embeds)
+    if not static:
+        return inputs_embeds.masked_scatter(mask, image_features)
+    d = inputs_embeds.shape[-1]
+    token_mask = mask[..., 0].reshape(-1)  # [B*T]
+    index = (token_mask.cumsum(0) - 1).clamp_min(0)  # feature row each placeholder reads, in order
+    gathered = image_features.reshape(-1, d).index_select(0, index)  # [B*T, d]
+    return torch.where(mask, gathered.view_as(inputs_embeds), inputs_embeds)
 
 
 class GhostVisModel(GhostVisPreTrainedModel):
@@ -300,8 +328,8 @@ class GhostVisModel(GhostVisPreTrainedModel):
         # (torch 2.11's dynamo also fails on `torch._check_tensor_all` of it here) and a CUDA-graph capture may not
         # sync, so compiled graphs and captures skip the check (`is_compiling` is constant while tracing: no graph
         # break) and eager forwards, where inputs come from users, keep it.
-        capturing = inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not torch.compiler.is_compiling() and not capturing and (n_tokens := int(mask.sum())) != n_features:
+        check = not torch.compiler.is_compiling() and not _capturing(inputs_embeds)
+        if check and (n_tokens := int(mask.sum())) != n_features:
             raise ValueError(
                 f"Image features and image placeholder tokens do not match: {n_tokens} placeholder tokens "
                 f"(id {self.config.image_token_id}) in the text but {n_features} image features "
@@ -336,7 +364,7 @@ class GhostVisModel(GhostVisPreTrainedModel):
             image_outputs = self.get_image_features(pixel_values, return_dict=True)
             image_features = image_outputs.pooler_output.to(inputs_embeds.dtype)  # [n, N, d_t]
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+            inputs_embeds = scatter_image_features(inputs_embeds, mask, image_features)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

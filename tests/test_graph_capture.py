@@ -7,10 +7,8 @@ import copy
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-
-def _batch(model, seed):
+def _batch(model, seed, device="cuda"):
     cfg, n = model.config, model.config.image_seq_length
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, 200, (2, n + 60), generator=g)
@@ -20,9 +18,38 @@ def _batch(model, seed):
     labels[:, : n + 3] = -100  # image and prompt not scored
     size = cfg.vision_config.image_size
     pixels = torch.randn(2, 3, size, size, generator=g)
-    return tuple(t.cuda() for t in (ids, pixels, labels))
+    return tuple(t.to(device) for t in (ids, pixels, labels))
 
 
+def test_what_the_capture_runs_matches_the_eager_model_on_cpu(tiny, monkeypatch):
+    """The captured module on the CPU, where nothing captures: the ready-made mask mapping, the gathering image
+    scatter and the static cross-entropy give the eager model's loss and gradients."""
+    from ghostvis_hf.bench.train import _LossOf
+    from ghostvis_hf.kernels.cross_entropy import LinearCrossEntropy
+    import ghostvis_hf.modeling_ghostvis as modeling
+
+    model = tiny[0].train()
+    eager = copy.deepcopy(model)
+    model.linear_cross_entropy = LinearCrossEntropy("torch", static=True)
+    keys = ("input_ids", "pixel_values", "labels")
+    batch = _batch(model, 1, device="cpu")
+    captured = _LossOf(model, keys)
+    assert set(captured.masks) == set(model.config.text_config.layer_types) and not any(captured.masks.values())
+    plain = modeling.scatter_image_features
+    monkeypatch.setattr(modeling, "scatter_image_features", lambda *a: plain(*a, static=True))  # what a capture picks
+    loss = captured(*batch)
+    loss.backward()
+    want = eager(**dict(zip(keys, batch)), use_cache=False).loss
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    grads = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is not None or grads[name].grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_forward_backward_matches_eager(tiny):
     from ghostvis_hf.bench.train import _LossOf
     from ghostvis_hf.kernels import apply_kernels

@@ -76,7 +76,9 @@ def test_chunked_fused_ce_matches_stock_loss_and_grads(tiny, num_items):
     assert active["fused_ce"] == "torch"
     fused.linear_cross_entropy.chunk_size = 16  # several chunks
     ids, labels = _batch(model)
-    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    # an int arrives as the Trainer's device tensor, a float as a plain Python number
+    kw = {} if num_items is None else {"num_items_in_batch": num_items if isinstance(num_items, float)
+                                       else torch.tensor(num_items)}
     ref, g_ref = _loss_and_grads(model, ids, labels, **kw)
     out, g = _loss_and_grads(fused, ids, labels, **kw)
     assert out.logits is None and ref.logits is not None
@@ -331,7 +333,7 @@ def test_a_model_still_on_the_cpu_gets_the_kernels_of_the_device_it_will_run_on(
         ACTIVE.clear()
 
 
-@pytest.mark.parametrize("num_items", [None, 37])
+@pytest.mark.parametrize("num_items", [None, 37, 37.0])
 def test_static_fused_ce_equals_the_selecting_one_without_syncs(tiny, num_items):
     """`LinearCrossEntropy(static=True)` (what a CUDA-graph capture runs): every position, the ignored ones weighted
     0, the scale on the device; the same loss and gradients as the default path, which selects the scored rows."""
@@ -343,7 +345,9 @@ def test_static_fused_ce_equals_the_selecting_one_without_syncs(tiny, num_items)
         apply_kernels(model, attention=None)
     ids, labels = _batch(model)
     labels[:, : labels.shape[1] // 2] = -100  # a prompt half, not scored
-    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    # an int arrives as the Trainer's device tensor, a float as a plain Python number
+    kw = {} if num_items is None else {"num_items_in_batch": num_items if isinstance(num_items, float)
+                                       else torch.tensor(num_items)}
     model.linear_cross_entropy = LinearCrossEntropy("torch", chunk_size=16)
     ref, g_ref = _loss_and_grads(model, ids, labels, **kw)
     model.linear_cross_entropy = LinearCrossEntropy("torch", chunk_size=16, static=True)

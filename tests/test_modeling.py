@@ -362,3 +362,25 @@ def test_generate_from_inputs_embeds_equals_from_ids(tiny):
     from_ids = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]
     from_embeds = model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **kw)
     assert torch.equal(from_embeds, from_ids)
+
+
+def test_static_image_scatter_equals_masked_scatter_values_and_grads():
+    """The gather path a CUDA-graph capture takes (`static=True`) writes the same features to the same positions as
+    `masked_scatter`, and sends the same gradients to the text embeddings and to the features."""
+    from ghostvis_hf.modeling_ghostvis import scatter_image_features
+
+    g = torch.Generator().manual_seed(0)
+    token_mask = torch.zeros(2, 11, dtype=torch.bool)
+    token_mask[0, 2:5] = token_mask[1, 0:3] = token_mask[1, 7:10] = True  # 3 images of 3 tokens, one row with two
+    grads = {}
+    for static in (False, True):
+        embeds = torch.randn(2, 11, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        features = torch.randn(3, 3, 6, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        mask = token_mask.unsqueeze(-1).expand_as(embeds)
+        out = scatter_image_features(embeds, mask, features, static=static)
+        weights = torch.randn(out.shape, generator=g.manual_seed(3))
+        (out * weights).sum().backward()
+        grads[static] = (out.detach(), embeds.grad, features.grad)
+    assert torch.equal(grads[True][0][token_mask], grads[False][0][token_mask])
+    for want, got in zip(grads[False], grads[True]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

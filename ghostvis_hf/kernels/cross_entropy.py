@@ -167,10 +167,11 @@ class LinearCrossEntropy:
 
     def _static(self, hidden_states, lm_head: nn.Linear, labels, num_items_in_batch=None):
         targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-        if num_items_in_batch is None:
-            denom = (targets != IGNORE_INDEX).sum().clamp_min(1)  # the mean over scored tokens, on the device
-        else:
-            denom = torch.as_tensor(num_items_in_batch, device=hidden_states.device)
-        scale = 1.0 / denom.float()
+        if num_items_in_batch is None:  # the mean over scored tokens, on the device
+            scale = 1.0 / (targets != IGNORE_INDEX).sum().clamp_min(1).float()
+        elif torch.is_tensor(num_items_in_batch):
+            scale = 1.0 / num_items_in_batch.to(hidden_states.device, torch.float32)
+        else:  # a Python number stays one (a host-to-device copy is not allowed in a capture)
+            scale = 1.0 / float(num_items_in_batch)
         return torch_linear_cross_entropy(hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head.weight,
                                           lm_head.bias, targets, scale, self.chunk_size, masked=True)
