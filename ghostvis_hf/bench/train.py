@@ -39,7 +39,8 @@ RUNS = ["stock", "swaps", "master", "mix_padded", "mix_packed_b", "mix_packed_ro
 COMPILE_RUNS = ["compile", "compile_master", "compile_all_master", "graphs_master", "compile_ckpt2", "compile_liger"]
 # by name only (--runs), each with bf16 params + fp32 master weights: without autocast, the memory-lean settings (the
 # MLP that recomputes its product, compact fp32 masters), and the whole forward + backward as CUDA graphs
-NAMED_RUNS = ["master_noautocast", "master_lean", "graphed_step_master", "graphed_step_master_lean"]
+NAMED_RUNS = ["master_noautocast", "master_lean", "graphed_step_master", "graphed_step_master_lean",
+              "graphed_step_master_compiled"]
 
 
 def _parser():
@@ -72,21 +73,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _run(model, opt, batches, args, kind, n_patches, name, scenario, loss_of=None, autocast=True):
-    """Warm-up then timed optimizer steps; returns a result row. `loss_of(inputs)` replaces the model's forward;
-    `autocast=False` runs it without bf16 autocast (bf16 parameters)."""
+def _run(model, opt, batches, args, kind, n_patches, name, scenario, setup=None, autocast=True):
+    """Warm-up then timed optimizer steps; returns a result row. `setup()` runs first, inside the run's memory
+    accounting; if it returns a callable `loss_of(inputs)`, that replaces the model's forward. `autocast=False` runs
+    it without bf16 autocast (bf16 parameters).
+
+    Peak memory is PyTorch's peak of allocated memory, except for CUDA-graph runs (`loss_of.graphed`): a graph's
+    private memory pool stays reserved between replays without counting as allocated, so their rows report the peak
+    of reserved memory instead (which also counts the allocator's cached free blocks: an upper bound)."""
     device = args.device
-    if loss_of is None:
-        def loss_of(inputs):
-            return model(**inputs, use_cache=False).loss
     on_cuda = device.startswith("cuda")
     autocast = autocast and on_cuda
     gc.collect()
     if on_cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, real, slots, convs, flops, failed = [], 0, 0, 0, 0.0, None
+    times, real, slots, convs, flops, failed, loss_of = [], 0, 0, 0, 0.0, None, None
     try:
+        loss_of = setup() if setup is not None else None
+        if not callable(loss_of):
+            def loss_of(inputs):
+                return model(**inputs, use_cache=False).loss
         for i, batch in enumerate(batches):
             meta = {k: batch[k] for k in ("_real", "_seq", "_convs")}
             inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
@@ -118,7 +125,9 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, loss_of=Non
     finally:
         opt.zero_grad(set_to_none=True)
     total = sum(times)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None
+    reserved = bool(getattr(loss_of, "graphed", False))
+    peak = (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30 \
+        if on_cuda else None
     gpu = torch.cuda.get_device_name().lower() if on_cuda else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
     row = {
@@ -131,13 +140,15 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, loss_of=Non
         "tflops": flops / total / 1e12 if total else None,
         "mfu": flops / total / peak_flops if total and peak_flops else None,
         "peak_mem_gib": peak,
+        "peak_mem_measure": ("reserved" if reserved else "allocated") if on_cuda else None,
     }
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return row
 
 
-def _profile(model, opt, batches, args, path):
-    """Kernel time of a few training steps (torch.profiler): where the step goes, and how busy the GPU is."""
+def _profile(model, opt, batches, args, path, loss_of=None):
+    """Kernel time of a few training steps (torch.profiler): where the step goes, and how busy the GPU is.
+    `loss_of(inputs)` replaces the model's forward (a CUDA-graph run's replay)."""
     from torch.profiler import ProfilerActivity, profile
 
     from .profiling import kernel_summary
@@ -150,7 +161,7 @@ def _profile(model, opt, batches, args, path):
         t0 = time.perf_counter()
         for x in inputs:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                loss = model(**x, use_cache=False).loss
+                loss = loss_of(x) if loss_of is not None else model(**x, use_cache=False).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -223,20 +234,18 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
 
     def fixed_run(key, label, setup=None, autocast=True):
         if fixed and key in runs:
-            loss_of = None
-            try:
-                if setup is not None:
-                    loss_of = setup()
-            except Exception as e:  # noqa: BLE001 - a setup that fails is a result too
-                import traceback
+            made = []  # what setup returned: a graph run's loss_of, which the profile replays too
 
-                traceback.print_exc()
-                results.append({"scenario": "fixed", "run": label, "steps": 0, "failed": repr(e)[:300]})
-                return
-            results.append(_run(gv, opt, fixed, args, "ghostvis", n_patches, label, "fixed",
-                                loss_of=loss_of if callable(loss_of) else None, autocast=autocast))
-            if key in (args.profile or "").split(","):
-                _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, f"train_profile_{key}.txt"))
+            def run_setup():
+                made.append(setup() if setup is not None else None)
+                return made[-1]
+
+            results.append(_run(gv, opt, fixed, args, "ghostvis", n_patches, label, "fixed", setup=run_setup,
+                                autocast=autocast))
+            if key in (args.profile or "").split(",") and not results[-1]["failed"]:
+                loss_of = made[-1] if made and callable(made[-1]) else None
+                _profile(gv, opt, fixed[: args.warmup], args, os.path.join(args.out_dir, f"train_profile_{key}.txt"),
+                         loss_of=loss_of)
 
     fixed_run("swaps", "GhostVis, all swaps")
     if fixed and {"master", "master_noautocast"} & runs:  # the recipes' GPU default: no per-step casts of weights
@@ -291,6 +300,12 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
         fixed_run("graphs_master", "GhostVis, compiled decoder + vision layers with CUDA graphs, bf16 + fp32 master",
                   lambda: (no_liger(), compile_decoder_layers(gv, vision=True, mode="reduce-overhead")))
         opt = _fp32_params(gv, opt)
+    if fixed and "graphed_step_master_compiled" in runs:  # Inductor's fusions inside the whole-step capture
+        opt = _bf16_master(gv, opt)
+        fixed_run("graphed_step_master_compiled",
+                  "GhostVis, compiled decoder + vision layers, forward + backward as CUDA graphs, bf16 + fp32 master",
+                  lambda: (no_liger(), compile_decoder_layers(gv, vision=True), _graphed_loss(gv, fixed[0], args))[-1])
+        opt = _fp32_params(gv, opt)
     fixed_run("compile_ckpt2", "GhostVis, compiled layers + fused CE + cuDNN attention + checkpointing every 2nd",
               lambda: enable_gradient_checkpointing(gv, every_n_layers=2))
     ckpt_off()
@@ -333,6 +348,7 @@ def _graphed_loss(model, batch, args):
     def loss_of(inputs):
         return graphed(*(inputs[k] for k in keys))
 
+    loss_of.graphed = True  # for `_run`'s memory accounting
     return loss_of
 
 
