@@ -48,9 +48,48 @@ def test_what_the_capture_runs_matches_the_eager_model_on_cpu(tiny, monkeypatch)
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _backend(name):
+    from ghostvis_hf.kernels.cross_entropy import liger_row_kernel
+
+    if name == "liger" and liger_row_kernel() is None:
+        pytest.skip("liger-kernel's row kernel is not available")
+    return name
+
+
+@pytest.mark.parametrize("num_items", [None, 37, 37.0])
+@pytest.mark.gpu
+def test_static_liger_cross_entropy_matches_the_selecting_path(tiny, num_items):
+    """The sync-free Liger path (every row, Liger's row kernel driven without its `.item()` count) gives the loss and
+    gradients of the default path, which selects the scored rows; the scale as a device tensor or a Python float."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ghostvis_hf.kernels import apply_kernels
+    from ghostvis_hf.kernels.cross_entropy import LinearCrossEntropy
+
+    _backend("liger")
+    model = tiny[0].cuda().train()
+    apply_kernels(model)
+    ids, pixels, labels = _batch(model, 3)
+    kw = {} if num_items is None else {
+        "num_items_in_batch": num_items if isinstance(num_items, float) else torch.tensor(num_items, device="cuda")}
+    results = []
+    for ce in (LinearCrossEntropy("torch"), LinearCrossEntropy("liger", chunk_size=64, static=True)):
+        model.linear_cross_entropy = ce
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, pixel_values=pixels, labels=labels, use_cache=False, **kw).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "liger"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graphed_forward_backward_matches_eager(tiny):
+def test_graphed_forward_backward_matches_eager(tiny, backend):
     from ghostvis_hf.bench.train import _LossOf
     from ghostvis_hf.kernels import apply_kernels
     from ghostvis_hf.kernels.cross_entropy import LinearCrossEntropy
@@ -58,7 +97,7 @@ def test_graphed_forward_backward_matches_eager(tiny):
     model = tiny[0].cuda().train()
     apply_kernels(model)
     eager = copy.deepcopy(model)
-    model.linear_cross_entropy = LinearCrossEntropy("torch", static=True)
+    model.linear_cross_entropy = LinearCrossEntropy(_backend(backend), static=True)
     keys = ("input_ids", "pixel_values", "labels")
     graphed = torch.cuda.make_graphed_callables(_LossOf(model, keys), _batch(model, 0), num_warmup_iters=3)
     for seed in (1, 2):  # new inputs, same shapes: the graphs read them from their static buffers

@@ -335,12 +335,12 @@ def _graphed_loss(model, batch, args):
     3 eager warm-up iterations first); returns `loss_of(inputs)` for `_run`. Fixed shapes only: the fixed scenario's
     rows have no padding, so no attention mask goes in (transformers checks a mask on the host), and the fused
     cross-entropy runs its static (sync-free) path. The optimizer step stays eager: a few launches."""
-    from ghostvis_hf.kernels.cross_entropy import LinearCrossEntropy
+    from ghostvis_hf.kernels.cross_entropy import LinearCrossEntropy, liger_row_kernel
 
     if not args.device.startswith("cuda"):
         raise ValueError("graphed_step_master needs a CUDA device")
     keys = ("input_ids", "pixel_values", "labels")
-    model.linear_cross_entropy = LinearCrossEntropy("torch", static=True)
+    model.linear_cross_entropy = LinearCrossEntropy("liger" if liger_row_kernel() else "torch", static=True)
     sample = tuple(batch[k].to(args.device) for k in keys)
     with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(_LossOf(model, keys), sample, num_warmup_iters=3)

@@ -10,8 +10,9 @@ Both score only the positions whose (shifted) label is not -100: with an assista
 prompt, image or padding, and the head is the largest matmul of a small model, so this also saves time. Selecting
 them is a device-to-host sync (their count sets a shape), as is Liger's own count of them, and `num_items_in_batch`
 is read on the host. A CUDA-graph capture allows none of these: `static=True` (and any call made while a CUDA stream
-is capturing) runs the `"torch"` backend over every position instead, the ignored ones weighted 0, with the scale
-kept on the device: same loss and gradients, fixed shapes, no sync.
+is capturing) scores every position instead, the ignored ones weighted 0, with the scale kept on the device: same
+loss and gradients, fixed shapes, no sync. With the `"liger"` backend on CUDA that path drives Liger's row kernel
+itself (`StaticLigerLinearCrossEntropyFunction`); otherwise it is the `"torch"` backend, masked.
 
 NOTE: Liger's default chunking (`chunk_mem_const=1`) keeps the transient logits at about `tokens x hidden`; for a
 152k vocabulary and 1.5k hidden that is 128-token chunks and 64 fp32 read-modify-writes of the whole head gradient
@@ -108,6 +109,97 @@ def torch_linear_cross_entropy(hidden, weight, bias, targets, scale, chunk_size:
     return ChunkedLinearCrossEntropyFunction.apply(hidden, weight, bias, targets, scale, chunk_size, masked)
 
 
+def liger_row_kernel():
+    """Liger's per-row cross-entropy Triton kernel (loss + logit gradient in place), or `None` where it is missing or
+    its arguments are not the ones `StaticLigerLinearCrossEntropyFunction` passes (checked against liger-kernel
+    0.8.5's names, all of them, so that a release that changes them falls back to the plain-PyTorch path instead of failing)."""
+    try:
+        from liger_kernel.ops import cross_entropy as liger_ce
+    except ImportError:
+        return None
+    kernel = getattr(liger_ce, "liger_cross_entropy_kernel", None)
+    names = set(getattr(kernel, "arg_names", ()) or ())
+    if kernel is None or names != set(_LIGER_ROW_ARGS) | _LIGER_CHUNK_ARGS or not hasattr(liger_ce, "MAX_FUSED_SIZE"):
+        return None
+    return kernel, liger_ce.MAX_FUSED_SIZE
+
+
+# Every argument of liger_cross_entropy_kernel (liger-kernel 0.8.5) but the tensors of one chunk, for a plain
+# sum of per-row losses: no class weights, label smoothing, z-loss, soft-capping or token accuracy.
+_LIGER_ROW_ARGS = dict(
+    weight_ptr=None, z_loss_ptr=None, token_accuracy_ptr=None, token_accuracy_stride=0, predicted_tokens_ptr=None,
+    predicted_tokens_stride=0, n_non_ignore=1.0, sum_non_ignore_weight=1.0, weight_sum=0.0, ignore_index=IGNORE_INDEX,
+    lse_square_scale=0.0, label_smoothing=0.0, reduction="sum", softcap=None, RETURN_Z_LOSS=False,
+    RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False, HAS_SOFTCAPPING=False,
+)
+_LIGER_CHUNK_ARGS = {"X_ptr", "X_stride", "Y_ptr", "Y_stride", "loss_ptr", "loss_stride", "n_cols", "HAS_GRADIENTS",
+                     "BLOCK_SIZE"}
+
+
+class StaticLigerLinearCrossEntropyFunction(torch.autograd.Function):
+    """`sum_i CE(h_i @ W^T (+ b), y_i) * scale` over every row (ignored ones contribute 0), chunk by chunk, with
+    Liger's row kernel: one pass over each chunk's bf16 logits writes the loss and, in place, the logit gradient
+    (the softmax in fp32 inside the kernel). Nothing is read on the host: Liger's own entry point counts the scored
+    rows with `.item()` to average them, which a CUDA-graph capture does not allow; here the kernel sums (its count
+    argument is unused for a sum) and `scale`, a float or a device tensor, multiplies the loss and the two gradients
+    once at the end."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, chunk_size: int):
+        kernel, max_block = liger_row_kernel()
+        n, vocab = hidden.shape[0], weight.shape[0]
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+        block = min(max_block, triton_next_power_of_2(vocab))
+        rows = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] \
+            else None
+        with torch.autocast("cuda", enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for start in range(0, n, chunk_size):
+                h = hidden[start : start + chunk_size].to(dtype)  # [c, d]
+                y = targets[start : start + chunk_size].contiguous()  # [c]
+                logits = nn.functional.linear(h, w, b).contiguous()  # [c, V], becomes d loss / d logits
+                out = rows[start : start + chunk_size]
+                kernel[(h.shape[0],)](
+                    X_ptr=logits, X_stride=logits.stride(-2), Y_ptr=y, Y_stride=y.stride(-1), loss_ptr=out,
+                    loss_stride=out.stride(-1), n_cols=vocab, HAS_GRADIENTS=True, BLOCK_SIZE=block, num_warps=32,
+                    **_LIGER_ROW_ARGS,
+                )
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = logits @ w
+                if grad_weight is not None:  # fp32 accumulation without a [V, d] temporary (torch >= 2.8)
+                    try:
+                        torch.addmm(grad_weight, logits.t(), h, out_dtype=torch.float32, out=grad_weight)
+                    except (TypeError, RuntimeError):
+                        grad_weight += (logits.t() @ h).float()
+                if grad_bias is not None:
+                    grad_bias += logits.float().sum(0)
+        tensor_scale = torch.is_tensor(scale)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, scale if tensor_scale else None)
+        ctx.scale = None if tensor_scale else scale
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return rows.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias, scale = ctx.saved_tensors
+        factor = grad_output * (ctx.scale if scale is None else scale)  # 0-d, on the device
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * factor.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * factor).to(ctx.dtypes[0])
+        if grad_bias is not None:
+            grad_bias = (grad_bias * factor).to(ctx.dtypes[1])
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
 def liger_linear_cross_entropy(hidden, weight, bias, targets, scale: float, chunk_mem_const: int = 8):
     """Liger's fused linear cross-entropy (`reduction="sum"`, times `scale`). Imports Liger: CUDA only."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -173,5 +265,9 @@ class LinearCrossEntropy:
             scale = 1.0 / num_items_in_batch.to(hidden_states.device, torch.float32)
         else:  # a Python number stays one (a host-to-device copy is not allowed in a capture)
             scale = 1.0 / float(num_items_in_batch)
+        if self.backend == "liger" and hidden_states.is_cuda and liger_row_kernel() is not None:
+            return StaticLigerLinearCrossEntropyFunction.apply(
+                hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head.weight, lm_head.bias, targets, scale,
+                self.chunk_size)
         return torch_linear_cross_entropy(hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head.weight,
                                           lm_head.bias, targets, scale, self.chunk_size, masked=True)
