@@ -8,6 +8,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _stock_rope_after():
+    """`apply_kernels` swaps RoPE for the whole process on CUDA: undo it, so later CPU tests run the stock RoPE."""
+    yield
+    from ghostvis_hf.kernels import reset_kernels
+
+    reset_kernels()
+
+
 def _batch(model, seed, device="cuda"):
     cfg, n = model.config, model.config.image_seq_length
     g = torch.Generator().manual_seed(seed)

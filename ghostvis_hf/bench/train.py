@@ -40,7 +40,7 @@ COMPILE_RUNS = ["compile", "compile_master", "compile_all_master", "graphs_maste
 # by name only (--runs), each with bf16 params + fp32 master weights: without autocast, the memory-lean settings (the
 # MLP that recomputes its product, compact fp32 masters), and the whole forward + backward as CUDA graphs
 NAMED_RUNS = ["master_noautocast", "master_lean", "graphed_step_master", "graphed_step_master_lean",
-              "graphed_step_master_compiled"]
+              "graphed_step_master_compiled", "graphed_step_master_compiled_lean"]
 
 
 def _parser():
@@ -60,6 +60,9 @@ def _parser():
                         "train_profile_<RUN>.txt")
     p.add_argument("--mix-median", type=float, default=450.0, help="median GhostVis length of the mix (tokens)")
     p.add_argument("--mix-sigma", type=float, default=0.8)
+    p.add_argument("--activation-memory-budget", type=float, default=None, metavar="B",
+                   help="for the compiled runs: torch._functorch.config.activation_memory_budget (1.0 = PyTorch's "
+                        "default; lower recomputes more of the forward in the backward to keep B of the activations)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="docs/benchmarks")
     return p
@@ -283,6 +286,10 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
     ckpt_off()
     fixed_run("nokernels", "GhostVis, no swaps (stock path)", lambda: reset_kernels(gv))
     # Compiled decoder layers: Inductor fuses RMSNorm/RoPE/SwiGLU itself, so first without the Liger layer kernels.
+    budget = ""
+    if args.activation_memory_budget is not None:  # read by AOTAutograd's partitioner when each layer compiles
+        torch._functorch.config.activation_memory_budget = args.activation_memory_budget
+        budget = f", activation memory budget {args.activation_memory_budget:g}"
     def no_liger():
         reset_kernels(gv)
         apply_kernels(gv, rms_norm=False, swiglu=False, rope=False)
@@ -300,12 +307,14 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
         fixed_run("graphs_master", "GhostVis, compiled decoder + vision layers with CUDA graphs, bf16 + fp32 master",
                   lambda: (no_liger(), compile_decoder_layers(gv, vision=True, mode="reduce-overhead")))
         opt = _fp32_params(gv, opt)
-    if fixed and "graphed_step_master_compiled" in runs:  # Inductor's fusions inside the whole-step capture
-        opt = _bf16_master(gv, opt)
-        fixed_run("graphed_step_master_compiled",
-                  "GhostVis, compiled decoder + vision layers, forward + backward as CUDA graphs, bf16 + fp32 master",
-                  lambda: (no_liger(), compile_decoder_layers(gv, vision=True), _graphed_loss(gv, fixed[0], args))[-1])
-        opt = _fp32_params(gv, opt)
+    graphed_compiled = "GhostVis, compiled decoder + vision layers, forward + backward as CUDA graphs"
+    for key, compact in (("graphed_step_master_compiled", False), ("graphed_step_master_compiled_lean", True)):
+        if fixed and key in runs:  # Inductor's fusions inside the whole-step capture
+            opt = _bf16_master(gv, opt, compact=compact)
+            fixed_run(key, f"{graphed_compiled}, bf16 + {'compact ' if compact else ''}fp32 master{budget}",
+                      lambda: (no_liger(), compile_decoder_layers(gv, vision=True),
+                               _graphed_loss(gv, fixed[0], args))[-1])
+            opt = _fp32_params(gv, opt)
     fixed_run("compile_ckpt2", "GhostVis, compiled layers + fused CE + cuDNN attention + checkpointing every 2nd",
               lambda: enable_gradient_checkpointing(gv, every_n_layers=2))
     ckpt_off()

@@ -189,10 +189,10 @@ class StaticLigerLinearCrossEntropyFunction(torch.autograd.Function):
         factor = grad_output * (ctx.scale if scale is None else scale)  # 0-d, on the device
         if grad_hidden is not None:
             grad_hidden = grad_hidden * factor.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * factor).to(ctx.dtypes[0])
+        if grad_weight is not None:  # in place: no second fp32 [V, d] at the step's memory peak
+            grad_weight = grad_weight.mul_(factor).to(ctx.dtypes[0])
         if grad_bias is not None:
-            grad_bias = (grad_bias * factor).to(ctx.dtypes[1])
+            grad_bias = grad_bias.mul_(factor).to(ctx.dtypes[1])
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
