@@ -63,6 +63,9 @@ def _parser():
     p.add_argument("--activation-memory-budget", type=float, default=None, metavar="B",
                    help="for the compiled runs: torch._functorch.config.activation_memory_budget (1.0 = PyTorch's "
                         "default; lower recomputes more of the forward in the backward to keep B of the activations)")
+    p.add_argument("--graph-ce-chunk", type=int, default=1024, metavar="TOKENS",
+                   help="tokens per chunk of the graph runs' sync-free fused cross-entropy (larger: fewer passes "
+                        "over the fp32 head gradient, one larger chunk of bf16 logits at the memory peak)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="docs/benchmarks")
     return p
@@ -290,6 +293,8 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
     if args.activation_memory_budget is not None:  # read by AOTAutograd's partitioner when each layer compiles
         torch._functorch.config.activation_memory_budget = args.activation_memory_budget
         budget = f", activation memory budget {args.activation_memory_budget:g}"
+    if args.graph_ce_chunk != 1024:
+        budget += f", cross-entropy chunks of {args.graph_ce_chunk}"
     def no_liger():
         reset_kernels(gv)
         apply_kernels(gv, rms_norm=False, swiglu=False, rope=False)
@@ -349,7 +354,8 @@ def _graphed_loss(model, batch, args):
     if not args.device.startswith("cuda"):
         raise ValueError("graphed_step_master needs a CUDA device")
     keys = ("input_ids", "pixel_values", "labels")
-    model.linear_cross_entropy = LinearCrossEntropy("liger" if liger_row_kernel() else "torch", static=True)
+    model.linear_cross_entropy = LinearCrossEntropy("liger" if liger_row_kernel() else "torch", static=True,
+                                                    chunk_size=args.graph_ce_chunk)
     sample = tuple(batch[k].to(args.device) for k in keys)
     with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(_LossOf(model, keys), sample, num_warmup_iters=3)
