@@ -139,6 +139,7 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, setup=None,
     row = {
         "scenario": scenario, "run": name, "gpus": 1, "steps": len(times), "failed": failed,
         "step_s_median": sorted(times)[len(times) // 2] if times else None,
+        "step_s": [round(t, 4) for t in times],  # every timed step: a slow one shows here, and in tok_s (total time)
         "tok_s": slots / total if total else None,  # every position computed, padding included
         "effective_tok_s": real / total if total else None,  # real (non-pad) tokens only
         "conv_s": convs / total if total else None,
@@ -458,11 +459,11 @@ def _markdown(report) -> str:
         base = sel[0]
         lines += [f"## {title}", "",
                   "| run | tok/s | effective tok/s | conversations/s | non-pad | MFU | peak GiB "
-                  "| vs stock (eff. tok/s) | vs stock (conv/s) | vs stock (memory) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| vs stock (eff. tok/s) | vs stock (conv/s) | vs stock (memory) | step s (median / max) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sel:
             if r.get("failed") and not r.get("steps"):
-                lines.append(f"| {r['run']} | failed: {r['failed']} |||||||||")
+                lines.append(f"| {r['run']} | failed: {r['failed']} ||||||||||")
                 continue
             if r.get("failed"):
                 r = {**r, "run": f"{r['run']} (**{r['failed']}**)"}
@@ -471,7 +472,8 @@ def _markdown(report) -> str:
                 f"| {r['run']} | {_fmt(r['tok_s'], ',.0f')} | {_fmt(r['effective_tok_s'], ',.0f')} | "
                 f"{_fmt(r['conv_s'], '.2f')} | {_fmt(r['non_pad_fraction'], '.1%')} | {_fmt(r['mfu'], '.1%')} | "
                 f"{_fmt(r['peak_mem_gib'], '.1f')} | {ratio('effective_tok_s')} | {ratio('conv_s')} | "
-                f"{ratio('peak_mem_gib')} |"
+                f"{ratio('peak_mem_gib')} | {_fmt(r.get('step_s_median'), '.3f')} / "
+                f"{_fmt(max(r['step_s']) if r.get('step_s') else None, '.3f')} |"
             )
         lines.append("")
     return "\n".join(lines)
