@@ -24,6 +24,7 @@ from ghostvis_hf.training import (
     describe_data,
     finish,
     freeze,
+    gc_callbacks,
     load_model_and_processor,
     load_train_and_eval_data,
     make_optimizer,
@@ -68,6 +69,7 @@ def main(script_args, training_args, model_args, gv_args):
     ################
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)  # masks image placeholders
     callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)
+    callbacks += gc_callbacks(gv_args.gc_every_steps)
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                  processing_class=processor, data_collator=data_collator, callbacks=callbacks,
                                  optimizers=(make_optimizer(model, training_args, gv_args), None))

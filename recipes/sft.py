@@ -37,6 +37,7 @@ from ghostvis_hf.training import (
     describe_data,
     finish,
     freeze,
+    gc_callbacks,
     load_model_and_processor,
     load_train_and_eval_data,
     log_parameter_counts,
@@ -87,6 +88,7 @@ def main(script_args, training_args, model_args, gv_args):
     # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
     callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)  # --profile_steps
+    callbacks += gc_callbacks(gv_args.gc_every_steps)  # --gc_every_steps
 
     ################
     # Training

@@ -66,6 +66,9 @@ def _parser():
     p.add_argument("--graph-ce-chunk", type=int, default=1024, metavar="TOKENS",
                    help="tokens per chunk of the graph runs' sync-free fused cross-entropy (larger: fewer passes "
                         "over the fp32 head gradient, one larger chunk of bf16 logits at the memory peak)")
+    p.add_argument("--gc-every-steps", type=int, default=50, metavar="N",
+                   help="as the recipes' --gc_every_steps: Python's automatic garbage collection off during a run, "
+                        "a young-generation collection every N steps (0: automatic collection)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="docs/benchmarks")
     return p
@@ -95,6 +98,9 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, setup=None,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times, real, slots, convs, flops, failed, loss_of = [], 0, 0, 0, 0.0, None, None
+    gc_every = getattr(args, "gc_every_steps", 0)
+    if gc_every:  # the recipes' GarbageCollectionCallback, the same schedule
+        gc.disable()
     try:
         loss_of = setup() if setup is not None else None
         if not callable(loss_of):
@@ -113,6 +119,8 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, setup=None,
             opt.step()
             opt.zero_grad(set_to_none=True)
             _sync(device)
+            if gc_every and (i + 1) % gc_every == 0:
+                gc.collect(1)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
                 real += meta["_real"]
@@ -130,6 +138,8 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, setup=None,
         failed = repr(e)[:300]
     finally:
         opt.zero_grad(set_to_none=True)
+        if gc_every:
+            gc.enable()
     total = sum(times)
     reserved = bool(getattr(loss_of, "graphed", False))
     peak = (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30 \

@@ -23,6 +23,7 @@ from .model import (
 from .optimizer import make_optimizer
 from .packing import GhostVisPackingCollator, PackingStatsCallback, best_fit_decreasing, pack_samples, prepare_packing
 from .plotting import plot_learning_curve
+from .garbage_collection import GarbageCollectionCallback, gc_callbacks
 from .profiling import ProfilerCallback, profiler_callbacks
 from .rl import (
     finish_rl,
@@ -51,6 +52,8 @@ __all__ = [
     "finish",
     "finish_rl",
     "freeze",
+    "GarbageCollectionCallback",
+    "gc_callbacks",
     "held_out_accuracy",
     "held_out_before",
     "load_model_and_processor",

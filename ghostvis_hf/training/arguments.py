@@ -161,6 +161,11 @@ class GhostVisArguments:
         metadata={"help": "START:STOP: profile optimizer steps START..STOP-1 on every rank (torch.profiler); "
                           "profile_rank<R>.txt in the output folder has kernel time by kind, GPU busy time and the "
                           "communication not hidden behind compute."})
+    gc_every_steps: int = field(
+        default=50,
+        metadata={"help": "Python's automatic garbage collection off during training and a young-generation "
+                          "collection every N optimizer steps (torchtitan's gc_freq; a full automatic collection "
+                          "over torch.compile's objects pauses a step); 0: Python's automatic collection."})
     eval_after_training: bool = field(default=True, metadata={"help": "Generate on the held-out split and score."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the final generation-based eval."})
     plot: bool = field(default=True, metadata={"help": "Save a learning-curve plot in the output folder."})
@@ -172,6 +177,9 @@ class GhostVisArguments:
             raise ValueError(f"loss={self.loss!r} is not supported; allowed: auto, model, trl")
         self.qat = normalize_qat(self.qat)
         parse_profile_steps(self.profile_steps)  # refuses a malformed window before anything loads
+        if self.gc_every_steps < 0:
+            raise ValueError(f"gc_every_steps must be >= 0 (0: Python's automatic collection), got "
+                             f"{self.gc_every_steps}")
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")
 
