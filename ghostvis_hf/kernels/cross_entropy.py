@@ -110,9 +110,10 @@ def torch_linear_cross_entropy(hidden, weight, bias, targets, scale, chunk_size:
 
 
 def liger_row_kernel():
-    """Liger's per-row cross-entropy Triton kernel (loss + logit gradient in place), or `None` where it is missing or
-    its arguments are not the ones `StaticLigerLinearCrossEntropyFunction` passes (checked against liger-kernel
-    0.8.5's names, all of them, so that a release that changes them falls back to the plain-PyTorch path instead of failing)."""
+    """`(kernel, max block)`: Liger's per-row cross-entropy Triton kernel (loss + logit gradient in place), or `None`
+    where it is missing or its arguments are not exactly the ones `StaticLigerLinearCrossEntropyFunction` passes
+    (liger-kernel 0.8.5's), so that a release that changes them falls back to the plain-PyTorch path instead of
+    failing."""
     try:
         from liger_kernel.ops import cross_entropy as liger_ce
     except ImportError:
@@ -149,7 +150,7 @@ class StaticLigerLinearCrossEntropyFunction(torch.autograd.Function):
         kernel, max_block = liger_row_kernel()
         n, vocab = hidden.shape[0], weight.shape[0]
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
-        block = min(max_block, triton_next_power_of_2(vocab))
+        block = min(max_block, 1 << (vocab - 1).bit_length())  # the next power of 2, as Liger sizes it
         rows = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -194,10 +195,6 @@ class StaticLigerLinearCrossEntropyFunction(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.mul_(factor).to(ctx.dtypes[1])
         return grad_hidden, grad_weight, grad_bias, None, None, None
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length()
 
 
 def liger_linear_cross_entropy(hidden, weight, bias, targets, scale: float, chunk_mem_const: int = 8):
