@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -98,9 +99,12 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, setup=None,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times, real, slots, convs, flops, failed, loss_of = [], 0, 0, 0, 0.0, None, None
-    gc_every = getattr(args, "gc_every_steps", 0)
-    if gc_every:  # the recipes' GarbageCollectionCallback, the same schedule
-        gc.disable()
+    collector = None
+    if getattr(args, "gc_every_steps", 0):  # the recipes' GarbageCollectionCallback (--gc_every_steps)
+        from ghostvis_hf.training.garbage_collection import GarbageCollectionCallback
+
+        collector = GarbageCollectionCallback(args.gc_every_steps)
+        collector.on_train_begin(None, None, None)
     try:
         loss_of = setup() if setup is not None else None
         if not callable(loss_of):
@@ -119,8 +123,8 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, setup=None,
             opt.step()
             opt.zero_grad(set_to_none=True)
             _sync(device)
-            if gc_every and (i + 1) % gc_every == 0:
-                gc.collect(1)
+            if collector is not None:
+                collector.on_step_end(None, SimpleNamespace(global_step=i + 1), None)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
                 real += meta["_real"]
@@ -138,8 +142,8 @@ def _run(model, opt, batches, args, kind, n_patches, name, scenario, setup=None,
         failed = repr(e)[:300]
     finally:
         opt.zero_grad(set_to_none=True)
-        if gc_every:
-            gc.enable()
+        if collector is not None:
+            collector.on_train_end(None, None, None)
     total = sum(times)
     reserved = bool(getattr(loss_of, "graphed", False))
     peak = (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30 \

@@ -28,6 +28,14 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
+def _inverse_count(num_items_in_batch, device):
+    """`1 / num_items_in_batch` without a host sync: the Trainer's device tensor stays on the device, a Python number
+    stays a Python float (a host-to-device copy would be one, and a CUDA-graph capture allows none)."""
+    if torch.is_tensor(num_items_in_batch):
+        return 1.0 / num_items_in_batch.to(device, torch.float32)
+    return 1.0 / float(num_items_in_batch)
+
+
 def _shift_and_select(hidden_states: torch.Tensor, labels: torch.Tensor):
     """Next-token targets without copying the hidden states; returns only the scored rows."""
     shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # [B, T]
@@ -244,10 +252,8 @@ class LinearCrossEntropy:
             return hidden_states.sum() * 0.0
         if num_items_in_batch is None:
             scale = 1.0 / targets.numel()  # the mean over the scored tokens, as ForCausalLMLoss
-        elif torch.is_tensor(num_items_in_batch):  # the Trainer's count stays on the device: no second sync
-            scale = 1.0 / num_items_in_batch.to(hidden.device, torch.float32)
         else:
-            scale = 1.0 / float(num_items_in_batch)
+            scale = _inverse_count(num_items_in_batch, hidden.device)
         if self.backend == "liger":
             return liger_linear_cross_entropy(
                 hidden, lm_head.weight, lm_head.bias, targets, scale, self.chunk_mem_const
@@ -258,10 +264,8 @@ class LinearCrossEntropy:
         targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
         if num_items_in_batch is None:  # the mean over scored tokens, on the device
             scale = 1.0 / (targets != IGNORE_INDEX).sum().clamp_min(1).float()
-        elif torch.is_tensor(num_items_in_batch):
-            scale = 1.0 / num_items_in_batch.to(hidden_states.device, torch.float32)
-        else:  # a Python number stays one (a host-to-device copy is not allowed in a capture)
-            scale = 1.0 / float(num_items_in_batch)
+        else:
+            scale = _inverse_count(num_items_in_batch, hidden_states.device)
         if self.backend == "liger" and hidden_states.is_cuda and liger_row_kernel() is not None:
             return StaticLigerLinearCrossEntropyFunction.apply(
                 hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head.weight, lm_head.bias, targets, scale,

@@ -50,8 +50,13 @@ class GarbageCollectionCallback(TrainerCallback):
             gc.enable()
 
 
-def gc_callbacks(every_steps: int) -> list:
-    """`[GarbageCollectionCallback(every_steps)]`, or `[]` for 0 (Python's automatic collection)."""
+def check_gc_every_steps(every_steps: int) -> None:
+    """Refuses a negative `--gc_every_steps` (0: Python's automatic collection)."""
     if every_steps < 0:
         raise ValueError(f"gc_every_steps must be >= 0 (0: Python's automatic collection), got {every_steps}")
+
+
+def gc_callbacks(every_steps: int) -> list:
+    """`[GarbageCollectionCallback(every_steps)]`, or `[]` for 0 (Python's automatic collection)."""
+    check_gc_every_steps(every_steps)
     return [GarbageCollectionCallback(every_steps)] if every_steps else []

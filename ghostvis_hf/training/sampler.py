@@ -39,7 +39,7 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from .packing import best_fit_decreasing
 from .shape_warmup import VisionAttentionWarmup
-from .throughput import model_flop_coefficients
+from .throughput import base_model, model_flop_coefficients
 
 logger = logging.getLogger("ghostvis")
 
@@ -91,9 +91,7 @@ def balance_costs(model, lengths: list[int], images: list[int]) -> list[float] |
     c = model_flop_coefficients(model)
     if c is None:
         return None
-    base = getattr(model, "module", model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    tower = getattr(getattr(base, "model", None), "vision_tower", None)
+    tower = getattr(getattr(base_model(model), "model", None), "vision_tower", None)
     image = c["image"]
     if tower is not None and not any(p.requires_grad for p in tower.parameters()):
         image /= 3.0

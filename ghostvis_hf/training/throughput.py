@@ -170,13 +170,17 @@ def _sum_over_ranks(counts: dict, args) -> dict:
     return {k: int(v) for k, v in zip(_FIELDS, t.tolist())}
 
 
+def base_model(model):
+    """The model inside a DDP (`.module`) and PEFT (`get_base_model()`) wrapping, or `model` itself."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def model_flop_coefficients(model) -> dict | None:
     """`flop_coefficients` of a GhostVis (or LLaVA-layout) model, unwrapped from PEFT/DDP; `None` if unknown."""
     from ..bench.train_scenarios import flop_coefficients
 
-    model = getattr(model, "module", model)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = base_model(model)
     try:
         vc = model.config.vision_config
         kind = "ghostvis" if hasattr(model.model, "resampler") else "stock"
