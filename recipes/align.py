@@ -72,7 +72,8 @@ def main(script_args, training_args, model_args, gv_args):
     callbacks += gc_callbacks(gv_args.gc_every_steps)
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                  processing_class=processor, data_collator=data_collator, callbacks=callbacks,
-                                 optimizers=(make_optimizer(model, training_args, gv_args), None))
+                                 optimizers=(make_optimizer(model, training_args, gv_args), None),
+                                 cuda_graphs=gv_args.cuda_graphs)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     data_info = describe_data(dataset_name, gv_args)
     finish(trainer, processor, training_args.output_dir,

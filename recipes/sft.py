@@ -106,6 +106,7 @@ def main(script_args, training_args, model_args, gv_args):
         data_collator=data_collator,
         callbacks=callbacks,
         optimizers=(optimizer, None),
+        cuda_graphs=gv_args.cuda_graphs,  # --cuda_graphs: decoder + loss replayed as CUDA graphs
     )
     counts = log_parameter_counts(trainer.model)  # after TRL's LoRA wrapping
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

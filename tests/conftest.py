@@ -90,3 +90,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn's contract, segment by segment with SDPA (empty segments included): the
+    CPU stand-in for the CUDA kernel."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        if a == b:
+            continue
+        qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, s, D]
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale, is_causal=window_size == (-1, 0),
+                                                             enable_gqa=enable_gqa)
+        out[a:b] = o[0].transpose(0, 1)
+    return out

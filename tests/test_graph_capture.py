@@ -122,3 +122,125 @@ def test_graphed_forward_backward_matches_eager(tiny, backend):
         want = eager(**dict(zip(keys, batch)), use_cache=False).loss
         want.backward()
         _assert_same(loss, model, want, eager, (1e-4, 1e-5))
+
+
+# ------------------------------------------------------------- the recipes' step (`--cuda_graphs`, training.graph_step)
+
+
+def _packed_batch(model, seed, max_length, device="cpu"):
+    """A token-budget batch as the packing collator makes it: three conversations of random lengths, one image each,
+    cut in order into exactly 2 rows of `max_length` (padding sequences included)."""
+    from ghostvis_hf.training.packing import pack_samples
+
+    cfg, n = model.config, model.config.image_seq_length
+    g = torch.Generator().manual_seed(seed)
+    size = cfg.vision_config.image_size
+    samples = []
+    for extra in torch.randint(8, 40, (3,), generator=g).tolist():
+        ids = torch.randint(10, 200, (n + 3 + extra,), generator=g)
+        ids[1], ids[2 + n] = cfg.vision_start_token_id, cfg.vision_end_token_id
+        ids[2 : 2 + n] = cfg.image_token_id
+        labels = ids.clone()
+        labels[: n + 3] = -100  # image and prompt not scored
+        samples.append({"input_ids": ids, "labels": labels, "pixel_values": torch.randn(1, 3, size, size, generator=g)})
+    batch = pack_samples(samples, max_length=max_length, pad_token_id=0, rows=2, in_order=True)
+    for k in ("num_real_tokens", "num_slots"):
+        batch.pop(k)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@pytest.fixture
+def varlen_on_cpu(monkeypatch):
+    """GhostVis's varlen attention path on the CPU, with the reference kernel (empty sequences included)."""
+    from conftest import reference_varlen
+    from ghostvis_hf.kernels import _compat, attention
+
+    monkeypatch.setattr(attention, "FAST_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(_compat, "varlen_attn_fn", lambda: reference_varlen)
+
+
+@pytest.mark.parametrize("num_items", [None, 37, "tensor"])
+def test_graphed_step_inputs_give_the_model_loss_on_cpu(tiny, varlen_on_cpu, num_items):
+    """What `--cuda_graphs` captures, run eagerly on the CPU (`capture=False`): eager embedding + vision, gathering
+    scatter, then `DecoderLoss` on `cu_seq_lens` padded with empty sequences, ready-made masks and the static
+    cross-entropy. Same loss and gradients as the model's own forward on the packed batch, for every form of the
+    Trainer's `num_items_in_batch`."""
+    from ghostvis_hf.kernels import apply_kernels, attention, reset_kernels
+    from ghostvis_hf.training.graph_step import GraphedStep
+
+    model = tiny[0].train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    eager = copy.deepcopy(model)
+    length = 2 * model.config.image_seq_length + 64
+    step = GraphedStep(model, rows=2, max_length=length, max_sequences=3 + 2 + 4, capture=False)
+    for seed in (0, 1):
+        batch = _packed_batch(model, seed, length)
+        assert step.fits(batch) and batch["cu_seq_lens_q"].numel() < step.max_sequences + 1  # some padding added
+        items = torch.tensor(37) if num_items == "tensor" else num_items
+        model.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+        calls = attention.CALLS["varlen"]
+        loss = step(batch, items)
+        assert attention.CALLS["varlen"] == calls + model.config.text_config.num_hidden_layers  # cu_seq_lens read
+        loss.backward()
+        want = eager(**batch, use_cache=False, num_items_in_batch=items).loss
+        want.backward()
+        _assert_same(loss, model, want, eager, (1e-5, 1e-6))
+    reset_kernels(model)
+
+
+def test_graphed_step_refuses_what_it_cannot_capture(tiny):
+    """Up front: a run whose steps have no fixed shapes, or that is not one CUDA process, is refused with every
+    reason; at the first step, an attention that would let packed sequences see each other."""
+    from types import SimpleNamespace
+
+    from ghostvis_hf.kernels import apply_kernels, reset_kernels
+    from ghostvis_hf.training.graph_step import GraphedStep, check_cuda_graphs
+
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(device=torch.device("cpu"), world_size=2, gradient_checkpointing=True),
+        model=tiny[0], data_collator=SimpleNamespace(token_budget=None))
+    with pytest.raises(ValueError) as e:
+        check_cuda_graphs(trainer)
+    for reason in ("--token_budget", "a CUDA device", "one process", "--gradient_checkpointing false",
+                   "fused cross-entropy"):
+        assert reason in str(e.value)
+    with pytest.raises(ValueError, match="fused cross-entropy"):
+        GraphedStep(tiny[0], rows=2, max_length=64, max_sequences=4)
+    model = tiny[0].train()
+    apply_kernels(model, attention="sdpa")  # transformers' SDPA ignores cu_seq_lens: one causal mask over the row
+    length = 2 * model.config.image_seq_length + 64
+    step = GraphedStep(model, rows=2, max_length=length, max_sequences=9, capture=False)
+    batch = _packed_batch(model, 0, length)
+    with pytest.raises(ValueError, match="cu_seq_lens"):
+        step(batch)
+    assert not step.fits({**batch, "input_ids": batch["input_ids"][:1]})  # another row count: the eager forward
+    assert not step.fits({**batch, "cu_seq_lens_q": torch.arange(11)})  # more sequences than planned
+    reset_kernels(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_step_replays_match_the_eager_model(tiny):
+    """`--cuda_graphs` on CUDA: captured at the first batch, the replays on new packed batches (other sequence and
+    image placements, other lengths) give the eager model's loss and gradients, under bf16 autocast (the varlen
+    kernels take bf16)."""
+    from ghostvis_hf.kernels import apply_kernels
+    from ghostvis_hf.training.graph_step import GraphedStep
+
+    model = tiny[0].cuda().train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    eager = copy.deepcopy(model)
+    length = 2 * model.config.image_seq_length + 64
+    step = GraphedStep(model, rows=2, max_length=length, max_sequences=9)
+    for seed in (0, 1, 2):
+        batch = _packed_batch(model, seed, length, device="cuda")
+        model.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(batch)
+            want = eager(**batch, use_cache=False).loss
+        loss.backward()
+        want.backward()
+        assert step.graphed is not None
+        _assert_same(loss, model, want, eager, (1e-2, 1e-3))

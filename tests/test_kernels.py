@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ghostvis_hf
+from conftest import reference_varlen
 from ghostvis_hf import kernels
 from ghostvis_hf.kernels import ACTIVE, apply_kernels, enable_gradient_checkpointing, forced, reset_kernels
 
@@ -272,17 +273,6 @@ def test_gpu_varlen_packed_matches_unpacked(gpu_pair):
 # ---------------------------------------------------------------- CPU: the attention plumbing, with a reference varlen
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-    """torch.nn.attention.varlen.varlen_attn's contract, segment by segment with SDPA."""
-    out = torch.empty_like(q)
-    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, s, D]
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale, is_causal=window_size == (-1, 0),
-                                                             enable_gqa=enable_gqa)
-        out[a:b] = o[0].transpose(0, 1)
-    return out
-
-
 def test_attention_fast_paths_plumbing_on_cpu(tiny, monkeypatch):
     """The dense (cuDNN-first SDPA) and packed (varlen) paths give the stock SDPA logits; CPU stands in for CUDA."""
     from ghostvis_hf.kernels import _compat, attention
@@ -301,7 +291,7 @@ def test_attention_fast_paths_plumbing_on_cpu(tiny, monkeypatch):
         ref_packed = model(**inputs, use_cache=False).logits
         ref_dense = model(input_ids=dense_ids, use_cache=False).logits
         monkeypatch.setattr(attention, "FAST_DEVICES", {"cuda", "cpu"})
-        monkeypatch.setattr(_compat, "varlen_attn_fn", lambda: _reference_varlen)
+        monkeypatch.setattr(_compat, "varlen_attn_fn", lambda: reference_varlen)
         assert apply_kernels(model, attention="ghostvis_sdpa")["attention"] == "ghostvis_sdpa"
         calls = dict(attention.CALLS)
         packed = model(**inputs, use_cache=False).logits

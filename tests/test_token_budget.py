@@ -155,6 +155,26 @@ def test_collator_fills_exactly_rows_by_max_length(tiny, conversations):
         GhostVisPackingCollator(processor, max_length=160, token_budget=TokenBudget(2, 64))
 
 
+def test_max_sequences_per_step_bounds_every_collated_step(tiny, conversations):
+    """`--cuda_graphs` pads `cu_seq_lens` to the sampler's bound: no collated step of any planned epoch exceeds it,
+    and it is tight (conversations + one padding sequence per row)."""
+    from datasets import Dataset
+
+    _, processor = tiny
+    lengths = conversation_lengths(Dataset.from_list(conversations), processor, 160)
+    sampler = TokenBudgetBatchSampler(lengths, 3, 160, window=16, seed=0, num_epochs=2)
+    collator = GhostVisPackingCollator(processor, max_length=160, assistant_only_loss=True,
+                                       token_budget=TokenBudget(3, 160))
+    bound, seen = sampler.max_sequences_per_step(), []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for step in sampler:
+            seen.append(collator([conversations[i] for i in step])["cu_seq_lens_q"].numel() - 1)
+            assert seen[-1] <= bound
+    most = max(sum(len(b) for b in step) for e in range(2) for step in sampler.plan(e))  # conversations
+    assert bound == most + 3 and max(seen) >= most + 1
+
+
 def _per_token_ce(logits, labels):
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), shifted.flatten(), reduction="none")

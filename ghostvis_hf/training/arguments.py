@@ -158,6 +158,13 @@ class GhostVisArguments:
                           "one graph per layer kind; names and checkpoints unchanged); Inductor then fuses the norms, "
                           "RoPE and SwiGLU instead of the Liger swaps; the fused cross-entropy and attention kernels "
                           "stay. The first steps compile (about a minute). Not with DeepSpeed ZeRO-3."})
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={"help": "CUDA, one process, --packing --token_budget: the decoder, LM head and loss of every step "
+                          "run as two CUDA graphs (forward, backward) captured at the first step; the embedding and "
+                          "the vision side stay eager (ghostvis_hf.training.graph_step). Removes the decoder's kernel "
+                          "launches and host syncs; the loss scores every position (the ignored ones weighted 0). "
+                          "Not with gradient checkpointing or LoRA."})
     profile_steps: str | None = field(
         default=None,
         metadata={"help": "START:STOP: profile optimizer steps START..STOP-1 on every rank (torch.profiler); "

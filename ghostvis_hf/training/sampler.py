@@ -229,6 +229,11 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         rank: the vision tower's batch sizes in this run."""
         return {sum(images[i] for b in step for i in b) for e in sorted(self._bin_counts) for step in self.plan(e)}
 
+    def max_sequences_per_step(self) -> int:
+        """The most packed sequences a step of any planned epoch and rank can have: its conversations plus one padding
+        sequence per row (the collator pads each row once; empty rows are one padding sequence)."""
+        return max(sum(len(b) for b in step) + self.rows for e in sorted(self._bin_counts) for step in self.plan(e))
+
     def __iter__(self):
         for step in self.plan(self.epoch)[self.rank :: self.num_replicas]:
             yield [i for b in step for i in b]
@@ -292,6 +297,7 @@ class TokenBudgetMixin:
             logger.info("token budget: slowest rank's FLOPs / mean per step %.3f (%.3f without balancing the ranks)",
                         balanced, plain)
         self._replace_callback(_EpochSync(sampler))
+        self._token_budget_sampler = sampler  # its plan bounds a step's sequences (`cuda_graphs`)
         if self.args.device.type == "cuda":  # the image counts of every step of every rank, for the vision warm-up
             self._replace_callback(VisionAttentionWarmup(sampler.images_per_step(images)))
         return sampler

@@ -4,13 +4,15 @@ optionally, the model's own loss, and the recipes' optimizer under FSDP2.
 `TokenBudgetMixin` (`training.sampler`) makes a step `per_device_train_batch_size` rows of `max_length` tokens when
 `--packing --token_budget` are on; `ThroughputMixin` (`training.throughput`) logs tokens/s, conversations/s, MFU and
 peak memory at every logging step; `ModelLossMixin` takes the training loss from the model's forward;
-`OwnOptimizerMixin` hands the recipes' optimizer to the Trainer under FSDP2, where it refuses `optimizers=`.
+`OwnOptimizerMixin` hands the recipes' optimizer to the Trainer under FSDP2, where it refuses `optimizers=`;
+`GraphedStepMixin` (`training.graph_step`) replays the decoder and loss as CUDA graphs with `--cuda_graphs`.
 """
 
 import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
+from .graph_step import GraphedStepMixin
 from .launch import fsdp_version, sharded_by
 from .optimizer import MasterWeightOptimizer
 from .sampler import TokenBudgetMixin
@@ -73,9 +75,11 @@ class ModelLossMixin:
         return Trainer.compute_loss(self, model, inputs, False, num_items_in_batch)
 
 
-class GhostVisSFTTrainer(ModelLossMixin, OwnOptimizerMixin, ThroughputMixin, TokenBudgetMixin, SFTTrainer):
+class GhostVisSFTTrainer(GraphedStepMixin, ModelLossMixin, OwnOptimizerMixin, ThroughputMixin, TokenBudgetMixin,
+                         SFTTrainer):
     """`SFTTrainer` + token-budget steps (`--packing --token_budget`) + tokens/s, MFU, peak memory in every log +
-    the model's own loss (`model_loss=True`) + the recipes' optimizer under FSDP2."""
+    the model's own loss (`model_loss=True`) + the recipes' optimizer under FSDP2 + the decoder and loss as CUDA
+    graphs (`cuda_graphs=True`)."""
 
 
 __all__ = ["GhostVisSFTTrainer", "ModelLossMixin", "OwnOptimizerMixin"]

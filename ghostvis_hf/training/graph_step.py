@@ -1,0 +1,231 @@
+"""`--cuda_graphs`: the recipes' decoder and loss replayed as CUDA graphs (issue 16).
+
+`ghostvis bench train`'s fixed scenario reached 50 % MFU only once the forward and backward ran as CUDA graphs
+(docs/benchmarks/train_graphs.md): launching the decoder's thousands of kernels one by one, and waiting for the GPU
+at each host sync, left it idle for a third of the step. A token-budget step (`--packing --token_budget`) has the
+fixed shapes a graph needs for its decoder, `rows x max_length` tokens every step; what still varies from step to
+step is the number of images and of packed sequences. So a step here is:
+
+- eager: the token embedding, the vision tower, resampler and projector (their batch is the step's images; their
+  large kernels hide their launches, and the vision attention's cuDNN graphs are built per image count before the
+  first step), and the image features written over the placeholders without a host sync
+  (`scatter_image_features(static=True)`);
+- two CUDA graphs (`torch.cuda.make_graphed_callables`), captured at the first step: the decoder, the LM head and
+  the fused cross-entropy (`DecoderLoss`), forward and backward. Their inputs are the embeddings, `position_ids`,
+  `labels`, `cu_seq_lens` padded to a fixed length with empty sequences at the end, and the loss's denominator as a
+  device scalar; the attention takes its varlen path with `max_length` as the longest sequence, the cross-entropy
+  its static path (every position, the ignored ones weighted 0): nothing in the graphs reads back from the GPU.
+
+The backward graph's input gradient flows on into the eager part (scatter, projector, vision tower), and the
+parameters' gradients reach `.grad` as in an eager step, so the Trainer's clipping, optimizer and logging are
+unchanged. A batch that does not fit the captured shapes (other rows or row length, more sequences than the
+sampler's plan allows) runs the model's eager forward instead (`GraphedStepMixin`, with a warning).
+"""
+
+import logging
+
+import torch
+from torch import nn
+
+from ..kernels.cross_entropy import IGNORE_INDEX, LinearCrossEntropy, liger_row_kernel
+from ..modeling_ghostvis import scatter_image_features
+
+logger = logging.getLogger(__name__)
+
+
+class DecoderLoss(nn.Module):
+    """A GhostVis model's decoder, LM head and fused cross-entropy as one module of tensors, for
+    `torch.cuda.make_graphed_callables`: `(inputs_embeds, position_ids, labels, cu_seq_lens, num_items) -> loss`.
+
+    Its parameters are the decoder's and the head's only (the vision side runs before it). The packed rows reach the
+    attention as `cu_seq_lens` (varlen) with a ready-made mask mapping, `None` for each layer type: left to build it
+    while a stream captures, transformers cannot look at `position_ids` on the host.
+
+    Args:
+        model (`GhostVisForConditionalGeneration`): the model; its decoder and head are shared, not copied.
+        max_length (`int`): tokens per row, the longest a packed sequence can be.
+        cross_entropy (`LinearCrossEntropy`): the loss, `static=True` for a capture.
+    """
+
+    def __init__(self, model, max_length: int, cross_entropy: LinearCrossEntropy):
+        super().__init__()
+        self.language_model = model.language_model
+        self.lm_head = model.lm_head
+        self.cross_entropy = cross_entropy
+        self.max_length = max_length
+        text = model.config.get_text_config()
+        self.masks = dict.fromkeys(getattr(text, "layer_types", None) or ["full_attention"])
+
+    def forward(self, inputs_embeds, position_ids, labels, cu_seq_lens, num_items):
+        hidden = self.language_model(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=self.masks, use_cache=False,
+            cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
+            max_length_q=self.max_length, max_length_k=self.max_length,
+        ).last_hidden_state
+        return self.cross_entropy(hidden, self.lm_head, labels, num_items_in_batch=num_items)
+
+
+def embed_with_images(model, input_ids, pixel_values=None):
+    """The decoder's input embeddings with the image features over the placeholders (the model's own forward, up to
+    the decoder), without host syncs: the gathering scatter, and no placeholder-count check (the packing collator
+    builds placeholders and images from the same processor call)."""
+    embeds = model.get_input_embeddings()(input_ids)  # [B, T, d]
+    if pixel_values is not None and pixel_values.shape[0] > 0:
+        features = model.get_image_features(pixel_values, return_dict=True).pooler_output.to(embeds.dtype)
+        mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = scatter_image_features(embeds, mask, features, static=True)
+    return embeds
+
+
+class GraphedStep:
+    """The loss of a token-budget batch, its decoder part replayed as CUDA graphs (see the module docstring).
+
+    Args:
+        model (`GhostVisForConditionalGeneration`): in training mode, on CUDA, with bf16 (or autocast) compute.
+        rows (`int`): rows per step (`per_device_train_batch_size`).
+        max_length (`int`): tokens per row.
+        max_sequences (`int`): the most packed sequences (conversations and padding) a step can have; `cu_seq_lens`
+            is padded to `max_sequences + 1` entries.
+        capture (`bool`, *optional*, defaults to `True`): `False` runs `DecoderLoss` eagerly on the same padded
+            inputs (what the graphs compute, on any device: the CPU tests).
+        chunk_size (`int`, *optional*, defaults to 4096): tokens per chunk of the static cross-entropy.
+
+    """
+
+    def __init__(self, model, rows: int, max_length: int, max_sequences: int, capture: bool = True,
+                 chunk_size: int = 4096):
+        if getattr(model, "linear_cross_entropy", None) is None:
+            raise ValueError("cuda_graphs needs the fused cross-entropy (--kernels true): the graphs take the loss "
+                             "straight from the hidden states")
+        self.model, self.rows, self.max_length, self.max_sequences = model, rows, max_length, max_sequences
+        self.capture = capture
+        backend = "liger" if liger_row_kernel() is not None else "torch"
+        self.module = DecoderLoss(model, max_length, LinearCrossEntropy(backend, static=True, chunk_size=chunk_size))
+        self.graphed = None
+        self.eager_steps = 0
+
+    def fits(self, inputs: dict) -> bool:
+        """Whether the batch has the captured shapes (a token-budget batch of this run always should)."""
+        ids, cu = inputs["input_ids"], inputs.get("cu_seq_lens_q")
+        return (tuple(ids.shape) == (self.rows, self.max_length) and cu is not None
+                and cu.numel() <= self.max_sequences + 1 and "attention_mask" not in inputs)
+
+    def _graph_inputs(self, inputs: dict, num_items_in_batch) -> tuple:
+        model, ids = self.model, inputs["input_ids"]
+        embeds = embed_with_images(model, ids, inputs.get("pixel_values"))
+        labels = model.mask_image_labels(ids, inputs["labels"])
+        cu = inputs["cu_seq_lens_q"].to(torch.int32)
+        cu = nn.functional.pad(cu, (0, self.max_sequences + 1 - cu.numel()), value=ids.numel())  # empty sequences
+        if num_items_in_batch is None:  # the mean over the scored (shifted) positions, as the model's loss
+            shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            num_items = (shifted != IGNORE_INDEX).sum().clamp_min(1)
+        elif torch.is_tensor(num_items_in_batch):
+            num_items = num_items_in_batch
+        else:
+            num_items = torch.tensor(num_items_in_batch)
+        num_items = num_items.to(embeds.device, torch.float32).reshape(())
+        return embeds, inputs["position_ids"], labels, cu, num_items
+
+    def _capture(self, sample: tuple):
+        device = sample[0].device.type
+        # static inputs: the graphs read their inputs from these tensors, the replays copy each batch into them
+        static = tuple(t.detach().clone().requires_grad_(i == 0) for i, t in enumerate(sample))
+        logger.info("cuda_graphs: capturing the decoder + loss (%d x %d tokens, up to %d sequences a step)",
+                    self.rows, self.max_length, self.max_sequences)
+        # NOTE: a capture allows no autocast weight cache (each replay would reuse the first step's casts)
+        with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
+                            cache_enabled=False):
+            return torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=3)
+
+    def __call__(self, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """The batch's loss (backward through it as usual); the batch must `fit`."""
+        if not self.fits(inputs):
+            raise ValueError(f"batch of {tuple(inputs['input_ids'].shape)} tokens does not fit the captured "
+                             f"{self.rows} x {self.max_length} with <= {self.max_sequences} sequences")
+        args = self._graph_inputs(inputs, num_items_in_batch)
+        if self.graphed is None:
+            check_varlen_attention(self.model, args[0].device, args[0].dtype)
+        if not self.capture:
+            return self.module(*args)
+        if self.graphed is None:
+            self.graphed = self._capture(args)
+        return self.graphed(*args)
+
+    def note_eager_step(self, inputs: dict) -> None:
+        """Counts (and logs, the first and every 100th) a batch that did not fit and ran the eager forward."""
+        self.eager_steps += 1
+        if self.eager_steps == 1 or self.eager_steps % 100 == 0:
+            cu = inputs.get("cu_seq_lens_q")
+            logger.warning("cuda_graphs: %d batch(es) did not fit the captured shapes (%d x %d tokens, <= %d sequences;"
+                           " this one: %s tokens, %s sequences) and ran eagerly", self.eager_steps, self.rows,
+                           self.max_length, self.max_sequences, tuple(inputs["input_ids"].shape),
+                           None if cu is None else cu.numel() - 1)
+
+
+class GraphedStepMixin:
+    """Trainer mixin: `cuda_graphs=True` computes training losses with a `GraphedStep` (captured at the first step);
+    evaluation, `return_outputs` and a batch that does not fit run the trainer's own `compute_loss`.
+
+    `class GhostVisSFTTrainer(GraphedStepMixin, ..., TokenBudgetMixin, SFTTrainer)`: the shapes come from the token
+    budget (`TokenBudgetMixin` keeps its sampler, whose plan bounds the sequences per step).
+    """
+
+    def __init__(self, *args, cuda_graphs: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cuda_graphs = cuda_graphs
+        self._graphed_step = None
+        if cuda_graphs:
+            check_cuda_graphs(self)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.cuda_graphs or return_outputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        step = self._graphed_step
+        if step is None:
+            budget, sampler = self.data_collator.token_budget, self._token_budget_sampler
+            step = self._graphed_step = GraphedStep(self.accelerator.unwrap_model(model), rows=budget.rows,
+                                                    max_length=budget.max_length,
+                                                    max_sequences=sampler.max_sequences_per_step())
+        if not step.fits(inputs):
+            step.note_eager_step(inputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return step(inputs, num_items_in_batch)
+
+
+def check_cuda_graphs(trainer) -> None:
+    """Refuses, before training, a run whose steps `cuda_graphs` cannot capture."""
+    args, model = trainer.args, trainer.model
+    problems = []
+    if getattr(trainer.data_collator, "token_budget", None) is None:
+        problems.append("token-budget steps (--packing true --token_budget true: every step rows x max_length)")
+    if args.device.type != "cuda":
+        problems.append(f"a CUDA device (this run is on {args.device.type})")
+    if args.world_size > 1:
+        problems.append(f"one process (this run has {args.world_size}: DDP/FSDP/DeepSpeed hook the model's forward)")
+    if args.gradient_checkpointing:
+        problems.append("--gradient_checkpointing false (recomputation inside a capture is not supported here)")
+    if hasattr(model, "peft_config"):
+        problems.append("full fine-tuning (not LoRA/QLoRA)")
+    if getattr(model, "linear_cross_entropy", None) is None:
+        problems.append("the fused cross-entropy (--kernels true)")
+    if problems:
+        raise ValueError("cuda_graphs needs " + "; ".join(problems))
+
+
+def check_varlen_attention(model, device, dtype) -> None:
+    """Refuses a decoder attention that would not keep the packed sequences apart: the graphs pass no mask, only
+    `cu_seq_lens`, which GhostVis's attention (varlen kernels, on CUDA, bf16/fp16 or autocast) and flash-attn read."""
+    from ..kernels import _compat, attention
+
+    impl = model.config.get_text_config()._attn_implementation
+    half = dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
+    varlen = (impl == attention.ATTN_IMPLEMENTATION and device.type in attention.FAST_DEVICES
+              and _compat.varlen_attn_fn() is not None and (half or device.type != "cuda"))
+    if not (varlen or str(impl).startswith("flash_attention")):
+        raise ValueError(f"cuda_graphs needs a decoder attention that reads cu_seq_lens (GhostVis's varlen attention "
+                         f"on CUDA in bf16 with --kernels, or flash_attention_2); this model's is {impl!r} on "
+                         f"{device.type} in {dtype}")
+
+
+__all__ = ["DecoderLoss", "GraphedStep", "GraphedStepMixin", "check_cuda_graphs", "check_varlen_attention",
+           "embed_with_images"]
