@@ -53,6 +53,33 @@ def _count(path: str) -> None:
         CALLS[path] += 1
 
 
+class _CapturableVarlen(torch.autograd.Function):
+    """`varlen_attn`'s flash kernels (forward and backward) through a plain autograd Function, for CUDA-graph captures.
+
+    NOTE: the backward of torch 2.11's `varlen_attn` (a `torch.library` custom op) fails inside a capture with
+    `cudaErrorStreamCaptureImplicit` (H200, torch 2.11+cu130, measured 2026-11-30); calling the same ATen flash ops
+    from this Function captures and replays with identical results. Used only while a stream captures (private ATen
+    ops: `varlen_attn` stays the path everywhere else).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, rng_state, unused)
+        ctx.args = (max_q, max_k, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, cu_q, cu_k, out, lse, rng_state, unused = ctx.saved_tensors
+        max_q, max_k, causal, scale = ctx.args
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng_state, unused,
+            scale=scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def _varlen_forward(module, query, key, value, scaling, cu_q, cu_k, max_q, max_k, causal):
     fn = _compat.varlen_attn_fn()
     b, h, t, d = query.shape
@@ -67,7 +94,10 @@ def _varlen_forward(module, query, key, value, scaling, cu_q, cu_k, max_q, max_k
     q = query.transpose(1, 2).reshape(b * t, h, d).to(dtype)  # [B*T, H, D]
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d).to(dtype)  # [B*T, H_kv, D]
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d).to(dtype)
-    out = fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **kwargs)  # [B*T, H, D]
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():  # GQA: flash takes fewer K/V heads natively
+        out = _CapturableVarlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scaling)
+    else:
+        out = fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **kwargs)  # [B*T, H, D]
     _count("varlen")
     return out.view(b, t, h, d), None
 
