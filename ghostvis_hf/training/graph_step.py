@@ -142,13 +142,19 @@ class GraphedStep:
         if not self.fits(inputs):
             raise ValueError(f"batch of {tuple(inputs['input_ids'].shape)} tokens does not fit the captured "
                              f"{self.rows} x {self.max_length} with <= {self.max_sequences} sequences")
+        if self.capture and self.graphed is None:
+            # NOTE: the sample inputs carry no autograd history: an eager embedding graph alive during the capture
+            # would hold the tied embedding's gradient accumulator, made on the default stream, and the captured
+            # head gradient would have to join that stream (cudaErrorStreamCaptureImplicit, measured on an H200)
+            with torch.no_grad():
+                sample = self._graph_inputs(inputs, num_items_in_batch)
+            check_varlen_attention(self.model, sample[0].device, sample[0].dtype)
+            self.graphed = self._capture(sample)
+            del sample
         args = self._graph_inputs(inputs, num_items_in_batch)
-        if self.graphed is None:
-            check_varlen_attention(self.model, args[0].device, args[0].dtype)
         if not self.capture:
+            check_varlen_attention(self.model, args[0].device, args[0].dtype)
             return self.module(*args)
-        if self.graphed is None:
-            self.graphed = self._capture(args)
         return self.graphed(*args)
 
     def note_eager_step(self, inputs: dict) -> None:
