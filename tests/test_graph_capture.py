@@ -244,3 +244,81 @@ def test_graphed_step_replays_match_the_eager_model(tiny):
         want.backward()
         assert step.graphed is not None
         _assert_same(loss, model, want, eager, (1e-2, 1e-3))
+
+
+def _fake_graphed_callables(module, sample, num_warmup_iters=3):
+    """`torch.cuda.make_graphed_callables`' contract on the CPU: the backward writes every gradient into one static
+    buffer per input and returns detached views of those buffers (what its `Graphed.backward` returns)."""
+    params = tuple(p for p in module.parameters() if p.requires_grad)
+    buffers = {}
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.inputs = [x.detach().requires_grad_(x.requires_grad) for x in inputs[: len(sample)]]
+            return module(*ctx.inputs).detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            with torch.enable_grad():
+                wrt = [x for x in ctx.inputs if x.requires_grad] + list(params)
+                grads = iter(torch.autograd.grad(module(*ctx.inputs), wrt, grad))
+            out = []
+            for i, x in enumerate(ctx.inputs + list(params)):
+                if x.requires_grad:
+                    buffers.setdefault(i, torch.empty_like(x)).copy_(next(grads))
+                out.append(buffers[i].detach() if x.requires_grad else None)
+            return tuple(out)
+
+    return lambda *inputs: Replay.apply(*inputs, *params)
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_graphed_step_gradient_accumulation_with_replayed_gradient_buffers(tiny, varlen_on_cpu, monkeypatch,
+                                                                           accumulate):
+    """A replayed backward hands out views of the graph's gradient buffers, which autograd keeps as `.grad` when
+    `.grad` is unset: the next micro-batch's replay would overwrite them (measured here: the sum comes out wrong).
+    `accumulate=True` (the mixin's choice with gradient_accumulation_steps > 1) sums like two eager backwards."""
+    from ghostvis_hf.kernels import apply_kernels, reset_kernels
+    from ghostvis_hf.training.graph_step import GraphedStep
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _fake_graphed_callables)
+    model = tiny[0].train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    eager = copy.deepcopy(model)
+    length = 2 * model.config.image_seq_length + 64
+    step = GraphedStep(model, rows=2, max_length=length, max_sequences=9)
+    for seed in (1, 2):
+        batch = _packed_batch(model, seed, length)
+        loss = step(batch, accumulate=accumulate)
+        loss.backward()
+        eager(**batch, use_cache=False).loss.backward()
+    assert step.graphed is not None
+    grads = dict(eager.named_parameters())
+    same = all(torch.allclose(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6)
+               for n, p in model.named_parameters() if p.grad is not None)
+    assert same == accumulate
+    reset_kernels(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_step_accumulates_gradients_over_micro_batches(tiny):
+    """Gradient accumulation: two replayed backwards before the gradients are read sum like two eager ones (the
+    replays hand out views of one gradient buffer; `accumulate=True` keeps them from becoming `.grad`)."""
+    from ghostvis_hf.kernels import apply_kernels
+    from ghostvis_hf.training.graph_step import GraphedStep
+
+    model = tiny[0].cuda().train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    eager = copy.deepcopy(model)
+    length = 2 * model.config.image_seq_length + 64
+    step = GraphedStep(model, rows=2, max_length=length, max_sequences=9)
+    for seed in (1, 2):  # the first call captures, then replays
+        batch = _packed_batch(model, seed, length, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(batch, accumulate=True)
+            want = eager(**batch, use_cache=False).loss
+        loss.backward()
+        want.backward()
+    _assert_same(loss, model, want, eager, (1e-2, 1e-3))

@@ -137,8 +137,13 @@ class GraphedStep:
                             cache_enabled=False):
             return torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=3)
 
-    def __call__(self, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-        """The batch's loss (backward through it as usual); the batch must `fit`."""
+    def __call__(self, inputs: dict, num_items_in_batch=None, accumulate: bool = False) -> torch.Tensor:
+        """The batch's loss (backward through it as usual); the batch must `fit`.
+
+        `accumulate=True` (gradient accumulation: more backwards before the gradients are used): the replayed
+        backward hands each parameter a view of the graph's own gradient buffer, which autograd keeps as `.grad`
+        when `.grad` is unset and the next replay then overwrites; so unset gradients are made zeros first, and
+        autograd adds into them instead."""
         if not self.fits(inputs):
             raise ValueError(f"batch of {tuple(inputs['input_ids'].shape)} tokens does not fit the captured "
                              f"{self.rows} x {self.max_length} with <= {self.max_sequences} sequences")
@@ -151,6 +156,10 @@ class GraphedStep:
             check_varlen_attention(self.model, sample[0].device, sample[0].dtype)
             self.graphed = self._capture(sample)
             del sample
+        if accumulate:
+            for p in self.module.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         args = self._graph_inputs(inputs, num_items_in_batch)
         if not self.capture:
             check_varlen_attention(self.model, args[0].device, args[0].dtype)
@@ -195,7 +204,7 @@ class GraphedStepMixin:
         if not step.fits(inputs):
             step.note_eager_step(inputs)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return step(inputs, num_items_in_batch)
+        return step(inputs, num_items_in_batch, accumulate=self.args.gradient_accumulation_steps > 1)
 
 
 def check_cuda_graphs(trainer) -> None:
