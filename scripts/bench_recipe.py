@@ -18,6 +18,7 @@ MFU: `ghostvis bench train`'s FLOP formula on both sides. A side that fails is a
 `--only` keeps the other side's row of an earlier record in `--out`. GPU, then a CPU smoke test:
 
     PYTHONPATH=/tmp/site python scripts/bench_recipe.py     # both sides, 10 + 40 steps each, to docs/benchmarks/
+    python scripts/bench_recipe.py --only ghostvis --recipe-args "--cuda_graphs true"   # the recipe's graphed step
     python scripts/bench_recipe.py --preset tiny --device cpu --rows 24 --warmup 1 --steps 2 --stock-batch 2 \\
         --workers 0 --recipe-args "--max_length 2048 --per_device_train_batch_size 2"
 """
