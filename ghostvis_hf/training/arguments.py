@@ -163,8 +163,9 @@ class GhostVisArguments:
         metadata={"help": "CUDA, one process, --packing --token_budget: the decoder, LM head and loss of every step "
                           "run as two CUDA graphs (forward, backward) captured at the first step; the embedding and "
                           "the vision side stay eager (ghostvis_hf.training.graph_step). Removes the decoder's kernel "
-                          "launches and host syncs; the loss scores every position (the ignored ones weighted 0). "
-                          "Not with gradient checkpointing or LoRA."})
+                          "launches and host syncs; the loss is the model's own (as --loss model) and scores every position "
+                          "(the ignored ones weighted 0). Not with gradient checkpointing or LoRA. Measured on an H200: "
+                          "1.14-1.25x the eager recipe (docs/benchmarks/train_recipe_graphs.md)."})
     profile_steps: str | None = field(
         default=None,
         metadata={"help": "START:STOP: profile optimizer steps START..STOP-1 on every rank (torch.profiler); "

@@ -2,14 +2,13 @@
 
 `ghostvis bench train`'s fixed scenario reached 50 % MFU only once the forward and backward ran as CUDA graphs
 (docs/benchmarks/train_graphs.md): launching the decoder's thousands of kernels one by one, and waiting for the GPU
-at each host sync, left it idle for a third of the step. A token-budget step (`--packing --token_budget`) has the
+at each host sync, left it idle for part of every step. A token-budget step (`--packing --token_budget`) has the
 fixed shapes a graph needs for its decoder, `rows x max_length` tokens every step; what still varies from step to
 step is the number of images and of packed sequences. So a step here is:
 
-- eager: the token embedding, the vision tower, resampler and projector (their batch is the step's images; their
-  large kernels hide their launches, and the vision attention's cuDNN graphs are built per image count before the
-  first step), and the image features written over the placeholders without a host sync
-  (`scatter_image_features(static=True)`);
+- eager: the token embedding, the vision tower, resampler and projector (their batch is the step's images, whose
+  number varies; the vision attention's cuDNN graphs are built per image count before the first step), and the image
+  features written over the placeholders without a host sync (`scatter_image_features(static=True)`);
 - two CUDA graphs (`torch.cuda.make_graphed_callables`), captured at the first step: the decoder, the LM head and
   the fused cross-entropy (`DecoderLoss`), forward and backward. Their inputs are the embeddings, `position_ids`,
   `labels`, `cu_seq_lens` padded to a fixed length with empty sequences at the end, and the loss's denominator as a
@@ -89,7 +88,6 @@ class GraphedStep:
         capture (`bool`, *optional*, defaults to `True`): `False` runs `DecoderLoss` eagerly on the same padded
             inputs (what the graphs compute, on any device: the CPU tests).
         chunk_size (`int`, *optional*, defaults to 4096): tokens per chunk of the static cross-entropy.
-
     """
 
     def __init__(self, model, rows: int, max_length: int, max_sequences: int, capture: bool = True,
@@ -128,7 +126,8 @@ class GraphedStep:
 
     def _capture(self, sample: tuple):
         device = sample[0].device.type
-        # static inputs: the graphs read their inputs from these tensors, the replays copy each batch into them
+        # static inputs: the graphs read their inputs from these tensors, the replays copy each batch into them; the
+        # embeddings always take a gradient (an input that needs none discards it)
         static = tuple(t.detach().clone().requires_grad_(i == 0) for i, t in enumerate(sample))
         logger.info("cuda_graphs: capturing the decoder + loss (%d x %d tokens, up to %d sequences a step)",
                     self.rows, self.max_length, self.max_sequences)
