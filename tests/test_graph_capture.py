@@ -322,3 +322,47 @@ def test_graphed_step_accumulates_gradients_over_micro_batches(tiny):
         loss.backward()
         want.backward()
     _assert_same(loss, model, want, eager, (1e-2, 1e-3))
+
+
+def test_graphed_step_mixin_routes_training_losses_and_falls_back(tiny, varlen_on_cpu, monkeypatch):
+    """The trainer side: training losses of fitting batches go through the graphed step (built at the first one, its
+    bound from the sampler's plan); evaluation and a batch of other shape take the trainer's own `compute_loss`,
+    the latter counted."""
+    from types import SimpleNamespace
+
+    from ghostvis_hf.kernels import apply_kernels, reset_kernels
+    from ghostvis_hf.training import graph_step
+    from ghostvis_hf.training.packing import TokenBudget
+
+    class Base:
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return "trainer's own"
+
+    class Trainer(graph_step.GraphedStepMixin, Base):
+        pass
+
+    made = []
+
+    class CPUStep(graph_step.GraphedStep):  # what the mixin builds, without a capture (CPU)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, capture=False, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(graph_step, "GraphedStep", CPUStep)
+    model = tiny[0].train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    length = 2 * model.config.image_seq_length + 64
+    trainer = Trainer.__new__(Trainer)  # the Trainer's own __init__ (and its refusal of the CPU) left out
+    trainer.cuda_graphs, trainer._graphed_step = True, None
+    trainer.data_collator = SimpleNamespace(token_budget=TokenBudget(2, length))
+    trainer._token_budget_sampler = SimpleNamespace(max_sequences_per_step=lambda: 9)
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    trainer.args = SimpleNamespace(gradient_accumulation_steps=1)
+    batch = _packed_batch(model, 0, length)
+    loss = trainer.compute_loss(model, batch)
+    assert torch.is_tensor(loss) and loss.requires_grad and made[0].max_sequences == 9
+    assert trainer.compute_loss(model, {**batch, "input_ids": batch["input_ids"][:1]}) == "trainer's own"
+    assert made[0].eager_steps == 1 and len(made) == 1
+    model.eval()
+    assert trainer.compute_loss(model, batch) == "trainer's own"
+    reset_kernels(model)
