@@ -10,7 +10,8 @@ conversations, one image each) for `--warmup` + `--steps` optimizer steps, timed
   `--stock-batch` (4, 8, 16) with the most conversations/s (every size's result recorded), no packing (TRL
   refuses it for images), `max_length=None`, TRL's vision collator. Tokens are counted on the host from each fed
   batch's `attention_mask` (`training.throughput.CountingCollator`); the clock runs between two `on_step_end`s, each
-  after a `torch.cuda.synchronize()`.
+  after a `torch.cuda.synchronize()`. Batches are copied to the GPU without blocking (`accelerator_config`
+  `non_blocking`, as GhostVis's GPU configs do; records before 2026-11-30's seventh session ran without it).
 - ghostvis: `accelerate launch recipes/sft.py --config recipes/configs/sft_1.5b_bench.yaml` in a subprocess, with
   `--logging_steps` = warm-up so that its speed log (`sft_summary.json` "throughput") leaves the warm-up out.
 
@@ -160,6 +161,7 @@ def _stock_attempt(args, dataset, liger: bool, checkpointing: bool, out_dir: str
         activation_checkpointing=checkpointing, packing=False, padding_free=False, max_length=None,
         logging_steps=args.warmup, report_to="none", save_strategy="no", seed=0,
         dataloader_num_workers=args.workers, dataloader_persistent_workers=args.workers > 0,
+        accelerator_config={"non_blocking": True},  # pinned batches copied without a stream sync, as GhostVis's configs
     )
     timer = _step_timer(args.warmup, args.steps, args.device)
     trainer = _counting_trainer_class()(model=model, args=config, train_dataset=dataset, processing_class=processor,
