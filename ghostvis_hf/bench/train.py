@@ -344,16 +344,15 @@ def _time_ghostvis(results, args, runs, cfg, pixel, pad_id, n_patches) -> None:
 class _LossOf(torch.nn.Module):
     """`model(**inputs).loss` as a module of positional tensors, for `torch.cuda.make_graphed_callables`.
 
-    The rows are whole causal sequences (no padding, no packing), so the decoder gets its mask mapping ready-made:
-    `None` for each layer type (transformers' decoders take a dict of prepared masks as `attention_mask`). Left to
-    build it while a stream captures, transformers cannot look at `position_ids` on the host and materializes a
-    `[B, 1, T, T]` mask, which takes attention off its causal kernels."""
+    The rows are whole causal sequences (no padding, no packing), so the decoder gets its mask mapping ready-made
+    (`training.graph_step.no_mask_mapping`); a `[B, 1, T, T]` mask would take attention off its causal kernels."""
 
     def __init__(self, model, keys):
+        from ghostvis_hf.training.graph_step import no_mask_mapping
+
         super().__init__()
         self.model, self.keys = model, keys
-        text = model.config.get_text_config()
-        self.masks = dict.fromkeys(getattr(text, "layer_types", None) or ["full_attention"])
+        self.masks = no_mask_mapping(model.config)
 
     def forward(self, *tensors):
         return self.model(**dict(zip(self.keys, tensors)), attention_mask=self.masks, use_cache=False).loss

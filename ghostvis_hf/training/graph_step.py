@@ -32,13 +32,21 @@ from ..modeling_ghostvis import scatter_image_features
 logger = logging.getLogger(__name__)
 
 
+def no_mask_mapping(config) -> dict:
+    """The decoder's mask mapping ready-made, `None` for each of its layer types (transformers' decoders take a dict of
+    prepared masks as `attention_mask`): causal attention over whole rows, or packed rows kept apart by
+    `cu_seq_lens`. Left to build it while a stream captures, transformers cannot look at `position_ids` on the host
+    and materializes a dense `[B, 1, T, T]` mask."""
+    text = config.get_text_config()
+    return dict.fromkeys(getattr(text, "layer_types", None) or ["full_attention"])
+
+
 class DecoderLoss(nn.Module):
     """A GhostVis model's decoder, LM head and fused cross-entropy as one module of tensors, for
     `torch.cuda.make_graphed_callables`: `(inputs_embeds, position_ids, labels, cu_seq_lens, num_items) -> loss`.
 
     Its parameters are the decoder's and the head's only (the vision side runs before it). The packed rows reach the
-    attention as `cu_seq_lens` (varlen) with a ready-made mask mapping, `None` for each layer type: left to build it
-    while a stream captures, transformers cannot look at `position_ids` on the host.
+    attention as `cu_seq_lens` (varlen) with a ready-made mask mapping (`no_mask_mapping`).
 
     Args:
         model (`GhostVisForConditionalGeneration`): the model; its decoder and head are shared, not copied.
@@ -52,8 +60,7 @@ class DecoderLoss(nn.Module):
         self.lm_head = model.lm_head
         self.cross_entropy = cross_entropy
         self.max_length = max_length
-        text = model.config.get_text_config()
-        self.masks = dict.fromkeys(getattr(text, "layer_types", None) or ["full_attention"])
+        self.masks = no_mask_mapping(model.config)
 
     def forward(self, inputs_embeds, position_ids, labels, cu_seq_lens, num_items):
         hidden = self.language_model(
@@ -242,4 +249,4 @@ def check_varlen_attention(model, device, dtype) -> None:
 
 
 __all__ = ["DecoderLoss", "GraphedStep", "GraphedStepMixin", "check_cuda_graphs", "check_varlen_attention",
-           "embed_with_images"]
+           "embed_with_images", "no_mask_mapping"]

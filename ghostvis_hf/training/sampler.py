@@ -224,15 +224,20 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         self.plan(epoch)
         return self._imbalances[epoch]
 
+    def _planned_steps(self):
+        """Every step (a list of bins) of every planned epoch and rank."""
+        for e in sorted(self._bin_counts):
+            yield from self.plan(e)
+
     def images_per_step(self, images: list[int]) -> set[int]:
         """The distinct totals of `images` (one count per conversation) over the steps of every planned epoch and
         rank: the vision tower's batch sizes in this run."""
-        return {sum(images[i] for b in step for i in b) for e in sorted(self._bin_counts) for step in self.plan(e)}
+        return {sum(images[i] for b in step for i in b) for step in self._planned_steps()}
 
     def max_sequences_per_step(self) -> int:
         """The most packed sequences a step of any planned epoch and rank can have: its conversations plus one padding
         sequence per row (the collator pads each row once; empty rows are one padding sequence)."""
-        return max(sum(len(b) for b in step) + self.rows for e in sorted(self._bin_counts) for step in self.plan(e))
+        return max(sum(len(b) for b in step) + self.rows for step in self._planned_steps())
 
     def __iter__(self):
         for step in self.plan(self.epoch)[self.rank :: self.num_replicas]:
