@@ -73,7 +73,7 @@ def main(script_args, training_args, model_args, gv_args):
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                  processing_class=processor, data_collator=data_collator, callbacks=callbacks,
                                  optimizers=(make_optimizer(model, training_args, gv_args), None),
-                                 cuda_graphs=gv_args.cuda_graphs)
+                                 cuda_graphs=gv_args.cuda_graphs, cuda_graphs_vision=gv_args.cuda_graphs_vision)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     data_info = describe_data(dataset_name, gv_args)
     finish(trainer, processor, training_args.output_dir,

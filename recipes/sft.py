@@ -107,6 +107,7 @@ def main(script_args, training_args, model_args, gv_args):
         callbacks=callbacks,
         optimizers=(optimizer, None),
         cuda_graphs=gv_args.cuda_graphs,  # --cuda_graphs: decoder + loss replayed as CUDA graphs
+        cuda_graphs_vision=gv_args.cuda_graphs_vision,  # --cuda_graphs_vision: the vision side too
     )
     counts = log_parameter_counts(trainer.model)  # after TRL's LoRA wrapping
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

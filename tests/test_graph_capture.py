@@ -3,9 +3,12 @@ graphed_step_master`): the capture takes no host sync (placeholder check, fused 
 eager loss and gradients on new inputs of the same shapes."""
 
 import copy
+import os
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(autouse=True)
@@ -127,16 +130,17 @@ def test_graphed_forward_backward_matches_eager(tiny, backend):
 # ------------------------------------------------------------- the recipes' step (`--cuda_graphs`, training.graph_step)
 
 
-def _packed_batch(model, seed, max_length, device="cpu"):
-    """A token-budget batch as the packing collator makes it: three conversations of random lengths, one image each,
-    cut in order into exactly 2 rows of `max_length` (padding sequences included)."""
+def _packed_batch(model, seed, max_length, device="cpu", conversations=3):
+    """A token-budget batch as the packing collator makes it: `conversations` (2-4) of random lengths, one image
+    each, cut in order into exactly 2 rows of `max_length` (padding sequences included)."""
     from ghostvis_hf.training.packing import pack_samples
 
     cfg, n = model.config, model.config.image_seq_length
     g = torch.Generator().manual_seed(seed)
     size = cfg.vision_config.image_size
     samples = []
-    for extra in torch.randint(8, 40, (3,), generator=g).tolist():
+    longest = 40 if conversations <= 3 else 20  # two conversations per row
+    for extra in torch.randint(8, longest, (conversations,), generator=g).tolist():
         ids = torch.randint(10, 200, (n + 3 + extra,), generator=g)
         ids[1], ids[2 + n] = cfg.vision_start_token_id, cfg.vision_end_token_id
         ids[2 : 2 + n] = cfg.image_token_id
@@ -246,7 +250,7 @@ def test_graphed_step_replays_match_the_eager_model(tiny):
         _assert_same(loss, model, want, eager, (1e-2, 1e-3))
 
 
-def _fake_graphed_callables(module, sample, num_warmup_iters=3):
+def _fake_graphed_callables(module, sample, num_warmup_iters=3, pool=None):
     """`torch.cuda.make_graphed_callables`' contract on the CPU: the backward writes every gradient into one static
     buffer per input and returns detached views of those buffers (what its `Graphed.backward` returns)."""
     params = tuple(p for p in module.parameters() if p.requires_grad)
@@ -353,7 +357,7 @@ def test_graphed_step_mixin_routes_training_losses_and_falls_back(tiny, varlen_o
     apply_kernels(model, attention="ghostvis_sdpa")
     length = 2 * model.config.image_seq_length + 64
     trainer = Trainer.__new__(Trainer)  # the Trainer's own __init__ (and its refusal of the CPU) left out
-    trainer.cuda_graphs, trainer._graphed_step = True, None
+    trainer.cuda_graphs, trainer.cuda_graphs_vision, trainer._graphed_step = True, False, None
     trainer.data_collator = SimpleNamespace(token_budget=TokenBudget(2, length))
     trainer._token_budget_sampler = SimpleNamespace(max_sequences_per_step=lambda: 9)
     trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
@@ -365,4 +369,214 @@ def test_graphed_step_mixin_routes_training_losses_and_falls_back(tiny, varlen_o
     assert made[0].eager_steps == 1 and len(made) == 1
     model.eval()
     assert trainer.compute_loss(model, batch) == "trainer's own"
+    reset_kernels(model)
+
+
+def _counting(graphed_callables):
+    """`graphed_callables` that also counts the replays of each callable, by its sample's leading size."""
+    replays = {}
+
+    def make(module, sample, num_warmup_iters=3, pool=None):
+        graphed = graphed_callables(module, sample, num_warmup_iters=num_warmup_iters, pool=pool)
+        key = (type(module).__name__, sample[0].shape[0])
+
+        def replay(*args):
+            replays[key] = replays.get(key, 0) + 1
+            return graphed(*args)
+
+        return replay
+
+    return make, replays
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_graphed_step_replays_the_vision_side_per_image_count(tiny, varlen_on_cpu, monkeypatch, accumulate):
+    """`image_counts`: the vision side (tower, resampler, projector) runs as one graphed forward/backward per image
+    count of the plan (here 2 and 3), captured at the first step; a step with another count (4) runs it eagerly.
+    Loss and gradients == the eager model's, step by step and summed over micro-batches (`accumulate`), on the
+    CPU with a stand-in of make_graphed_callables' contract (static gradient buffers handed out as views)."""
+    from ghostvis_hf.kernels import apply_kernels, reset_kernels
+    from ghostvis_hf.training.graph_step import GraphedStep
+
+    make, replays = _counting(_fake_graphed_callables)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make)
+    model = tiny[0].train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    eager = copy.deepcopy(model)
+    length = 2 * model.config.image_seq_length + 64
+    step = GraphedStep(model, rows=2, max_length=length, max_sequences=4 + 2, image_counts=[3, 2, 0])
+    assert step.image_counts == [2, 3]
+    for seed, conversations in enumerate((3, 2, 4, 3)):
+        batch = _packed_batch(model, seed, length, conversations=conversations)
+        assert batch["pixel_values"].shape[0] == conversations
+        if not accumulate:
+            model.zero_grad(set_to_none=True)
+            eager.zero_grad(set_to_none=True)
+        loss = step(batch, accumulate=accumulate)
+        loss.backward()
+        want = eager(**batch, use_cache=False).loss
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        if not accumulate:
+            _assert_same(loss, model, want, eager, (1e-5, 1e-6))
+    if accumulate:
+        _assert_same(loss, model, want, eager, (1e-5, 1e-6))
+    assert set(step.vision_graphs) == {2, 3}
+    assert replays == {("DecoderLoss", 2): 4, ("ImageFeatures", 3): 2, ("ImageFeatures", 2): 1}  # 4 images: eager
+    reset_kernels(model)
+
+
+def test_graphed_step_mixin_passes_the_plans_image_counts(tiny, varlen_on_cpu, monkeypatch):
+    """`cuda_graphs_vision=True`: the mixin hands the token-budget plan's image counts to the graphed step; without
+    `cuda_graphs` it is refused."""
+    from types import SimpleNamespace
+
+    from ghostvis_hf.kernels import apply_kernels, reset_kernels
+    from ghostvis_hf.training import graph_step
+    from ghostvis_hf.training.packing import TokenBudget
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class Trainer(graph_step.GraphedStepMixin, Base):
+        pass
+
+    from ghostvis_hf.training.arguments import GhostVisArguments
+
+    with pytest.raises(ValueError, match="set --cuda_graphs true"):
+        Trainer(cuda_graphs_vision=True)
+    with pytest.raises(ValueError, match="set --cuda_graphs true"):  # the recipes' flags, before anything loads
+        GhostVisArguments(cuda_graphs_vision=True)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _fake_graphed_callables)
+    model = tiny[0].train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    length = 2 * model.config.image_seq_length + 64
+    trainer = Trainer.__new__(Trainer)  # the Trainer's own __init__ (and its refusal of the CPU) left out
+    trainer.cuda_graphs, trainer.cuda_graphs_vision, trainer._graphed_step = True, True, None
+    trainer.data_collator = SimpleNamespace(token_budget=TokenBudget(2, length))
+    trainer._token_budget_sampler = SimpleNamespace(max_sequences_per_step=lambda: 9)
+    trainer._image_counts = {3, 5}
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    trainer.args = SimpleNamespace(gradient_accumulation_steps=1)
+    trainer.compute_loss(model, _packed_batch(model, 0, length)).backward()
+    assert trainer._graphed_step.image_counts == [3, 5] and set(trainer._graphed_step.vision_graphs) == {3, 5}
+    reset_kernels(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_step_vision_graphs_replay_on_cuda(tiny):
+    """The vision side's graphs on CUDA (one memory pool for the image counts 2, 3 and 4), replayed in another order
+    than captured and between the decoder's: the eager model's loss and gradients under bf16 autocast."""
+    from ghostvis_hf.kernels import apply_kernels
+    from ghostvis_hf.training.graph_step import GraphedStep
+
+    model = tiny[0].cuda().train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    eager = copy.deepcopy(model)
+    length = 2 * model.config.image_seq_length + 64
+    step = GraphedStep(model, rows=2, max_length=length, max_sequences=9, image_counts=[2, 3, 4])
+    for seed, conversations in enumerate((3, 2, 4, 3, 2)):
+        batch = _packed_batch(model, seed, length, device="cuda", conversations=conversations)
+        model.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(batch)
+            want = eager(**batch, use_cache=False).loss
+        loss.backward()
+        want.backward()
+        _assert_same(loss, model, want, eager, (1e-2, 1e-3))
+    assert set(step.vision_graphs) == {2, 3, 4}
+
+
+class _HostReads(TorchDispatchMode):
+    """Records, by op and caller, every op that on a GPU reads a device value back to the host and so waits for all
+    queued work: `.item()` / `bool()` / `int()` of a tensor, `nonzero`, `masked_select`, boolean indexing."""
+
+    READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name.startswith(("aten.index.Tensor", "aten.index_put")) and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else None) or ())
+        if name in self.READS or boolean_index:
+            caller = next((f for f in reversed(traceback.extract_stack()[:-1])
+                           if "/torch/" not in f.filename), None)
+            self.reads.append(f"{name} at {os.path.basename(caller.filename)}:{caller.lineno}" if caller else name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("nan_filter", [False, True])
+def test_graphed_recipe_steps_read_nothing_back_from_the_device(tiny, varlen_on_cpu, monkeypatch, tmp_path,
+                                                                nan_filter):
+    """The training step of a `--cuda_graphs` run (the Trainer's loop from step begin to step end: the graphed step's
+    eager part, backward, clipping, scheduler, zero_grad, callbacks) reads no value back from the device, so the host
+    never waits for the GPU and keeps queueing the next step: run on the CPU with the graphs' eager stand-in, every
+    such op recorded. The optimizer step is left out: on the CPU it is torch's AdamW, which reads its host-side step
+    counts; on CUDA the master-weight optimizer steps through its Triton kernel with counts kept on the host. The
+    GPU configs turn the Trainer's NaN/inf filter off for this; left on, it reads the loss twice a step (found)."""
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from ghostvis_hf.data import load_shapes
+    from ghostvis_hf.kernels import apply_kernels, reset_kernels
+    from ghostvis_hf.training import graph_step
+    from ghostvis_hf.training.optimizer import MasterWeightOptimizer
+    from ghostvis_hf.training.packing import GhostVisPackingCollator, TokenBudget
+    from ghostvis_hf.training.trainer import GhostVisSFTTrainer
+
+    class CPUStep(graph_step.GraphedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, capture=False, **kwargs)
+
+    monkeypatch.setattr(graph_step, "GraphedStep", CPUStep)
+    monkeypatch.setattr(graph_step, "check_cuda_graphs", lambda trainer: None)  # it refuses the CPU
+
+    class Audit(TrainerCallback):  # records from step begin to step end, after the first step (the capture's)
+        def __init__(self):
+            self.mode, self.steps = _HostReads(), 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step >= 1:
+                self.mode.__enter__()
+                self.steps += 1
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step >= 1:  # the CPU steps torch's AdamW, which reads its host-side step counts
+                self.mode.__exit__(None, None, None)
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step >= 1:
+                self.mode.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= 2:
+                self.mode.__exit__(None, None, None)
+
+    model, processor = tiny
+    model = model.to(torch.bfloat16).train()
+    apply_kernels(model, attention="ghostvis_sdpa")
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
+                         report_to="none", max_length=256, use_cpu=True, save_strategy="no", logging_steps=100,
+                         dataloader_num_workers=0, gradient_checkpointing=False, max_grad_norm=1.0,
+                         logging_nan_inf_filter=nan_filter)
+    audit = Audit()
+    optimizer = MasterWeightOptimizer(model.parameters(), torch.optim.AdamW, param_dtype=torch.bfloat16, lr=1e-3)
+    trainer = GhostVisSFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(load_shapes("train", num_samples=40, seed=0)),
+        processing_class=processor, callbacks=[audit], optimizers=(optimizer, None), cuda_graphs=True,
+        data_collator=GhostVisPackingCollator(processor, max_length=256, token_budget=TokenBudget(2, 256)))
+    trainer.train()
+    assert trainer._graphed_step is not None and trainer._graphed_step.eager_steps == 0
+    assert audit.steps == 3
+    if nan_filter:
+        assert len(audit.mode.reads) == 2 * audit.steps and all("trainer.py" in r for r in audit.mode.reads)
+    else:
+        assert audit.mode.reads == []
     reset_kernels(model)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from .qat import normalize_qat
 from .garbage_collection import check_gc_every_steps
+from .graph_step import check_graph_flags
 from .profiling import parse_profile_steps
 
 logger = logging.getLogger("ghostvis")
@@ -166,6 +167,14 @@ class GhostVisArguments:
                           "launches and host syncs; the loss is the model's own (as --loss model) and scores every position "
                           "(the ignored ones weighted 0). Not with gradient checkpointing or LoRA. Measured on an H200: "
                           "1.14-1.25x the eager recipe (docs/benchmarks/train_recipe_graphs.md)."})
+    cuda_graphs_vision: bool = field(
+        default=False,
+        metadata={"help": "With --cuda_graphs: the vision tower, resampler and projector run as CUDA graphs too, one "
+                          "forward/backward pair per number of images a step of the run's plan has, captured at the "
+                          "first step in one shared memory pool (each pair keeps its own gradient buffers: about "
+                          "the vision side's parameter bytes per image count). For the host time the eager vision "
+                          "side still takes per step (docs/benchmarks/recipe_profile_graphs.txt); not measured on a "
+                          "GPU yet."})
     profile_steps: str | None = field(
         default=None,
         metadata={"help": "START:STOP: profile optimizer steps START..STOP-1 on every rank (torch.profiler); "
@@ -188,6 +197,7 @@ class GhostVisArguments:
         self.qat = normalize_qat(self.qat)
         parse_profile_steps(self.profile_steps)  # refuses a malformed window before anything loads
         check_gc_every_steps(self.gc_every_steps)
+        check_graph_flags(self.cuda_graphs, self.cuda_graphs_vision)
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")
 

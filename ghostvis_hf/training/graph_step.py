@@ -15,6 +15,11 @@ step is the number of images and of packed sequences. So a step here is:
   device scalar; the attention takes its varlen path with `max_length` as the longest sequence, the cross-entropy
   its static path (every position, the ignored ones weighted 0): nothing in the graphs reads back from the GPU.
 
+With `--cuda_graphs_vision` the vision side (tower, resampler, projector: `ImageFeatures`) is replayed too, one
+forward/backward pair per image count of the run's plan (the token-budget sampler knows every step's count),
+captured at the first step in one shared memory pool. The graphed recipe's profile (call 8 of 2026-11-30g) had the
+GPU idle ~17 % of the step while the host launched the eager vision side's kernels one by one.
+
 The backward graph's input gradient flows on into the eager part (scatter, projector, vision tower), and the
 parameters' gradients reach `.grad` as in an eager step, so the Trainer's clipping, optimizer and logging are
 unchanged. A batch that does not fit the captured shapes (other rows or row length, more sequences than the
@@ -22,6 +27,7 @@ sampler's plan allows) runs the model's eager forward instead (`GraphedStepMixin
 """
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -71,13 +77,37 @@ class DecoderLoss(nn.Module):
         return self.cross_entropy(hidden, self.lm_head, labels, num_items_in_batch=num_items)
 
 
-def embed_with_images(model, input_ids, pixel_values=None):
+class ImageFeatures(nn.Module):
+    """`pixel_values -> [n_images, image_seq_length, d_text]` features (the model's `get_image_features`), as a module
+    whose parameters are the vision side's only (tower, resampler, projector: shared, not copied), for a capture.
+
+    Args:
+        model (`GhostVisForConditionalGeneration`): the model.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        inner = model.model
+        self.vision_tower, self.resampler = inner.vision_tower, inner.resampler
+        self.multi_modal_projector = inner.multi_modal_projector
+        self._encode = inner.get_image_features  # a bound method: the model is not registered as a submodule
+
+    def forward(self, pixel_values):
+        return self._encode(pixel_values, return_dict=True).pooler_output
+
+
+def embed_with_images(model, input_ids, pixel_values=None, image_features=None):
     """The decoder's input embeddings with the image features over the placeholders (the model's own forward, up to
     the decoder), without host syncs: the gathering scatter, and no placeholder-count check (the packing collator
-    builds placeholders and images from the same processor call)."""
+    builds placeholders and images from the same processor call). `image_features` (a callable of `pixel_values`)
+    stands in for the model's `get_image_features`."""
     embeds = model.get_input_embeddings()(input_ids)  # [B, T, d]
     if pixel_values is not None and pixel_values.shape[0] > 0:
-        features = model.get_image_features(pixel_values, return_dict=True).pooler_output.to(embeds.dtype)
+        if image_features is None:
+            features = model.get_image_features(pixel_values, return_dict=True).pooler_output
+        else:
+            features = image_features(pixel_values)
+        features = features.to(embeds.dtype)
         mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = scatter_image_features(embeds, mask, features, static=True)
     return embeds
@@ -95,10 +125,14 @@ class GraphedStep:
         capture (`bool`, *optional*, defaults to `True`): `False` runs `DecoderLoss` eagerly on the same padded
             inputs (what the graphs compute, on any device: the CPU tests).
         chunk_size (`int`, *optional*, defaults to 4096): tokens per chunk of the static cross-entropy.
+        image_counts (`Iterable[int]`, *optional*): also replay the vision side (`ImageFeatures`: tower, resampler,
+            projector) as CUDA graphs, one forward/backward pair per number of images a step can have (the
+            sampler's plan knows them all), captured at the first step and sharing one memory pool; a step with
+            another count runs it eagerly. `None`: the vision side stays eager.
     """
 
     def __init__(self, model, rows: int, max_length: int, max_sequences: int, capture: bool = True,
-                 chunk_size: int = 4096):
+                 chunk_size: int = 4096, image_counts=None):
         if getattr(model, "linear_cross_entropy", None) is None:
             raise ValueError("cuda_graphs needs the fused cross-entropy (--kernels true): the graphs take the loss "
                              "straight from the hidden states")
@@ -108,6 +142,9 @@ class GraphedStep:
         self.module = DecoderLoss(model, max_length, LinearCrossEntropy(backend, static=True, chunk_size=chunk_size))
         self.graphed = None
         self.eager_steps = 0
+        self.image_counts = sorted({int(n) for n in image_counts or () if n > 0})
+        self.vision = ImageFeatures(model) if self.image_counts else None
+        self.vision_graphs: dict[int, object] = {}  # images per step -> graphed `ImageFeatures`
 
     def fits(self, inputs: dict) -> bool:
         """Whether the batch has the captured shapes (a token-budget batch of this run always should)."""
@@ -117,7 +154,7 @@ class GraphedStep:
 
     def _graph_inputs(self, inputs: dict, num_items_in_batch) -> tuple:
         model, ids = self.model, inputs["input_ids"]
-        embeds = embed_with_images(model, ids, inputs.get("pixel_values"))
+        embeds = embed_with_images(model, ids, inputs.get("pixel_values"), self._image_features)
         labels = model.mask_image_labels(ids, inputs["labels"])
         cu = inputs["cu_seq_lens_q"].to(torch.int32)
         cu = nn.functional.pad(cu, (0, self.max_sequences + 1 - cu.numel()), value=ids.numel())  # empty sequences
@@ -130,6 +167,31 @@ class GraphedStep:
             num_items = torch.tensor(num_items_in_batch)
         num_items = num_items.to(embeds.device, torch.float32).reshape(())
         return embeds, inputs["position_ids"], labels, cu, num_items
+
+    def _image_features(self, pixel_values):
+        """The step's image features: the graphs of its image count, else (no graph for it) the eager vision side."""
+        graphed = self.vision_graphs.get(pixel_values.shape[0])
+        if graphed is not None:
+            return graphed(pixel_values)
+        if self.vision is not None and not self.capture:
+            return self.vision(pixel_values)  # what the graphs compute, run eagerly (the CPU tests)
+        return self.model.get_image_features(pixel_values, return_dict=True).pooler_output
+
+    def _capture_vision(self, pixel_values) -> None:
+        """One graphed `ImageFeatures` per image count, largest first, in one shared memory pool: a step runs one of
+        them, forward then backward, before any other (a later capture reuses what an earlier one freed; what each
+        keeps, its outputs and gradient buffers, stays its own). Sample images are random: the warm-up runs take
+        gradients with `torch.autograd.grad`, which leaves `.grad` alone."""
+        device, start = pixel_values.device, time.perf_counter()
+        pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        with torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                            enabled=torch.is_autocast_enabled(device.type), cache_enabled=False):
+            for n in sorted(self.image_counts, reverse=True):
+                sample = torch.randn(n, *pixel_values.shape[1:], dtype=pixel_values.dtype, device=device)
+                self.vision_graphs[n] = torch.cuda.make_graphed_callables(self.vision, (sample,), num_warmup_iters=3,
+                                                                          pool=pool)
+        logger.info("cuda_graphs: captured the vision side for %d image counts per step (%d-%d) in %.1f s",
+                    len(self.image_counts), self.image_counts[0], self.image_counts[-1], time.perf_counter() - start)
 
     def _capture(self, sample: tuple):
         device = sample[0].device.type
@@ -162,8 +224,10 @@ class GraphedStep:
             check_varlen_attention(self.model, sample[0].device, sample[0].dtype)
             self.graphed = self._capture(sample)
             del sample
+            if self.vision is not None and inputs.get("pixel_values") is not None:
+                self._capture_vision(inputs["pixel_values"])
         if accumulate:
-            for p in self.module.parameters():
+            for p in self.model.parameters():
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         args = self._graph_inputs(inputs, num_items_in_batch)
@@ -186,14 +250,17 @@ class GraphedStep:
 class GraphedStepMixin:
     """Trainer mixin: `cuda_graphs=True` computes training losses with a `GraphedStep` (captured at the first step);
     evaluation, `return_outputs` and a batch that does not fit run the trainer's own `compute_loss`.
+    `cuda_graphs_vision=True` replays the vision side too, one graph pair per image count of the plan.
 
     `class GhostVisSFTTrainer(GraphedStepMixin, ..., TokenBudgetMixin, SFTTrainer)`: the shapes come from the token
-    budget (`TokenBudgetMixin` keeps its sampler, whose plan bounds the sequences per step).
+    budget (`TokenBudgetMixin` keeps its sampler, whose plan bounds the sequences per step, and the plan's image
+    counts).
     """
 
-    def __init__(self, *args, cuda_graphs: bool = False, **kwargs):
+    def __init__(self, *args, cuda_graphs: bool = False, cuda_graphs_vision: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.cuda_graphs = cuda_graphs
+        check_graph_flags(cuda_graphs, cuda_graphs_vision)
+        self.cuda_graphs, self.cuda_graphs_vision = cuda_graphs, cuda_graphs_vision
         self._graphed_step = None
         if cuda_graphs:
             check_cuda_graphs(self)
@@ -204,13 +271,21 @@ class GraphedStepMixin:
         step = self._graphed_step
         if step is None:
             budget, sampler = self.data_collator.token_budget, self._token_budget_sampler
-            step = self._graphed_step = GraphedStep(self.accelerator.unwrap_model(model), rows=budget.rows,
-                                                    max_length=budget.max_length,
-                                                    max_sequences=sampler.max_sequences_per_step())
+            step = self._graphed_step = GraphedStep(
+                self.accelerator.unwrap_model(model), rows=budget.rows, max_length=budget.max_length,
+                max_sequences=sampler.max_sequences_per_step(),
+                image_counts=self._image_counts if self.cuda_graphs_vision else None)
         if not step.fits(inputs):
             step.note_eager_step(inputs)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return step(inputs, num_items_in_batch, accumulate=self.args.gradient_accumulation_steps > 1)
+
+
+def check_graph_flags(cuda_graphs: bool, cuda_graphs_vision: bool) -> None:
+    """Refuses `cuda_graphs_vision` without `cuda_graphs` (the vision graphs run inside the graphed steps)."""
+    if cuda_graphs_vision and not cuda_graphs:
+        raise ValueError("cuda_graphs_vision replays the vision side inside --cuda_graphs steps: set --cuda_graphs "
+                         "true too")
 
 
 def check_cuda_graphs(trainer) -> None:
@@ -248,5 +323,5 @@ def check_varlen_attention(model, device, dtype) -> None:
                          f"{device.type} in {dtype}")
 
 
-__all__ = ["DecoderLoss", "GraphedStep", "GraphedStepMixin", "check_cuda_graphs", "check_varlen_attention",
-           "embed_with_images", "no_mask_mapping"]
+__all__ = ["DecoderLoss", "GraphedStep", "GraphedStepMixin", "ImageFeatures", "check_cuda_graphs",
+           "check_graph_flags", "check_varlen_attention", "embed_with_images", "no_mask_mapping"]

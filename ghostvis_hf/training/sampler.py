@@ -303,8 +303,9 @@ class TokenBudgetMixin:
                         balanced, plain)
         self._replace_callback(_EpochSync(sampler))
         self._token_budget_sampler = sampler  # its plan bounds a step's sequences (`cuda_graphs`)
-        if self.args.device.type == "cuda":  # the image counts of every step of every rank, for the vision warm-up
-            self._replace_callback(VisionAttentionWarmup(sampler.images_per_step(images)))
+        self._image_counts = sampler.images_per_step(images)  # of every step of every rank (`cuda_graphs_vision`)
+        if self.args.device.type == "cuda":  # the vision attention's warm-up for those counts
+            self._replace_callback(VisionAttentionWarmup(self._image_counts))
         return sampler
 
     def _replace_callback(self, callback) -> None:
