@@ -250,31 +250,43 @@ def test_graphed_step_replays_match_the_eager_model(tiny):
         _assert_same(loss, model, want, eager, (1e-2, 1e-3))
 
 
-def _fake_graphed_callables(module, sample, num_warmup_iters=3, pool=None):
+def _fake_graphed_callables(module, sample, num_warmup_iters=3, allow_unused_input=False, pool=None):
     """`torch.cuda.make_graphed_callables`' contract on the CPU: the backward writes every gradient into one static
-    buffer per input and returns detached views of those buffers (what its `Graphed.backward` returns)."""
+    buffer per input and returns detached views of those buffers (what its `Graphed.backward` returns); the module
+    comes back itself, its `forward` replaced (in training mode) by the replay of inputs of `sample`'s shapes."""
     params = tuple(p for p in module.parameters() if p.requires_grad)
     buffers = {}
+    eager_forward = module.forward
 
     class Replay(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
             ctx.inputs = [x.detach().requires_grad_(x.requires_grad) for x in inputs[: len(sample)]]
-            return module(*ctx.inputs).detach()
+            return eager_forward(*ctx.inputs).detach()
 
         @staticmethod
         def backward(ctx, grad):
             with torch.enable_grad():
                 wrt = [x for x in ctx.inputs if x.requires_grad] + list(params)
-                grads = iter(torch.autograd.grad(module(*ctx.inputs), wrt, grad))
+                grads = iter(torch.autograd.grad(eager_forward(*ctx.inputs), wrt, grad,
+                                                 allow_unused=allow_unused_input))
             out = []
             for i, x in enumerate(ctx.inputs + list(params)):
-                if x.requires_grad:
-                    buffers.setdefault(i, torch.empty_like(x)).copy_(next(grads))
-                out.append(buffers[i].detach() if x.requires_grad else None)
+                g = next(grads) if x.requires_grad else None
+                if g is not None:
+                    buffers.setdefault(i, torch.empty_like(x)).copy_(g)
+                out.append(buffers[i].detach() if g is not None else None)
             return tuple(out)
 
-    return lambda *inputs: Replay.apply(*inputs, *params)
+    def replay(*inputs):
+        assert [x.shape for x in inputs] == [x.shape for x in sample], "a replay takes the captured shapes"
+        return Replay.apply(*inputs, *params)
+
+    def forward(*inputs):
+        return replay(*inputs) if module.training else eager_forward(*inputs)
+
+    module.forward = forward
+    return module
 
 
 @pytest.mark.parametrize("accumulate", [True, False])
@@ -376,31 +388,35 @@ def _counting(graphed_callables):
     """`graphed_callables` that also counts the replays of each callable, by its sample's leading size."""
     replays = {}
 
-    def make(module, sample, num_warmup_iters=3, pool=None):
-        graphed = graphed_callables(module, sample, num_warmup_iters=num_warmup_iters, pool=pool)
-        key = (type(module).__name__, sample[0].shape[0])
+    def make(module, sample, num_warmup_iters=3, allow_unused_input=False, pool=None):
+        graphed = graphed_callables(module, sample, num_warmup_iters, allow_unused_input, pool)
+        key, replay = (type(module).__name__, sample[0].shape[0]), graphed.forward
 
-        def replay(*args):
+        def forward(*args):
             replays[key] = replays.get(key, 0) + 1
-            return graphed(*args)
+            return replay(*args)
 
-        return replay
+        graphed.forward = forward
+        return graphed
 
     return make, replays
 
 
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_graphed_step_replays_the_vision_side_per_image_count(tiny, varlen_on_cpu, monkeypatch, accumulate):
+@pytest.mark.parametrize("accumulate,feature_layer", [(False, -1), (True, -1), (False, -2)])
+def test_graphed_step_replays_the_vision_side_per_image_count(tiny, varlen_on_cpu, monkeypatch, accumulate,
+                                                              feature_layer):
     """`image_counts`: the vision side (tower, resampler, projector) runs as one graphed forward/backward per image
     count of the plan (here 2 and 3), captured at the first step; a step with another count (4) runs it eagerly.
-    Loss and gradients == the eager model's, step by step and summed over micro-batches (`accumulate`), on the
-    CPU with a stand-in of make_graphed_callables' contract (static gradient buffers handed out as views)."""
+    Loss and gradients == the eager model's, step by step and summed over micro-batches (`accumulate`), also with
+    features from below the tower's last layer (its top layer then gets no gradient), on the CPU with a stand-in of
+    make_graphed_callables' contract (static gradient buffers handed out as views, the module's forward replaced)."""
     from ghostvis_hf.kernels import apply_kernels, reset_kernels
     from ghostvis_hf.training.graph_step import GraphedStep
 
     make, replays = _counting(_fake_graphed_callables)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", make)
     model = tiny[0].train()
+    model.config.vision_feature_layer = feature_layer
     apply_kernels(model, attention="ghostvis_sdpa")
     eager = copy.deepcopy(model)
     length = 2 * model.config.image_seq_length + 64

@@ -188,8 +188,11 @@ class GraphedStep:
                             enabled=torch.is_autocast_enabled(device.type), cache_enabled=False):
             for n in sorted(self.image_counts, reverse=True):
                 sample = torch.randn(n, *pixel_values.shape[1:], dtype=pixel_values.dtype, device=device)
-                self.vision_graphs[n] = torch.cuda.make_graphed_callables(self.vision, (sample,), num_warmup_iters=3,
-                                                                          pool=pool)
+                # NOTE: a module comes back from make_graphed_callables itself, its forward replaced by the replay:
+                # one (cheap: it shares the model's towers) per count, or every count would replay the last capture
+                # (a `vision_feature_layer` below the last leaves the tower's top layers out: no gradient for them)
+                self.vision_graphs[n] = torch.cuda.make_graphed_callables(
+                    ImageFeatures(self.model), (sample,), num_warmup_iters=3, allow_unused_input=True, pool=pool)
         logger.info("cuda_graphs: captured the vision side for %d image counts per step (%d-%d) in %.1f s",
                     len(self.image_counts), self.image_counts[0], self.image_counts[-1], time.perf_counter() - start)
 
