@@ -225,10 +225,12 @@ def test_graphed_step_refuses_what_it_cannot_capture(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graphed_step_replays_match_the_eager_model(tiny):
+@pytest.mark.parametrize("image_counts", [None, [2, 3, 4]])
+def test_graphed_step_replays_match_the_eager_model(tiny, image_counts):
     """`--cuda_graphs` on CUDA: captured at the first batch, the replays on new packed batches (other sequence and
-    image placements, other lengths) give the eager model's loss and gradients, under bf16 autocast (the varlen
-    kernels take bf16)."""
+    image placements, other lengths, 2-4 images) give the eager model's loss and gradients, under bf16 autocast (the
+    varlen kernels take bf16). With `image_counts` (`--cuda_graphs_vision`) the vision side's graphs too: one memory
+    pool for the counts 2, 3 and 4, replayed in another order than captured (4, 3, 2) and between the decoder's."""
     from ghostvis_hf.kernels import apply_kernels
     from ghostvis_hf.training.graph_step import GraphedStep
 
@@ -236,9 +238,9 @@ def test_graphed_step_replays_match_the_eager_model(tiny):
     apply_kernels(model, attention="ghostvis_sdpa")
     eager = copy.deepcopy(model)
     length = 2 * model.config.image_seq_length + 64
-    step = GraphedStep(model, rows=2, max_length=length, max_sequences=9)
-    for seed in (0, 1, 2):
-        batch = _packed_batch(model, seed, length, device="cuda")
+    step = GraphedStep(model, rows=2, max_length=length, max_sequences=9, image_counts=image_counts)
+    for seed, conversations in enumerate((3, 2, 4, 3, 2)):
+        batch = _packed_batch(model, seed, length, device="cuda", conversations=conversations)
         model.zero_grad(set_to_none=True)
         eager.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -248,6 +250,7 @@ def test_graphed_step_replays_match_the_eager_model(tiny):
         want.backward()
         assert step.graphed is not None
         _assert_same(loss, model, want, eager, (1e-2, 1e-3))
+    assert set(step.vision_graphs) == set(image_counts or ())
 
 
 def _fake_graphed_callables(module, sample, num_warmup_iters=3, allow_unused_input=False, pool=None):
@@ -340,15 +343,30 @@ def test_graphed_step_accumulates_gradients_over_micro_batches(tiny):
     _assert_same(loss, model, want, eager, (1e-2, 1e-3))
 
 
+def _bare_trainer(trainer_cls, length, image_counts=None):
+    """A `GraphedStepMixin` trainer with what its `compute_loss` reads (2 rows of `length` tokens, <= 9 sequences a
+    step; `image_counts`: `cuda_graphs_vision` on, with the plan's image counts), the Trainer's own `__init__` (and
+    its refusal of the CPU) left out."""
+    from types import SimpleNamespace
+
+    from ghostvis_hf.training.packing import TokenBudget
+
+    trainer = trainer_cls.__new__(trainer_cls)
+    trainer.cuda_graphs, trainer.cuda_graphs_vision, trainer._graphed_step = True, image_counts is not None, None
+    trainer.data_collator = SimpleNamespace(token_budget=TokenBudget(2, length))
+    trainer._token_budget_sampler = SimpleNamespace(max_sequences_per_step=lambda: 9)
+    trainer._image_counts = image_counts
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    trainer.args = SimpleNamespace(gradient_accumulation_steps=1)
+    return trainer
+
+
 def test_graphed_step_mixin_routes_training_losses_and_falls_back(tiny, varlen_on_cpu, monkeypatch):
     """The trainer side: training losses of fitting batches go through the graphed step (built at the first one, its
     bound from the sampler's plan); evaluation and a batch of other shape take the trainer's own `compute_loss`,
     the latter counted."""
-    from types import SimpleNamespace
-
     from ghostvis_hf.kernels import apply_kernels, reset_kernels
     from ghostvis_hf.training import graph_step
-    from ghostvis_hf.training.packing import TokenBudget
 
     class Base:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -368,12 +386,7 @@ def test_graphed_step_mixin_routes_training_losses_and_falls_back(tiny, varlen_o
     model = tiny[0].train()
     apply_kernels(model, attention="ghostvis_sdpa")
     length = 2 * model.config.image_seq_length + 64
-    trainer = Trainer.__new__(Trainer)  # the Trainer's own __init__ (and its refusal of the CPU) left out
-    trainer.cuda_graphs, trainer.cuda_graphs_vision, trainer._graphed_step = True, False, None
-    trainer.data_collator = SimpleNamespace(token_budget=TokenBudget(2, length))
-    trainer._token_budget_sampler = SimpleNamespace(max_sequences_per_step=lambda: 9)
-    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
-    trainer.args = SimpleNamespace(gradient_accumulation_steps=1)
+    trainer = _bare_trainer(Trainer, length)
     batch = _packed_batch(model, 0, length)
     loss = trainer.compute_loss(model, batch)
     assert torch.is_tensor(loss) and loss.requires_grad and made[0].max_sequences == 9
@@ -445,11 +458,8 @@ def test_graphed_step_replays_the_vision_side_per_image_count(tiny, varlen_on_cp
 def test_graphed_step_mixin_passes_the_plans_image_counts(tiny, varlen_on_cpu, monkeypatch):
     """`cuda_graphs_vision=True`: the mixin hands the token-budget plan's image counts to the graphed step; without
     `cuda_graphs` it is refused."""
-    from types import SimpleNamespace
-
     from ghostvis_hf.kernels import apply_kernels, reset_kernels
     from ghostvis_hf.training import graph_step
-    from ghostvis_hf.training.packing import TokenBudget
 
     class Base:
         def __init__(self, *args, **kwargs):
@@ -468,42 +478,10 @@ def test_graphed_step_mixin_passes_the_plans_image_counts(tiny, varlen_on_cpu, m
     model = tiny[0].train()
     apply_kernels(model, attention="ghostvis_sdpa")
     length = 2 * model.config.image_seq_length + 64
-    trainer = Trainer.__new__(Trainer)  # the Trainer's own __init__ (and its refusal of the CPU) left out
-    trainer.cuda_graphs, trainer.cuda_graphs_vision, trainer._graphed_step = True, True, None
-    trainer.data_collator = SimpleNamespace(token_budget=TokenBudget(2, length))
-    trainer._token_budget_sampler = SimpleNamespace(max_sequences_per_step=lambda: 9)
-    trainer._image_counts = {3, 5}
-    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
-    trainer.args = SimpleNamespace(gradient_accumulation_steps=1)
+    trainer = _bare_trainer(Trainer, length, image_counts={3, 5})
     trainer.compute_loss(model, _packed_batch(model, 0, length)).backward()
     assert trainer._graphed_step.image_counts == [3, 5] and set(trainer._graphed_step.vision_graphs) == {3, 5}
     reset_kernels(model)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graphed_step_vision_graphs_replay_on_cuda(tiny):
-    """The vision side's graphs on CUDA (one memory pool for the image counts 2, 3 and 4), replayed in another order
-    than captured and between the decoder's: the eager model's loss and gradients under bf16 autocast."""
-    from ghostvis_hf.kernels import apply_kernels
-    from ghostvis_hf.training.graph_step import GraphedStep
-
-    model = tiny[0].cuda().train()
-    apply_kernels(model, attention="ghostvis_sdpa")
-    eager = copy.deepcopy(model)
-    length = 2 * model.config.image_seq_length + 64
-    step = GraphedStep(model, rows=2, max_length=length, max_sequences=9, image_counts=[2, 3, 4])
-    for seed, conversations in enumerate((3, 2, 4, 3, 2)):
-        batch = _packed_batch(model, seed, length, device="cuda", conversations=conversations)
-        model.zero_grad(set_to_none=True)
-        eager.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step(batch)
-            want = eager(**batch, use_cache=False).loss
-        loss.backward()
-        want.backward()
-        _assert_same(loss, model, want, eager, (1e-2, 1e-3))
-    assert set(step.vision_graphs) == {2, 3, 4}
 
 
 class _HostReads(TorchDispatchMode):
