@@ -17,8 +17,9 @@ step is the number of images and of packed sequences. So a step here is:
 
 With `--cuda_graphs_vision` the vision side (tower, resampler, projector: `ImageFeatures`) is replayed too, one
 forward/backward pair per image count of the run's plan (the token-budget sampler knows every step's count),
-captured at the first step in one shared memory pool. The graphed recipe's profile (call 8 of 2026-11-30g) had the
-GPU idle ~17 % of the step while the host launched the eager vision side's kernels one by one.
+captured at the first step in one shared memory pool. The aim: the graphed recipe's profile (call 8 of 2026-11-30g)
+had the GPU idle ~17 % of the step while the host launched the eager part's kernels one by one (~1,600 a step, the
+vision side's forward and backward among them); whether this closes that gap is not measured yet.
 
 The backward graph's input gradient flows on into the eager part (scatter, projector, vision tower), and the
 parameters' gradients reach `.grad` as in an eager step, so the Trainer's clipping, optimizer and logging are
@@ -193,8 +194,10 @@ class GraphedStep:
                 # (a `vision_feature_layer` below the last leaves the tower's top layers out: no gradient for them)
                 self.vision_graphs[n] = torch.cuda.make_graphed_callables(
                     ImageFeatures(self.model), (sample,), num_warmup_iters=3, allow_unused_input=True, pool=pool)
-        logger.info("cuda_graphs: captured the vision side for %d image counts per step (%d-%d) in %.1f s",
-                    len(self.image_counts), self.image_counts[0], self.image_counts[-1], time.perf_counter() - start)
+        grad_bytes = sum(p.numel() * p.element_size() for p in self.vision.parameters() if p.requires_grad)
+        logger.info("cuda_graphs: captured the vision side for %d image counts per step (%d-%d) in %.1f s; their "
+                    "gradient buffers hold %.1f GiB", len(self.image_counts), self.image_counts[0],
+                    self.image_counts[-1], time.perf_counter() - start, len(self.image_counts) * grad_bytes / 2**30)
 
     def _capture(self, sample: tuple):
         device = sample[0].device.type
