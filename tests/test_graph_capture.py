@@ -2,6 +2,7 @@
 graphed_step_master`): the capture takes no host sync (placeholder check, fused cross-entropy), and replays give the
 eager loss and gradients on new inputs of the same shapes."""
 
+import contextlib
 import copy
 import os
 import traceback
@@ -456,8 +457,9 @@ def test_graphed_step_replays_the_vision_side_per_image_count(tiny, varlen_on_cp
 
 
 def test_graphed_step_mixin_passes_the_plans_image_counts(tiny, varlen_on_cpu, monkeypatch):
-    """`cuda_graphs_vision=True`: the mixin hands the token-budget plan's image counts to the graphed step; without
-    `cuda_graphs` it is refused."""
+    """`cuda_graphs_vision=True`: the mixin hands the token-budget plan's image counts to the graphed step, whose
+    vision graphs are captured when training begins (before the DataLoader's pin-memory thread could break a
+    capture), at the tower's image size; without `cuda_graphs` it is refused."""
     from ghostvis_hf.kernels import apply_kernels, reset_kernels
     from ghostvis_hf.training import graph_step
 
@@ -479,8 +481,13 @@ def test_graphed_step_mixin_passes_the_plans_image_counts(tiny, varlen_on_cpu, m
     apply_kernels(model, attention="ghostvis_sdpa")
     length = 2 * model.config.image_seq_length + 64
     trainer = _bare_trainer(Trainer, length, image_counts={3, 5})
+    trainer.model, trainer.autocast_smart_context_manager = model, contextlib.nullcontext
+    graph_step._CaptureVisionAtTrainBegin(trainer).on_train_begin(None, None, None)  # before the first batch
+    step = trainer._graphed_step
+    size = model.config.vision_config.image_size
+    assert step.image_counts == [3, 5] and set(step.vision_graphs) == {3, 5} and step.pixel_shape == (3, size, size)
     trainer.compute_loss(model, _packed_batch(model, 0, length)).backward()
-    assert trainer._graphed_step.image_counts == [3, 5] and set(trainer._graphed_step.vision_graphs) == {3, 5}
+    assert all(p.grad is not None for p in step.vision.parameters())
     reset_kernels(model)
 
 
@@ -565,6 +572,7 @@ def test_graphed_recipe_steps_read_nothing_back_from_the_device(tiny, varlen_on_
     trainer = GhostVisSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(load_shapes("train", num_samples=40, seed=0)),
         processing_class=processor, callbacks=[audit], optimizers=(optimizer, None), cuda_graphs=True,
+        cuda_graphs_vision=not nan_filter,  # its train-begin callback too (no capture on the CPU)
         data_collator=GhostVisPackingCollator(processor, max_length=256, token_budget=TokenBudget(2, 256)))
     trainer.train()
     assert trainer._graphed_step is not None and trainer._graphed_step.eager_steps == 0

@@ -170,8 +170,8 @@ class GhostVisArguments:
     cuda_graphs_vision: bool = field(
         default=False,
         metadata={"help": "With --cuda_graphs: the vision tower, resampler and projector run as CUDA graphs too, one "
-                          "forward/backward pair per number of images a step of the run's plan has, captured at the "
-                          "first step in one shared memory pool (each pair keeps its own gradient buffers: about "
+                          "forward/backward pair per number of images a step of the run's plan has, captured when "
+                          "training begins in one shared memory pool (each pair keeps its own gradient buffers: about "
                           "the vision side's parameter bytes per image count). For the host time the eager vision "
                           "side still takes per step (docs/benchmarks/recipe_profile_graphs.txt); not measured on a "
                           "GPU yet."})

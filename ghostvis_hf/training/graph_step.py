@@ -17,9 +17,11 @@ step is the number of images and of packed sequences. So a step here is:
 
 With `--cuda_graphs_vision` the vision side (tower, resampler, projector: `ImageFeatures`) is replayed too, one
 forward/backward pair per image count of the run's plan (the token-budget sampler knows every step's count),
-captured at the first step in one shared memory pool. The aim: the graphed recipe's profile (call 8 of 2026-11-30g)
-had the GPU idle ~17 % of the step while the host launched the eager part's kernels one by one (~1,600 a step, the
-vision side's forward and backward among them); whether this closes that gap is not measured yet.
+captured when training begins (before the DataLoader's pin-memory thread runs: make_graphed_callables captures
+in CUDA's global mode, where another thread's pinned allocation breaks a capture) in one shared memory pool. The
+aim: the graphed recipe's profile (call 8 of 2026-11-30g) had the GPU idle ~17 % of the step while the host launched
+the eager part's kernels one by one (~1,600 a step, the vision side's forward and backward among them); whether this
+closes that gap is not measured yet.
 
 The backward graph's input gradient flows on into the eager part (scatter, projector, vision tower), and the
 parameters' gradients reach `.grad` as in an eager step, so the Trainer's clipping, optimizer and logging are
@@ -32,6 +34,7 @@ import time
 
 import torch
 from torch import nn
+from transformers.trainer_callback import TrainerCallback
 
 from ..kernels.cross_entropy import IGNORE_INDEX, LinearCrossEntropy, liger_row_kernel
 from ..modeling_ghostvis import scatter_image_features
@@ -128,8 +131,8 @@ class GraphedStep:
         chunk_size (`int`, *optional*, defaults to 4096): tokens per chunk of the static cross-entropy.
         image_counts (`Iterable[int]`, *optional*): also replay the vision side (`ImageFeatures`: tower, resampler,
             projector) as CUDA graphs, one forward/backward pair per number of images a step can have (the
-            sampler's plan knows them all), captured at the first step and sharing one memory pool; a step with
-            another count runs it eagerly. `None`: the vision side stays eager.
+            sampler's plan knows them all), sharing one memory pool (`capture_vision`; else at the first step with
+            images); a step with another count runs it eagerly. `None`: the vision side stays eager.
     """
 
     def __init__(self, model, rows: int, max_length: int, max_sequences: int, capture: bool = True,
@@ -146,6 +149,7 @@ class GraphedStep:
         self.image_counts = sorted({int(n) for n in image_counts or () if n > 0})
         self.vision = ImageFeatures(model) if self.image_counts else None
         self.vision_graphs: dict[int, object] = {}  # images per step -> graphed `ImageFeatures`
+        self.pixel_shape = None  # one image's shape in the vision graphs
 
     def fits(self, inputs: dict) -> bool:
         """Whether the batch has the captured shapes (a token-budget batch of this run always should)."""
@@ -170,25 +174,32 @@ class GraphedStep:
         return embeds, inputs["position_ids"], labels, cu, num_items
 
     def _image_features(self, pixel_values):
-        """The step's image features: the graphs of its image count, else (no graph for it) the eager vision side."""
+        """The step's image features: the graphs of its image count, else (no graph for it, or images of another
+        size) the eager vision side."""
         graphed = self.vision_graphs.get(pixel_values.shape[0])
-        if graphed is not None:
+        if graphed is not None and tuple(pixel_values.shape[1:]) == self.pixel_shape:
             return graphed(pixel_values)
         if self.vision is not None and not self.capture:
             return self.vision(pixel_values)  # what the graphs compute, run eagerly (the CPU tests)
         return self.model.get_image_features(pixel_values, return_dict=True).pooler_output
 
-    def _capture_vision(self, pixel_values) -> None:
+    def capture_vision(self, pixel_shape: tuple, dtype: torch.dtype = torch.float32, device=None) -> None:
         """One graphed `ImageFeatures` per image count, largest first, in one shared memory pool: a step runs one of
         them, forward then backward, before any other (a later capture reuses what an earlier one freed; what each
-        keeps, its outputs and gradient buffers, stays its own). Sample images are random: the warm-up runs take
-        gradients with `torch.autograd.grad`, which leaves `.grad` alone."""
-        device, start = pixel_values.device, time.perf_counter()
+        keeps, its outputs and gradient buffers, stays its own). Runs under the caller's autocast (as the steps).
+
+        `pixel_shape` is one image's `(channels, height, width)`, `dtype` the batches' `pixel_values` dtype; the
+        sample images are random (the warm-up runs take gradients with `torch.autograd.grad`, which leaves `.grad`
+        alone). The trainer calls this when training begins, before the DataLoader's pin-memory thread starts:
+        make_graphed_callables captures in CUDA's global mode, where that thread's pinned allocations would break a
+        capture (otherwise the first step with images captures them)."""
+        device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        start, self.pixel_shape = time.perf_counter(), tuple(pixel_shape)
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         with torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
                             enabled=torch.is_autocast_enabled(device.type), cache_enabled=False):
             for n in sorted(self.image_counts, reverse=True):
-                sample = torch.randn(n, *pixel_values.shape[1:], dtype=pixel_values.dtype, device=device)
+                sample = torch.randn(n, *self.pixel_shape, dtype=dtype, device=device)
                 # NOTE: a module comes back from make_graphed_callables itself, its forward replaced by the replay:
                 # one (cheap: it shares the model's towers) per count, or every count would replay the last capture
                 # (a `vision_feature_layer` below the last leaves the tower's top layers out: no gradient for them)
@@ -230,8 +241,9 @@ class GraphedStep:
             check_varlen_attention(self.model, sample[0].device, sample[0].dtype)
             self.graphed = self._capture(sample)
             del sample
-            if self.vision is not None and inputs.get("pixel_values") is not None:
-                self._capture_vision(inputs["pixel_values"])
+        pixels = inputs.get("pixel_values")
+        if self.capture and self.vision is not None and not self.vision_graphs and pixels is not None:
+            self.capture_vision(pixels.shape[1:], pixels.dtype, pixels.device)  # not captured when training began
         if accumulate:
             for p in self.model.parameters():
                 if p.requires_grad and p.grad is None:
@@ -270,21 +282,45 @@ class GraphedStepMixin:
         self._graphed_step = None
         if cuda_graphs:
             check_cuda_graphs(self)
+        if cuda_graphs_vision:
+            self.add_callback(_CaptureVisionAtTrainBegin(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.cuda_graphs or return_outputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        step = self._graphed_step
-        if step is None:
-            budget, sampler = self.data_collator.token_budget, self._token_budget_sampler
-            step = self._graphed_step = GraphedStep(
-                self.accelerator.unwrap_model(model), rows=budget.rows, max_length=budget.max_length,
-                max_sequences=sampler.max_sequences_per_step(),
-                image_counts=self._image_counts if self.cuda_graphs_vision else None)
+        step = self.graphed_step(model)
         if not step.fits(inputs):
             step.note_eager_step(inputs)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return step(inputs, num_items_in_batch, accumulate=self.args.gradient_accumulation_steps > 1)
+
+
+    def graphed_step(self, model) -> GraphedStep:
+        """The run's `GraphedStep` (made at the first call), shaped by the token budget and the sampler's plan."""
+        if self._graphed_step is None:
+            budget, sampler = self.data_collator.token_budget, self._token_budget_sampler
+            self._graphed_step = GraphedStep(
+                self.accelerator.unwrap_model(model), rows=budget.rows, max_length=budget.max_length,
+                max_sequences=sampler.max_sequences_per_step(),
+                image_counts=self._image_counts if self.cuda_graphs_vision else None)
+        return self._graphed_step
+
+
+class _CaptureVisionAtTrainBegin(TrainerCallback):
+    """`cuda_graphs_vision`: captures the vision side's graphs when training begins (the model is on its device, the
+    DataLoader not yet iterated), under the trainer's autocast, for the vision tower's configured image size."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        step = trainer.graphed_step(trainer.model)
+        if step.vision is None or step.vision_graphs or not step.capture:
+            return
+        vision = step.model.config.vision_config
+        with trainer.autocast_smart_context_manager():
+            step.capture_vision((vision.num_channels, vision.image_size, vision.image_size))
 
 
 def check_graph_flags(cuda_graphs: bool, cuda_graphs_vision: bool) -> None:
