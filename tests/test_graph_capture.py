@@ -208,7 +208,7 @@ def test_graphed_step_refuses_what_it_cannot_capture(tiny):
     with pytest.raises(ValueError) as e:
         check_cuda_graphs(trainer)
     for reason in ("--token_budget", "a CUDA device", "one process", "--gradient_checkpointing false",
-                   "fused cross-entropy"):
+                   "fused cross-entropy", "bf16 parameters"):
         assert reason in str(e.value)
     with pytest.raises(ValueError, match="fused cross-entropy"):
         GraphedStep(tiny[0], rows=2, max_length=64, max_sequences=4)

@@ -161,9 +161,11 @@ class GhostVisArguments:
                           "stay. The first steps compile (about a minute). Not with DeepSpeed ZeRO-3."})
     cuda_graphs: bool = field(
         default=False,
-        metadata={"help": "CUDA, one process, --packing --token_budget: the decoder, LM head and loss of every step "
+        metadata={"help": "CUDA, one process, --packing --token_budget, bf16 parameters (--precision bf16_master, the "
+                          "GPU default): the decoder, LM head and loss of every step "
                           "run as two CUDA graphs (forward, backward) captured at the first step; the embedding and "
-                          "the vision side stay eager (ghostvis_hf.training.graph_step). Removes the decoder's kernel "
+                          "the vision side stay eager (or see --cuda_graphs_vision; ghostvis_hf.training.graph_step). "
+                          "Removes the decoder's kernel "
                           "launches and host syncs; the loss is the model's own (as --loss model) and scores every position "
                           "(the ignored ones weighted 0). Not with gradient checkpointing or LoRA. Measured on an H200: "
                           "1.14-1.25x the eager recipe (docs/benchmarks/train_recipe_graphs.md)."})

@@ -346,6 +346,12 @@ def check_cuda_graphs(trainer) -> None:
         problems.append("full fine-tuning (not LoRA/QLoRA)")
     if getattr(model, "linear_cross_entropy", None) is None:
         problems.append("the fused cross-entropy (--kernels true)")
+    param = next(model.parameters(), None)
+    if param is not None and param.dtype not in (torch.bfloat16, torch.float16):
+        # NOTE: with fp32 weights the bf16 compute comes from accelerate's autocast around the model's forward, which
+        # the graphed step does not call (it runs the towers and the decoder itself)
+        problems.append(f"bf16 parameters (--precision bf16_master, the GPU default; these are {param.dtype}: "
+                        "--precision autocast puts its autocast around the model's forward, which the graphs bypass)")
     if problems:
         raise ValueError("cuda_graphs needs " + "; ".join(problems))
 
