@@ -487,7 +487,7 @@ def test_graphed_step_mixin_passes_the_plans_image_counts(tiny, varlen_on_cpu, m
     size = model.config.vision_config.image_size
     assert step.image_counts == [3, 5] and set(step.vision_graphs) == {3, 5} and step.pixel_shape == (3, size, size)
     trainer.compute_loss(model, _packed_batch(model, 0, length)).backward()
-    assert all(p.grad is not None for p in step.vision.parameters())
+    assert all(p.grad is not None for p in graph_step.ImageFeatures(model).parameters())
     reset_kernels(model)
 
 

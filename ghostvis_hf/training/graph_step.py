@@ -100,18 +100,21 @@ class ImageFeatures(nn.Module):
         return self._encode(pixel_values, return_dict=True).pooler_output
 
 
-def embed_with_images(model, input_ids, pixel_values=None, image_features=None):
+def _capture_autocast(device_type: str):
+    """The caller's autocast (on or off, its dtype) without the weight cache, which a capture does not allow: each
+    replay would reuse the first step's casts."""
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
+
+
+def embed_with_images(model, input_ids, pixel_values, image_features):
     """The decoder's input embeddings with the image features over the placeholders (the model's own forward, up to
     the decoder), without host syncs: the gathering scatter, and no placeholder-count check (the packing collator
-    builds placeholders and images from the same processor call). `image_features` (a callable of `pixel_values`)
-    stands in for the model's `get_image_features`."""
+    builds placeholders and images from the same processor call). `image_features` (a callable of `pixel_values`:
+    the model's `get_image_features` or its graphs) gives the `[n_images, image_seq_length, d_text]` features."""
     embeds = model.get_input_embeddings()(input_ids)  # [B, T, d]
     if pixel_values is not None and pixel_values.shape[0] > 0:
-        if image_features is None:
-            features = model.get_image_features(pixel_values, return_dict=True).pooler_output
-        else:
-            features = image_features(pixel_values)
-        features = features.to(embeds.dtype)
+        features = image_features(pixel_values).to(embeds.dtype)
         mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = scatter_image_features(embeds, mask, features, static=True)
     return embeds
@@ -146,8 +149,7 @@ class GraphedStep:
         self.module = DecoderLoss(model, max_length, LinearCrossEntropy(backend, static=True, chunk_size=chunk_size))
         self.graphed = None
         self.eager_steps = 0
-        self.image_counts = sorted({int(n) for n in image_counts or () if n > 0})
-        self.vision = ImageFeatures(model) if self.image_counts else None
+        self.image_counts = sorted({int(n) for n in image_counts or () if n > 0})  # empty: the vision side eager
         self.vision_graphs: dict[int, object] = {}  # images per step -> graphed `ImageFeatures`
         self.pixel_shape = None  # one image's shape in the vision graphs
 
@@ -179,8 +181,6 @@ class GraphedStep:
         graphed = self.vision_graphs.get(pixel_values.shape[0])
         if graphed is not None and tuple(pixel_values.shape[1:]) == self.pixel_shape:
             return graphed(pixel_values)
-        if self.vision is not None and not self.capture:
-            return self.vision(pixel_values)  # what the graphs compute, run eagerly (the CPU tests)
         return self.model.get_image_features(pixel_values, return_dict=True).pooler_output
 
     def capture_vision(self, pixel_shape: tuple, dtype: torch.dtype = torch.float32, device=None) -> None:
@@ -196,8 +196,9 @@ class GraphedStep:
         device = torch.device(device) if device is not None else next(self.model.parameters()).device
         start, self.pixel_shape = time.perf_counter(), tuple(pixel_shape)
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        with torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
-                            enabled=torch.is_autocast_enabled(device.type), cache_enabled=False):
+        trained = [p for p in ImageFeatures(self.model).parameters() if p.requires_grad]
+        grad_bytes = sum(p.numel() * p.element_size() for p in trained)  # each count's gradient buffers
+        with _capture_autocast(device.type):
             for n in sorted(self.image_counts, reverse=True):
                 sample = torch.randn(n, *self.pixel_shape, dtype=dtype, device=device)
                 # NOTE: a module comes back from make_graphed_callables itself, its forward replaced by the replay:
@@ -205,7 +206,6 @@ class GraphedStep:
                 # (a `vision_feature_layer` below the last leaves the tower's top layers out: no gradient for them)
                 self.vision_graphs[n] = torch.cuda.make_graphed_callables(
                     ImageFeatures(self.model), (sample,), num_warmup_iters=3, allow_unused_input=True, pool=pool)
-        grad_bytes = sum(p.numel() * p.element_size() for p in self.vision.parameters() if p.requires_grad)
         logger.info("cuda_graphs: captured the vision side for %d image counts per step (%d-%d) in %.1f s; their "
                     "gradient buffers hold %.1f GiB", len(self.image_counts), self.image_counts[0],
                     self.image_counts[-1], time.perf_counter() - start, len(self.image_counts) * grad_bytes / 2**30)
@@ -217,9 +217,7 @@ class GraphedStep:
         static = tuple(t.detach().clone().requires_grad_(i == 0) for i, t in enumerate(sample))
         logger.info("cuda_graphs: capturing the decoder + loss (%d x %d tokens, up to %d sequences a step)",
                     self.rows, self.max_length, self.max_sequences)
-        # NOTE: a capture allows no autocast weight cache (each replay would reuse the first step's casts)
-        with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
-                            cache_enabled=False):
+        with _capture_autocast(device):
             return torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=3)
 
     def __call__(self, inputs: dict, num_items_in_batch=None, accumulate: bool = False) -> torch.Tensor:
@@ -242,7 +240,7 @@ class GraphedStep:
             self.graphed = self._capture(sample)
             del sample
         pixels = inputs.get("pixel_values")
-        if self.capture and self.vision is not None and not self.vision_graphs and pixels is not None:
+        if self.capture and self.image_counts and not self.vision_graphs and pixels is not None:
             self.capture_vision(pixels.shape[1:], pixels.dtype, pixels.device)  # not captured when training began
         if accumulate:
             for p in self.model.parameters():
@@ -316,7 +314,7 @@ class _CaptureVisionAtTrainBegin(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
         step = trainer.graphed_step(trainer.model)
-        if step.vision is None or step.vision_graphs or not step.capture:
+        if not step.image_counts or step.vision_graphs or not step.capture:
             return
         vision = step.model.config.vision_config
         with trainer.autocast_smart_context_manager():
