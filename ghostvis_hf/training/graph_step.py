@@ -230,6 +230,12 @@ class GraphedStep:
         if not self.fits(inputs):
             raise ValueError(f"batch of {tuple(inputs['input_ids'].shape)} tokens does not fit the captured "
                              f"{self.rows} x {self.max_length} with <= {self.max_sequences} sequences")
+        pixels = inputs.get("pixel_values")
+        if self.capture and self.image_counts and not self.vision_graphs and pixels is not None:
+            # not captured when training began; before the decoder's, as there (captured after it, with fp32
+            # parameters under autocast, the vision backward's capture failed on an H200:
+            # cudaErrorStreamCaptureImplicit; the order the recipe uses passed)
+            self.capture_vision(pixels.shape[1:], pixels.dtype, pixels.device)
         if self.capture and self.graphed is None:
             # NOTE: the sample inputs carry no autograd history: an eager embedding graph alive during the capture
             # would hold the tied embedding's gradient accumulator, made on the default stream, and the captured
@@ -239,9 +245,6 @@ class GraphedStep:
             check_varlen_attention(self.model, sample[0].device, sample[0].dtype)
             self.graphed = self._capture(sample)
             del sample
-        pixels = inputs.get("pixel_values")
-        if self.capture and self.image_counts and not self.vision_graphs and pixels is not None:
-            self.capture_vision(pixels.shape[1:], pixels.dtype, pixels.device)  # not captured when training began
         if accumulate:
             for p in self.model.parameters():
                 if p.requires_grad and p.grad is None:
