@@ -25,6 +25,7 @@ from ghostvis_hf.training import (
     finish,
     freeze,
     gc_callbacks,
+    held_out_for_loss,
     load_model_and_processor,
     load_train_and_eval_data,
     make_optimizer,
@@ -63,6 +64,7 @@ def main(script_args, training_args, model_args, gv_args):
     train_dataset, held_out = load_train_and_eval_data(dataset_name, gv_args, script_args.dataset_train_split,
                                                        script_args.dataset_test_split)
     train_dataset, report = validate_rows(train_dataset, processor, training_args.max_length, gv_args.bad_rows)
+    eval_dataset = held_out_for_loss(held_out, processor, training_args, gv_args)  # --eval_strategy steps|epoch
 
     ################
     # Training
@@ -71,7 +73,8 @@ def main(script_args, training_args, model_args, gv_args):
     callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)
     callbacks += gc_callbacks(gv_args.gc_every_steps)
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                                 processing_class=processor, data_collator=data_collator, callbacks=callbacks,
+                                 eval_dataset=eval_dataset, processing_class=processor, data_collator=data_collator,
+                                 callbacks=callbacks,
                                  optimizers=(make_optimizer(model, training_args, gv_args), None),
                                  cuda_graphs=gv_args.cuda_graphs, cuda_graphs_vision=gv_args.cuda_graphs_vision)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

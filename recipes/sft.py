@@ -18,6 +18,8 @@ with a held-out tenth scored after training (exact match on the final assistant 
 
     accelerate launch recipes/sft.py --dataset_name data/train.jsonl --eval_split_fraction 0.1
 
+The held-out rows' loss during training as well: `--eval_strategy steps --eval_steps 100` (logged as `eval_loss`).
+
 Loss is on assistant tokens only (`assistant_only_loss`) and never on image placeholders (the collator masks them).
 """
 
@@ -38,6 +40,7 @@ from ghostvis_hf.training import (
     finish,
     freeze,
     gc_callbacks,
+    held_out_for_loss,
     load_model_and_processor,
     load_train_and_eval_data,
     log_parameter_counts,
@@ -86,6 +89,8 @@ def main(script_args, training_args, model_args, gv_args):
     logger.info("training rows: %d (checked %d, skipped %s)", len(train_dataset), report["checked"],
                 report["skipped"] or "none")
     # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
+    # --eval_strategy steps|epoch: the held-out rows' loss during training (checked as the training rows are)
+    eval_dataset = held_out_for_loss(held_out, processor, training_args, gv_args)
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
     callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)  # --profile_steps
     callbacks += gc_callbacks(gv_args.gc_every_steps)  # --gc_every_steps
@@ -101,6 +106,7 @@ def main(script_args, training_args, model_args, gv_args):
         model=model,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config,
         data_collator=data_collator,

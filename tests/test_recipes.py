@@ -35,14 +35,30 @@ def _run(args, timeout=600, launcher=None):
 
 def test_sft_recipe_trains_saves_loads_and_evaluates(tmp_path):
     out = tmp_path / "sft"
-    res = _run(["recipes/sft.py", "--max_steps", "3", "--output_dir", str(out), "--save_strategy", "no", *FAST])
+    res = _run(["recipes/sft.py", "--max_steps", "3", "--output_dir", str(out), "--save_strategy", "no", *FAST,
+                "--eval_strategy", "steps", "--eval_steps", "2"])  # + the held-out loss during training
     assert res.returncode == 0, res.stderr[-3000:]
     assert "colour+shape held-out accuracy" in res.stdout
+    assert "held-out rows for the loss during training: 16" in res.stderr
+    assert "'eval_loss'" in res.stdout + res.stderr
     summary = json.loads((out / "sft_summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval"]["n"] == 16
     assert (out / "eval_shapes" / "predictions.jsonl").exists()
     for f in ("model.safetensors", "modeling_ghostvis.py", "processor_config.json", "README.md"):
         assert (out / f).exists(), f
+
+
+def test_loss_during_training_needs_held_out_rows():
+    """`--eval_strategy steps` on a run that holds no rows out is refused before training, naming the ways to hold
+    some out; without it nothing is evaluated during training."""
+    from types import SimpleNamespace
+
+    from ghostvis_hf.training import GhostVisArguments, held_out_for_loss
+
+    args = SimpleNamespace(eval_strategy="steps", max_length=256)
+    with pytest.raises(ValueError, match="--eval_strategy steps .* holds none out: pass --eval_dataset_name"):
+        held_out_for_loss(None, None, args, GhostVisArguments())
+    assert held_out_for_loss(None, None, SimpleNamespace(eval_strategy="no"), GhostVisArguments()) is None
 
 
 def test_unknown_yaml_key_fails_loudly(tmp_path):

@@ -175,3 +175,38 @@ def test_model_loss_path_trains_and_matches_trl_loss(tmp_path):
     trls = trainer.compute_loss(model, dict(batch))
     torch.testing.assert_close(ours, trls, rtol=1e-4, atol=1e-5)
     assert "entropy" in trainer._metrics["train"]  # TRL's path logged its metrics; ours did not add any
+
+
+def test_evaluation_during_training_is_left_out_of_the_speed_log(tiny, conversations, tmp_path):
+    """`--eval_strategy steps`: the held-out loss is logged, and the time the evaluations take (here made long) is
+    not counted as training time in the next interval's rates."""
+    import time
+
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from ghostvis_hf.training.sampler import TokenBudgetMixin
+
+    model, processor = tiny
+    pause = 0.4
+
+    class Trainer(ThroughputMixin, TokenBudgetMixin, trl.SFTTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if not model.training:
+                time.sleep(pause)  # a slow evaluation
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
+                         report_to="none", max_length=128, use_cpu=True, save_strategy="no", logging_steps=1,
+                         eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2,
+                         dataloader_num_workers=0, gradient_checkpointing=False)
+    collator = GhostVisPackingCollator(processor, max_length=128, token_budget=TokenBudget(2, 128))
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(conversations),
+                      eval_dataset=Dataset.from_list(conversations[:2]), processing_class=processor,
+                      data_collator=collator)
+    start = time.perf_counter()
+    trainer.train()
+    assert time.perf_counter() - start > 3 * pause  # the evaluations ran
+    assert len([h for h in trainer.state.log_history if "eval_loss" in h]) == 3
+    seconds = [i["seconds"] for i in trainer.throughput.intervals]
+    assert len(seconds) == 3 and max(seconds) < pause, seconds

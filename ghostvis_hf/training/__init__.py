@@ -7,7 +7,7 @@ with every checkpoint.
 
 from .arguments import GhostVisArguments, RLArguments, parse_with_default_config
 from .collator import GhostVisVisionCollator, build_sft_collator
-from .data import describe_data, load_train_and_eval_data, prompt_dataset
+from .data import describe_data, held_out_for_loss, load_train_and_eval_data, prompt_dataset
 from .finish import evaluate_checkpoint, finish, score_final_turns
 from .model import (
     LORA_MODULES_TO_SAVE,
@@ -57,6 +57,7 @@ __all__ = [
     "held_out_accuracy",
     "held_out_before",
     "load_model_and_processor",
+    "held_out_for_loss",
     "load_train_and_eval_data",
     "log_parameter_counts",
     "make_optimizer",

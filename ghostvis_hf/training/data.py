@@ -92,6 +92,25 @@ def load_train_and_eval_data(dataset_name: str | None, args: GhostVisArguments, 
     return train, held_out
 
 
+def held_out_for_loss(held_out, processor, training_args, args: GhostVisArguments):
+    """The held-out rows whose loss the Trainer logs during training (`--eval_strategy steps|epoch`, every
+    `--eval_steps`), checked as the training rows are (`--bad_rows`); `None` when the run does not evaluate then.
+
+    Refused up front, not at the first evaluation, when the run has no held-out rows."""
+    from ..data.validate import validate_rows
+
+    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    if strategy == "no":
+        return None
+    if held_out is None or len(held_out) == 0:
+        raise ValueError(f"--eval_strategy {strategy} logs the held-out rows' loss during "
+                         "training, and this run holds none out: pass --eval_dataset_name, --eval_split_fraction or "
+                         "--num_eval_samples")
+    rows, report = validate_rows(held_out, processor, training_args.max_length, args.bad_rows)
+    logger.info("held-out rows for the loss during training: %d (skipped %s)", len(rows), report["skipped"] or "none")
+    return rows
+
+
 def _load(dataset_name: str | None, args: GhostVisArguments, train_split: str, test_split: str):
     from .. import data
 

@@ -133,6 +133,10 @@ class ThroughputCallback(TrainerCallback):
                 json.dump({**self.summary(args.world_size), "step": state.global_step}, f, indent=2)
             os.replace(path + ".tmp", path)  # never a half-written file
 
+    def leave_out(self, seconds: float) -> None:
+        """Takes `seconds` of other work (an evaluation during training) out of the current logging interval."""
+        self._last += seconds
+
     def _flops(self, counts: dict) -> float | None:
         c = self.flop_coefficients
         if c is None:
@@ -238,6 +242,15 @@ class ThroughputMixin(BatchStatsMixin):
 
     def record_batch_stats(self, stats: dict | None) -> None:
         self.throughput.add(stats)
+
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's evaluation (`--eval_strategy`); its time is not training time, so the speed log leaves it
+        out (its batches were never counted)."""
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.throughput.leave_out(time.perf_counter() - start)
 
 
 def throughput_summary(trainer) -> dict | None:
