@@ -14,10 +14,18 @@ the mean curves over seeds, next to the autocast seeds' own spread.
 its weights (`--model_name_or_path`), as a fine-tune starts from a trained model; the seed then draws only the data
 order, and the two precisions of one seed see the same batches.
 
+`--eval-every N` also logs each run's loss on `--eval-rows` held-out rows every N steps (the recipe's
+`--eval_strategy steps`): the same rows at every point, so that curve has none of the batch-to-batch noise of the
+training loss. For each curve the summary has the paired comparison too: per seed, the variant's mean over a window
+against the reference's with the same seed (the same start and batches), and the mean of those gaps with its 95 %
+t-interval over the seeds.
+
 Writes precision_curve.json / .md / .png to `--out`.
 
     python scripts/precision_curve.py --preset small --steps 200 --seeds 0,1,2      # on a GPU
     python scripts/precision_curve.py --preset small --steps 200 --seeds 0,1,2 --from-steps 300 --warmup 0
+    python scripts/precision_curve.py --preset small --steps 200 --seeds 0,1,2,3,4,5,6,7 --from-steps 300 \
+        --warmup 0 --eval-every 10 --eval-rows 512
 """
 
 import argparse
@@ -40,18 +48,29 @@ VARIANTS = {
 }
 
 
-def command(precision: str, seed: int, args, out: str, steps: int | None = None, start: str | None = None) -> list[str]:
+# two-sided 95 % quantiles of Student's t for 1-30 degrees of freedom (more: the normal's 1.96)
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def command(precision: str, seed: int, args, out: str, steps: int | None = None, start: str | None = None,
+            evaluate: bool = True) -> list[str]:
     steps = args.steps if steps is None else steps
+    every = getattr(args, "eval_every", 0) if evaluate else 0
+    held_out = ["--eval_strategy", "steps", "--eval_steps", str(every), "--num_eval_samples", str(args.eval_rows),
+                "--per_device_eval_batch_size", "64"] if every else []
     return [sys.executable, RECIPE, "--config", os.path.join(ROOT, "recipes", "configs", "sft_tiny.yaml"),
             "--preset", args.preset, "--config_overrides=", "--max_steps", str(steps), "--bf16", "true",
             *VARIANTS[precision], "--logging_steps", "10", "--save_strategy", "steps", "--save_steps",
             str(steps), "--eval_after_training", "false", "--plot", "false", "--output_dir", out,
-            "--seed", str(seed), *(["--model_name_or_path", start] if start else []), *shlex.split(args.recipe_args)]
+            "--seed", str(seed), *(["--model_name_or_path", start] if start else []), *held_out,
+            *shlex.split(args.recipe_args)]
 
 
-def losses(out: str, steps: int) -> dict[int, float]:
+def losses(out: str, steps: int, key: str = "loss") -> dict[int, float]:
+    """{step: value} of one logged key (`loss`: the training loss of the last logging interval; `eval_loss`)."""
     with open(os.path.join(out, f"checkpoint-{steps}", "trainer_state.json")) as f:
-        return {h["step"]: h["loss"] for h in json.load(f)["log_history"] if "loss" in h}
+        return {h["step"]: h[key] for h in json.load(f)["log_history"] if key in h}
 
 
 def _run(cmd: list[str], log_path: str, env: dict | None = None):
@@ -65,16 +84,17 @@ def _one_gpu(i: int, gpus: int) -> dict | None:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else None
 
 
-def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
-    """{precision: {seed: {step: loss}}}; `--parallel` runs at a time, each logging to its own file."""
+def run_all(args, tmp: str) -> tuple[dict, dict | None]:
+    """The training losses `{precision: {seed: {step: loss}}}` and the held-out ones (the same form; `None` without
+    `--eval-every`); `--parallel` runs at a time, each logging to its own file."""
     weights = None
     if args.from_steps:  # the shared start: autocast, seed 0; the recipe saves its final model (with the code files)
         weights = os.path.join(tmp, "start")
         # one process sees one GPU (TRL refuses the Trainer's nn.DataParallel over several)
-        _run(command("autocast", 0, args, weights, steps=args.from_steps),
+        _run(command("autocast", 0, args, weights, steps=args.from_steps, evaluate=False),
              os.path.join(args.out, "precision_curve_start.log"), env=_one_gpu(0, args.gpus))
     jobs = [(p, s) for s in args.seeds for p in args.precisions]
-    curves = {p: {} for p in args.precisions}
+    curves, held_out = {p: {} for p in args.precisions}, {p: {} for p in args.precisions}
     for first in range(0, len(jobs), args.parallel):
         procs = []
         for i, (precision, seed) in enumerate(jobs[first : first + args.parallel]):
@@ -88,7 +108,23 @@ def run_all(args, tmp: str) -> dict[str, dict[int, dict[int, float]]]:
                 raise RuntimeError(f"{precision} seed {seed} failed: see {log.name}")
             log.close()
             curves[precision][seed] = losses(out, args.steps)
-    return curves
+            if getattr(args, "eval_every", 0):
+                held_out[precision][seed] = losses(out, args.steps, "eval_loss")
+    return curves, (held_out if getattr(args, "eval_every", 0) else None)
+
+
+def _paired(curves: dict, variant: str, ref: str, steps: list[int]) -> dict:
+    """Per seed, the variant's mean over `steps` relative to the reference's with the same seed; their mean and its
+    95 % t-interval over the seeds (`None` with one seed)."""
+    def window(c):
+        return statistics.fmean(c[s] for s in steps)
+
+    gaps = [window(curves[variant][x]) / window(curves[ref][x]) - 1 for x in curves[ref] if x in curves[variant]]
+    mean = statistics.fmean(gaps)
+    if len(gaps) < 2:
+        return {"per_seed": gaps, "mean": mean, "ci95": None}
+    half = (_T95[len(gaps) - 2] if len(gaps) - 1 <= len(_T95) else 1.96) * statistics.stdev(gaps) / len(gaps) ** 0.5
+    return {"per_seed": gaps, "mean": mean, "ci95": [mean - half, mean + half]}
 
 
 def _gaps(mean: dict, curves: dict, variant: str, ref: str, steps: list[int]) -> dict:
@@ -117,10 +153,24 @@ def summarize(curves, warmup: int, late_from: int | None = None) -> dict:
     return {"reference": ref, "steps": steps, "mean": mean, "after_warmup_steps": after, "late_steps": late,
             "gap_after_warmup": {p: _gaps(mean, curves, p, ref, after) for p in curves if p != ref},
             "gap_late": {p: _gaps(mean, curves, p, ref, late) for p in curves if p != ref},
+            "paired_after_warmup": {p: _paired(curves, p, ref, after) for p in curves if p != ref},
+            "paired_late": {p: _paired(curves, p, ref, late) for p in curves if p != ref},
             "reference_seed_spread_after_warmup": {"max": max(spread), "mean": statistics.fmean(spread)},
             "window_loss_after_warmup": {p: {"per_seed": v, "mean": statistics.fmean(v),
                                              "stdev": statistics.stdev(v) if len(v) > 1 else None}
                                          for p, v in window.items()}}
+
+
+def _paired_line(summary: dict, variant: str, ref: str) -> str:
+    """One markdown line: the paired gaps of `variant` over the after-warm-up and late windows, with intervals."""
+    def one(key: str, steps: list[int]) -> str:
+        g = summary[key][variant]
+        ci = f", 95 % interval {g['ci95'][0]:+.2%} to {g['ci95'][1]:+.2%}" if g["ci95"] else ""
+        return f"steps {steps[0]}-{steps[-1]} {g['mean']:+.2%}{ci}"
+
+    return (f"- {variant} / {ref} - 1, mean over a window, paired by seed: "
+            f"{one('paired_after_warmup', summary['after_warmup_steps'])}; "
+            f"{one('paired_late', summary['late_steps'])}.")
 
 
 def write(report: dict, args) -> None:
@@ -153,12 +203,25 @@ def write(report: dict, args) -> None:
                      f"{h['mean_signed']:+.2%}); same seed up to {g['same_seed']['max']:.2%} apart (mean "
                      f"{g['same_seed']['mean']:.2%}). Mean loss over steps {after[0]}-{after[-1]}: "
                      f"{lw[p]['mean']:.4f} (per seed " + ", ".join(f"{v:.4f}" for v in lw[p]["per_seed"]) + ").")
+        lines.append(_paired_line(s, p, ref))
+    held = ""
+    if report.get("eval_summary"):
+        e = report["eval_summary"]
+        held_rows = ["| step | " + " | ".join(f"{p} mean" for p in variants) + " | "
+                     + " | ".join(f"gap {p}" for p in others) + " |",
+                     "|" + "---|" * (1 + len(variants) + len(others))]
+        for step in e["steps"]:
+            a = e["mean"][ref][step]
+            held_rows.append(f"| {step} | " + " | ".join(f"{e['mean'][p][step]:.4f}" for p in variants) + " | "
+                             + " | ".join(f"{(e['mean'][p][step] - a) / a:+.2%}" for p in others) + " |")
+        held = (f"\n## Held-out loss ({args.eval_rows} rows, every {args.eval_every} steps)\n\n"
+                + "\n".join(_paired_line(e, p, ref) for p in others) + "\n\n" + "\n".join(held_rows) + "\n")
     text = (f"# Training precisions vs {ref}: {args.preset} preset, {args.steps} steps, seeds {seeds}\n\n"
             f"Machine: {report['device']} · torch {report['torch']}\n\nCommand: `{report['command']}`\n\n" + start
             + f"The noise: the {ref} seeds alone are up to {spread['max']:.1%} apart (mean {spread['mean']:.1%}) of "
             f"their mean at a step after step {args.warmup}; their mean loss over steps {after[0]}-{after[-1]} is "
             f"{lw[ref]['mean']:.4f} (per seed " + ", ".join(f"{v:.4f}" for v in lw[ref]["per_seed"]) + ").\n\n"
-            + "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n")
+            + "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n" + held)
     with open(os.path.join(args.out, "precision_curve.md"), "w") as f:
         f.write(text)
     try:
@@ -191,6 +254,9 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", type=lambda t: t.split(","), default=["autocast", "bf16_master"],
                    help=f"comma list of {', '.join(VARIANTS)}; the first is the reference")
     p.add_argument("--late-from", type=int, default=None, help="first step of the late window (default: half way)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="log the loss on --eval-rows held-out rows every this many steps (0: off)")
+    p.add_argument("--eval-rows", type=int, default=512, help="held-out rows of --eval-every")
     p.add_argument("--parallel", type=int, default=6, help="runs at a time (they share the GPUs)")
     p.add_argument("--gpus", type=int, default=1, help="spread the parallel runs over this many GPUs")
     p.add_argument("--recipe-args", default="--shapes_train_samples 6400 --dataloader_num_workers 1 --cpu_threads 1",
@@ -204,7 +270,7 @@ def main(argv=None) -> int:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        curves = run_all(args, tmp)
+        curves, held_out = run_all(args, tmp)
     report = {"benchmark": "precision_curve", "preset": args.preset, "steps": args.steps, "seeds": args.seeds,
               "from_steps": args.from_steps,
               "warmup": args.warmup, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -212,8 +278,11 @@ def main(argv=None) -> int:
               "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
               "curves": curves}
     report["summary"] = summarize(curves, args.warmup, args.late_from)
+    if held_out is not None:
+        report["eval_curves"] = held_out
+        report["eval_summary"] = summarize(held_out, args.warmup, args.late_from)
     write(report, args)
-    print(json.dumps({k: report["summary"][k] for k in ("gap_after_warmup", "gap_late",
+    print(json.dumps({k: report["summary"][k] for k in ("gap_after_warmup", "gap_late", "paired_late",
                                                          "reference_seed_spread_after_warmup")}))
     return 0
 

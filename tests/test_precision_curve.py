@@ -47,8 +47,9 @@ def test_every_run_starts_from_the_shared_weights_with_from_steps(tmp_path, monk
     monkeypatch.setattr(precision_curve, "losses", lambda out, steps: {10: 1.0})
     args = _args(from_steps=from_steps, seeds=[0, 1], parallel=3, out=str(tmp_path), gpus=2,
                  precisions=["autocast", "bf16_master", "bf16_master_fp32res"])
-    curves = precision_curve.run_all(args, str(tmp_path / "tmp"))
+    curves, held_out = precision_curve.run_all(args, str(tmp_path / "tmp"))
     assert set(curves) == {"autocast", "bf16_master", "bf16_master_fp32res"} and set(curves["autocast"]) == {0, 1}
+    assert held_out is None and all("--eval_strategy" not in cmd for cmd in launched)  # not asked for
     arms = launched[1:] if from_steps else launched
     visible = [env["CUDA_VISIBLE_DEVICES"] for env in gpus]  # one GPU per process (TRL refuses DataParallel)
     assert len(arms) == 6 and visible == ["0"] * bool(from_steps) + ["0", "1", "0", "0", "1", "0"]
@@ -86,3 +87,59 @@ def test_report_names_every_variant(tmp_path):
     precision_curve.write(report, args)
     text = (tmp_path / "precision_curve.md").read_text()
     assert "**bf16_master_fp32res** vs autocast" in text and "| gap bf16_master_fp32res |" in text
+
+
+def test_held_out_loss_is_asked_of_every_arm_but_the_shared_start(tmp_path, monkeypatch):
+    launched = []
+
+    class Proc:
+        def __init__(self, cmd, env=None, **kwargs):
+            launched.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(precision_curve, "_run", lambda cmd, log, env: launched.append(cmd))
+    monkeypatch.setattr(precision_curve.subprocess, "Popen", Proc)
+    monkeypatch.setattr(precision_curve, "losses", lambda out, steps, key="loss": {10: 1.0 if key == "loss" else 2.0})
+    args = _args(from_steps=30, seeds=[0, 1], parallel=4, out=str(tmp_path), gpus=1, eval_every=10, eval_rows=64,
+                 precisions=["autocast", "bf16_master"])
+    curves, held_out = precision_curve.run_all(args, str(tmp_path / "tmp"))
+    assert "--eval_strategy" not in launched[0]  # the shared start
+    for cmd in launched[1:]:
+        assert cmd[cmd.index("--eval_strategy") + 1] == "steps" and cmd[cmd.index("--eval_steps") + 1] == "10"
+        assert cmd[cmd.index("--num_eval_samples") + 1] == "64"
+    assert held_out == {"autocast": {0: {10: 2.0}, 1: {10: 2.0}}, "bf16_master": {0: {10: 2.0}, 1: {10: 2.0}}}
+    assert curves["bf16_master"][1] == {10: 1.0}
+
+
+def test_paired_gaps_and_their_interval():
+    """Per seed, the variant's window mean over the reference's (same seed) - 1; their mean and 95 % t-interval."""
+    curves = {"autocast": {0: {10: 1.0, 20: 1.0}, 1: {10: 2.0, 20: 2.0}, 2: {10: 1.0, 20: 3.0}},
+              "bf16_master": {0: {10: 1.01, 20: 1.01}, 1: {10: 2.0, 20: 2.0}, 2: {10: 2.04, 20: 2.04}}}
+    s = precision_curve.summarize(curves, warmup=0)
+    p = s["paired_after_warmup"]["bf16_master"]
+    assert p["per_seed"] == pytest.approx([0.01, 0.0, 0.02])
+    assert p["mean"] == pytest.approx(0.01)
+    half = 4.303 * 0.01 / 3 ** 0.5  # t(0.975, 2 df) x stdev / sqrt(n)
+    assert p["ci95"] == pytest.approx([0.01 - half, 0.01 + half])
+    late = precision_curve.summarize(curves, warmup=0, late_from=20)["paired_late"]["bf16_master"]
+    assert late["per_seed"] == pytest.approx([0.01, 0.0, 2.04 / 3 - 1])  # step 20 only
+    one = precision_curve.summarize({k: {0: v[0]} for k, v in curves.items()}, warmup=0)
+    assert one["paired_late"]["bf16_master"]["ci95"] is None  # one seed: no interval
+
+
+def test_report_has_the_held_out_section_and_the_paired_lines(tmp_path):
+    curves = {"autocast": {0: {10: 2.0, 20: 1.0}, 1: {10: 4.0, 20: 2.0}},
+              "bf16_master": {0: {10: 2.1, 20: 1.0}, 1: {10: 4.0, 20: 2.1}}}
+    held = {"autocast": {0: {10: 1.0, 20: 0.8}, 1: {10: 1.0, 20: 0.8}},
+            "bf16_master": {0: {10: 1.01, 20: 0.8}, 1: {10: 1.0, 20: 0.808}}}
+    args = _args(seeds=[0, 1], warmup=0, out=str(tmp_path), eval_every=10, eval_rows=64)
+    report = {"curves": curves, "device": "cpu", "torch": "x", "command": "c",
+              "summary": precision_curve.summarize(curves, warmup=0),
+              "eval_curves": held, "eval_summary": precision_curve.summarize(held, warmup=0)}
+    precision_curve.write(report, args)
+    text = (tmp_path / "precision_curve.md").read_text()
+    assert "## Held-out loss (64 rows, every 10 steps)" in text
+    assert text.count("paired by seed") == 2 and "95 % interval" in text
+    assert "| 20 | 0.8000 | 0.8040 | +0.50% |" in text
