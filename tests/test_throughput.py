@@ -178,8 +178,8 @@ def test_model_loss_path_trains_and_matches_trl_loss(tmp_path):
 
 
 def test_evaluation_during_training_is_left_out_of_the_speed_log(tiny, conversations, tmp_path):
-    """`--eval_strategy steps`: the held-out loss is logged, and the time the evaluations take (here made long) is
-    not counted as training time in the next interval's rates."""
+    """`--eval_strategy steps`: the held-out loss is logged, and neither the time the evaluations take (here made
+    long) nor their batches count in the training rates and the packing efficiency."""
     import time
 
     trl = pytest.importorskip("trl")
@@ -210,3 +210,4 @@ def test_evaluation_during_training_is_left_out_of_the_speed_log(tiny, conversat
     assert len([h for h in trainer.state.log_history if "eval_loss" in h]) == 3
     seconds = [i["seconds"] for i in trainer.throughput.intervals]
     assert len(seconds) == 3 and max(seconds) < pause, seconds
+    assert collator.stats["batches"] == 3  # packing_efficiency counts the training batches only

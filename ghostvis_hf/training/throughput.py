@@ -14,6 +14,7 @@
 `throughput_summary(trainer)` is what a recipe writes to its run summary.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -221,6 +222,18 @@ class BatchStatsMixin:
         self.data_collator = CountingCollator(collator, pad)
         try:
             return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # evaluation batches are not training batches either: a collator keeping running counts (the packing
+        # collator's `stats`, logged as `packing_efficiency`) counts them in a copy of its own
+        collator = self.data_collator
+        if dataclasses.is_dataclass(collator) and isinstance(getattr(collator, "stats", None), dict):
+            quiet = {"log_every": 0} if hasattr(collator, "log_every") else {}
+            self.data_collator = dataclasses.replace(collator, stats=dict.fromkeys(collator.stats, 0), **quiet)
+        try:
+            return super().get_eval_dataloader(eval_dataset)
         finally:
             self.data_collator = collator
 
