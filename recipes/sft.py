@@ -88,9 +88,9 @@ def main(script_args, training_args, model_args, gv_args):
     train_dataset, report = validate_rows(train_dataset, processor, training_args.max_length, gv_args.bad_rows)
     logger.info("training rows: %d (checked %d, skipped %s)", len(train_dataset), report["checked"],
                 report["skipped"] or "none")
-    # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
     # --eval_strategy steps|epoch: the held-out rows' loss during training (checked as the training rows are)
     eval_dataset = held_out_for_loss(held_out, processor, training_args, gv_args)
+    # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
     callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)  # --profile_steps
     callbacks += gc_callbacks(gv_args.gc_every_steps)  # --gc_every_steps

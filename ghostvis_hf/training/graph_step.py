@@ -20,8 +20,9 @@ forward/backward pair per image count of the run's plan (the token-budget sample
 captured when training begins (before the DataLoader's pin-memory thread runs: make_graphed_callables captures
 in CUDA's global mode, where another thread's pinned allocation breaks a capture) in one shared memory pool. The
 aim: the graphed recipe's profile (call 8 of 2026-11-30g) had the GPU idle ~17 % of the step while the host launched
-the eager part's kernels one by one (~1,600 a step, the vision side's forward and backward among them); whether this
-closes that gap is not measured yet.
+the eager part's kernels one by one (~1,600 a step, the vision side's forward and backward among them). Measured on
+an H200 (docs/benchmarks/train_recipe_graphs.md): 43.7 % MFU against 42.3 % without, and 45.5-45.8 % with
+`--compile_layers true` (the vision layers then compile during the capture).
 
 The backward graph's input gradient flows on into the eager part (scatter, projector, vision tower), and the
 parameters' gradients reach `.grad` as in an eager step, so the Trainer's clipping, optimizer and logging are
