@@ -15,7 +15,8 @@ sys.path.pop(0)
 
 def _args(**kw):
     return argparse.Namespace(**{
-        "preset": "small", "steps": 200, "recipe_args": "--cpu_threads 1", "from_steps": 0, **kw})
+        "preset": "small", "steps": 200, "recipe_args": "--cpu_threads 1", "from_steps": 0, "learning_rate": 2e-4,
+        **kw})
 
 
 def test_runs_start_from_the_shared_weights_only_when_asked():
@@ -26,6 +27,19 @@ def test_runs_start_from_the_shared_weights_only_when_asked():
     assert cmd[cmd.index("--precision") + 1] == "bf16_master" and cmd[cmd.index("--fp32_residual") + 1] == "true"
     cmd = precision_curve.command("autocast", 0, _args(), "/tmp/x", steps=50, start="/tmp/start")
     assert cmd[cmd.index("--model_name_or_path") + 1] == "/tmp/start" and cmd[cmd.index("--max_steps") + 1] == "50"
+
+
+def test_the_learning_rate_reaches_every_run_and_recipe_args_still_override_it():
+    for precision in ("autocast", "bf16_master", "autocast_unfused"):
+        cmd = precision_curve.command(precision, 1, _args(learning_rate=3e-4), "/tmp/x")
+        assert float(cmd[cmd.index("--learning_rate") + 1]) == 3e-4
+    # the control is autocast with PyTorch's own kernels
+    cmd = precision_curve.command("autocast_unfused", 1, _args(), "/tmp/x")
+    assert cmd[cmd.index("--precision") + 1] == "autocast" and cmd[cmd.index("--kernels") + 1] == "false"
+    # recipe args come last: argparse keeps the last value of a repeated flag
+    cmd = precision_curve.command("autocast", 1, _args(recipe_args="--learning_rate 1e-3"), "/tmp/x")
+    assert max(i for i, a in enumerate(cmd) if a == "--learning_rate") > cmd.index("--learning_rate")
+    assert cmd[len(cmd) - 1 - cmd[::-1].index("--learning_rate") + 1] == "1e-3"
 
 
 @pytest.mark.parametrize("from_steps", [0, 30])
