@@ -105,6 +105,7 @@ def run_all(args, tmp: str) -> tuple[dict, dict | None]:
         _run(command("autocast", 0, args, weights, steps=args.from_steps, evaluate=False),
              os.path.join(args.out, "precision_curve_start.log"), env=_one_gpu(0, args.gpus))
     jobs = [(p, s) for s in args.seeds for p in args.precisions]
+    evaluating = bool(getattr(args, "eval_every", 0))
     curves, held_out = {p: {} for p in args.precisions}, {p: {} for p in args.precisions}
     for first in range(0, len(jobs), args.parallel):
         procs = []
@@ -120,9 +121,9 @@ def run_all(args, tmp: str) -> tuple[dict, dict | None]:
                 raise RuntimeError(f"{precision} seed {seed} failed: see {log.name}")
             log.close()
             curves[precision][seed] = losses(out, args.steps)
-            if getattr(args, "eval_every", 0):
+            if evaluating:
                 held_out[precision][seed] = losses(out, args.steps, "eval_loss")
-    return curves, (held_out if getattr(args, "eval_every", 0) else None)
+    return curves, (held_out if evaluating else None)
 
 
 def _paired(curves: dict, variant: str, ref: str, steps: list[int]) -> dict:
