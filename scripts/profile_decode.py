@@ -1,7 +1,8 @@
 """Where a batch-1 decode step of the `1.5b` preset spends its device time (issue 5).
 
 1. Matrix-vector products alone: each decoder projection (and fused q|k|v, gate|up) over 28 distinct weight copies,
-   replayed as one CUDA graph, reported as achieved GB/s against the copy bandwidth.
+   replayed as one CUDA graph, reported as achieved GB/s against the copy bandwidth; the fused products also with
+   int8 weights and row scales (`triton_int8`, GB/s of the int8 bytes; the LM head stays bf16 in the engine).
 2. A kernel profile (torch.profiler) of the engine's captured decode step (modes: fused, graphs, compile), with
    every row at position 256 of a 384-column cache.
 
@@ -48,12 +49,12 @@ def gemv_table(batch: int, layers: int = 28) -> list[dict]:
     shapes = {"q": (d, d), "k": (kv, d), "v": (kv, d), "qkv fused": (d + 2 * kv, d), "o": (d, d),
               "gate": (ff, d), "up": (ff, d), "gate|up fused": (2 * ff, d), "down": (d, ff), "lm_head": (vocab, d)}
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    norm, res = torch.ones(d, **bf16), torch.randn(batch, d, **bf16)
-    fused = {  # the Triton call for each product of the fused step
-        "qkv fused": lambda x, w: linear(x, w, norm_weight=norm, bias=w[:, 0]),
-        "o": lambda x, w: linear(x, w, residual=x),
-        "gate|up fused": lambda x, w: linear(x, w, norm_weight=norm, swiglu=True),
-        "down": lambda x, w: linear(x, w, residual=res),
+    norm, res, qkv_bias = torch.ones(d, **bf16), torch.randn(batch, d, **bf16), torch.randn(d + 2 * kv, **bf16)
+    fused = {  # the Triton call for each product of the fused step (`s`: the row scales of an int8 weight)
+        "qkv fused": lambda x, w, s=None: linear(x, w, norm_weight=norm, bias=qkv_bias, weight_scale=s),
+        "o": lambda x, w, s=None: linear(x, w, residual=x, weight_scale=s),
+        "gate|up fused": lambda x, w, s=None: linear(x, w, norm_weight=norm, swiglu=True, weight_scale=s),
+        "down": lambda x, w, s=None: linear(x, w, residual=res, weight_scale=s),
         "lm_head": lambda x, w: linear(x, w, norm_weight=norm),
     }
     rows = []
@@ -63,16 +64,22 @@ def gemv_table(batch: int, layers: int = 28) -> list[dict]:
         x = torch.randn(batch, n_in, **bf16)
         gbytes = n_out * n_in * 2 / 1e9
         row = {"op": name, "shape": [n_out, n_in]}
-        for impl, fn in [("cublas", F.linear), ("triton", fused.get(name))]:
+        impls = [("cublas", F.linear, weights, gbytes), ("triton", fused.get(name), weights, gbytes)]
+        if name in fused and name != "lm_head":  # per-row int8 (the `--quantize int8` format), half the bytes
+            scales = [w.float().abs().amax(dim=1) / 127 for w in weights]
+            qs = [(w.float() / s[:, None]).round().to(torch.int8) for w, s in zip(weights, scales)]
+            int8 = [(q, s.to(torch.bfloat16)) for q, s in zip(qs, scales)]
+            impls.append(("triton_int8", lambda x, qs, f=fused[name]: f(x, *qs), int8, gbytes / 2))
+        for impl, fn, ws, nbytes in impls:
             if fn is None:
                 continue
             i = iter(range(10**9))
 
-            def call(fn=fn):
-                return fn(x, weights[next(i) % copies])
+            def call(fn=fn, ws=ws):
+                return fn(x, ws[next(i) % copies])
 
             ms = graph_time_ms(call, copies)
-            row[f"{impl}_us"], row[f"{impl}_GB_s"] = 1000 * ms, gbytes / (ms / 1000)
+            row[f"{impl}_us"], row[f"{impl}_GB_s"] = 1000 * ms, nbytes / (ms / 1000)
         rows.append(row)
         del weights
     return rows
@@ -88,7 +95,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     report: dict = {"gemv": [] if args.no_gemv else gemv_table(args.batch)}
     for row in report["gemv"]:
-        triton_part = f"  triton {row['triton_us']:8.1f} us {row['triton_GB_s']:6.0f} GB/s" if "triton_us" in row else ""
+        triton_part = "".join(f"  {impl} {row[impl + '_us']:8.1f} us {row[impl + '_GB_s']:6.0f} GB/s"
+                              for impl in ("triton", "triton_int8") if impl + "_us" in row)
         print(f"{row['op']:>14} {str(row['shape']):>16} cublas {row['cublas_us']:8.1f} us {row['cublas_GB_s']:6.0f} GB/s"
               f"{triton_part}", flush=True)
     path = os.path.join(args.out, "profile_decode.json")
