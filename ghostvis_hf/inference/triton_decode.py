@@ -292,6 +292,10 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
 
     Returns:
         `torch.Tensor` of shape `[M, N]` in `x`'s dtype.
+
+    With one row and programmatic dependent launch the kernel reads its first weight tile before waiting for the
+    kernel launched just before it: `weight` must be a fixed tensor (model weights), not one that the previous kernel
+    of this module (whose successor may start early) is still writing.
     """
     m, k = x.shape
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
