@@ -69,7 +69,7 @@ def gemv_table(batch: int, layers: int = 28) -> list[dict]:
             scales = [w.float().abs().amax(dim=1) / 127 for w in weights]
             qs = [(w.float() / s[:, None]).round().to(torch.int8) for w, s in zip(weights, scales)]
             int8 = [(q, s.to(torch.bfloat16)) for q, s in zip(qs, scales)]
-            impls.append(("triton_int8", lambda x, qs, f=fused[name]: f(x, *qs), int8, gbytes / 2))
+            impls.append(("triton_int8", lambda x, q_s, f=fused[name]: f(x, *q_s), int8, gbytes / 2))
         for impl, fn, ws, nbytes in impls:
             if fn is None:
                 continue

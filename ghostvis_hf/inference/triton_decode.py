@@ -228,10 +228,9 @@ def _linear_kernel(
     x_ptr, w_ptr, scale_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K, stride_x, stride_out, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, INT8: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr,
+    HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, INT8: tl.constexpr, F32_DOT: tl.constexpr,
 ):
-    """Several rows: tensor-core tiles (x padded to BLOCK_M rows)."""
-    _pdl_prologue(PDL)
+    """Several rows: tensor-core tiles (x padded to BLOCK_M rows). Launched without PDL (see `linear`)."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     dtype = out_ptr.dtype.element_ty
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -322,7 +321,7 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
     else:  # no PDL: measured on an H200, int8 at batch 32 took 2.40 ms a step with it and 2.07 without (its programs
         # waiting for the previous kernel hold the shared memory the running tensor-core kernel pipelines through)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm))  # noqa: E731
-        _linear_dot[grid](*args, BLOCK_M=bm, F32_DOT=INTERPRET or x.dtype == torch.float32, PDL=False, **flags)
+        _linear_dot[grid](*args, BLOCK_M=bm, F32_DOT=INTERPRET or x.dtype == torch.float32, **flags)
     return out
 
 
@@ -445,15 +444,15 @@ def rope_attention(qkv, cos, sin, positions, k_cache, v_cache, num_heads: int, s
     if splits > 1:
         part = torch.empty(m * num_heads * splits, d, dtype=torch.float32, device=qkv.device)
         ml = torch.empty(m * num_heads * splits, 2, dtype=torch.float32, device=qkv.device)
-    f32 = INTERPRET or qkv.dtype == torch.float32
+    f32, pdl = INTERPRET or qkv.dtype == torch.float32, _pdl(qkv)
     _rope_attention_kernel[(m, h_kv, splits)](
         qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, scale,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2] - 1,
         H=num_heads, H_KV=h_kv, D=d, BLOCK_G=max(16, triton.next_power_of_2(num_heads // h_kv)), BLOCK_N=32,
-        SPLITS=splits, F32_DOT=f32, **_pdl(qkv),
+        SPLITS=splits, F32_DOT=f32, **pdl,
     )
     if splits > 1:
-        _combine_kernel[(m * num_heads,)](part, ml, out, SPLITS=splits, D=d, **_pdl(qkv))
+        _combine_kernel[(m * num_heads,)](part, ml, out, SPLITS=splits, D=d, **pdl)
     return out
 
 
