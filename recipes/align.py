@@ -70,7 +70,7 @@ def main(script_args, training_args, model_args, gv_args):
     # Training
     ################
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)  # masks image placeholders
-    callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)
+    callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir, gv_args.profile_python)
     callbacks += gc_callbacks(gv_args.gc_every_steps)
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, processing_class=processor, data_collator=data_collator,

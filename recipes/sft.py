@@ -92,7 +92,8 @@ def main(script_args, training_args, model_args, gv_args):
     eval_dataset = held_out_for_loss(held_out, processor, training_args, gv_args)
     # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
-    callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir)  # --profile_steps
+    callbacks += profiler_callbacks(  # --profile_steps
+        gv_args.profile_steps, training_args.output_dir, gv_args.profile_python)
     callbacks += gc_callbacks(gv_args.gc_every_steps)  # --gc_every_steps
 
     ################

@@ -18,7 +18,8 @@ def test_one_cpu_process_gives_a_row_in_the_bench_train_shape(tmp_path):
     rc = bench_scaling.main(["--setups", "single", "--device", "cpu", "--max-steps", "8", "--logging-steps", "4",
                              "--profile", "--reload-check",
                              "--config", "recipes/configs/sft_tiny.yaml", "--out", str(tmp_path), "--recipe-args",
-                             "--shapes_train_samples 256 --per_device_train_batch_size 8 --cpu_threads 1"])
+                             "--shapes_train_samples 256 --per_device_train_batch_size 8 --cpu_threads 1 "
+                             "--profile_python true"])
     assert rc == 0
     report = json.loads((tmp_path / "scaling.json").read_text())
     assert report["benchmark"] == "scaling" and len(report["results"]) == 1
@@ -30,6 +31,9 @@ def test_one_cpu_process_gives_a_row_in_the_bench_train_shape(tmp_path):
     assert row["reloads"].startswith("yes: GhostVisForConditionalGeneration") and "8 tokens generated" in row["reloads"]
     profile = (tmp_path / "scaling_single_profile_rank0.txt").read_text()  # steps 8-10, after the timed ones
     assert profile.startswith("3 steps: wall") and "GPU busy" in profile
+    # --profile_python: the host's time by Python function, the Trainer's own step among them
+    python = profile.split("Python functions by inclusive host time")[1].splitlines()
+    assert any("training_step" in line and float(line.split("|")[0]) > 0 for line in python[1:])
 
 
 def test_refusals(tmp_path):

@@ -54,12 +54,29 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def kernel_summary(prof, steps: int, wall: float, rows: int = 30) -> str:
+def python_table(events, steps: int, rows: int = 40) -> str:
+    """The `rows` Python functions with the longest inclusive host time per step, from `key_averages()` of a profile
+    recorded `with_stack=True` (torch's Python tracer names them `file.py(line): function`; it records every thread,
+    so the autograd engine's gradient hooks are there too). A function that calls itself counts its time once per
+    level."""
+    funcs = [e for e in events if ".py(" in e.key]
+    per = max(steps, 1) * 1e3  # the profiler's microseconds -> milliseconds a step
+    row = lambda e: (f"{e.cpu_time_total / per:9.1f} | {e.self_cpu_time_total / per:8.1f} | "  # noqa: E731
+                     f"{e.count / max(steps, 1):8.1f}  {e.key[:150]}")
+    lines = [f"Python functions by inclusive host time (ms a step; {steps} steps): total | self | calls a step"]
+    lines += [row(e) for e in sorted(funcs, key=lambda e: -e.cpu_time_total)[:rows]]
+    lines += ["Python functions by self host time (outside the functions and ops they call)"]
+    lines += [row(e) for e in sorted(funcs, key=lambda e: -e.self_cpu_time_total)[:rows // 2]]
+    return "\n".join(lines)
+
+
+def kernel_summary(prof, steps: int, wall: float, rows: int = 30, python: bool = False) -> str:
     """Text summary of a finished `torch.profiler.profile` over `steps` steps that took `wall` seconds.
 
     Per step: kernel time by kind; the GPU's busy time (union of kernel intervals), its compute-only busy time, the
     communication not overlapped with compute; then the profiler's own tables of the `rows` ops with the longest
-    device time and of the `rows // 2` with the longest host time.
+    device time and of the `rows // 2` with the longest host time; with `python` (a profile recorded
+    `with_stack=True`) also the Python functions that took the host's time (`python_table`).
     """
     events = prof.key_averages()
     attr = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") \
@@ -85,4 +102,6 @@ def kernel_summary(prof, steps: int, wall: float, rows: int = 30) -> str:
         lines.append(events.table(sort_by=attr, row_limit=rows))
         # where the host's time goes (a host-bound step: the launcher's hooks, Python between kernels)
         lines.append(events.table(sort_by="self_cpu_time_total", row_limit=rows // 2))
+        if python:
+            lines.append(python_table(events, steps))
     return "\n".join(lines)

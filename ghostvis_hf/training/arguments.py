@@ -182,6 +182,10 @@ class GhostVisArguments:
         metadata={"help": "START:STOP: profile optimizer steps START..STOP-1 on every rank (torch.profiler); "
                           "profile_rank<R>.txt in the output folder has kernel time by kind, GPU busy time and the "
                           "communication not hidden behind compute."})
+    profile_python: bool = field(
+        default=False,
+        metadata={"help": "with --profile_steps: also record Python stacks and list the Python functions that took "
+                          "the host's time (the launcher's hooks, the Trainer's loop); slows the profiled steps more."})
     gc_every_steps: int = field(
         default=50,
         metadata={"help": "Python's automatic garbage collection off during training and a young-generation "

@@ -1,9 +1,11 @@
 """`--profile_steps START:STOP`: the recipes' optimizer steps START..STOP-1 under `torch.profiler`, on every rank.
 
 Each rank writes `profile_rank<R>.txt` to the output folder (`bench.profiling.kernel_summary`): kernel time by kind,
-the GPU's busy time, and the communication a multi-GPU run did not hide behind compute. The profiler slows the steps
-it records: put them after the last logging step whose speed you want (the scaling benchmark runs
-`max_steps` = STOP with the last log at START), or read the speed log knowing it.
+the GPU's busy time, and the communication a multi-GPU run did not hide behind compute; with `--profile_python true`
+also the Python functions that took the host's time (DeepSpeed's or FSDP's hooks, the Trainer's loop: recording
+Python stacks slows those steps much more). The profiler slows the steps it records: put them after the last logging
+step whose speed you want (the scaling benchmark runs `max_steps` = STOP with the last log at START), or read the
+speed log knowing it.
 """
 
 import logging
@@ -42,8 +44,8 @@ def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
 class ProfilerCallback(TrainerCallback):
     """Profiles optimizer steps `start`..`stop - 1` and writes their `kernel_summary` to `output_dir`."""
 
-    def __init__(self, start: int, stop: int, output_dir: str):
-        self.start, self.stop, self.output_dir = start, stop, output_dir
+    def __init__(self, start: int, stop: int, output_dir: str, python: bool = False):
+        self.start, self.stop, self.output_dir, self.python = start, stop, output_dir, python
         self.prof, self.t0, self.path, self.on_cuda = None, 0.0, None, False
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -53,7 +55,8 @@ class ProfilerCallback(TrainerCallback):
             self.on_cuda = torch.cuda.is_available() and args.device.type == "cuda"
             if self.on_cuda:
                 torch.cuda.synchronize()
-            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.on_cuda)
+            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.on_cuda,
+                                with_stack=self.python)
             self.prof.__enter__()
             self.t0 = time.perf_counter()
 
@@ -70,7 +73,7 @@ class ProfilerCallback(TrainerCallback):
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
-        text = kernel_summary(self.prof, steps, wall)
+        text = kernel_summary(self.prof, steps, wall, python=self.python)
         self.prof = None
         os.makedirs(self.output_dir, exist_ok=True)
         self.path = os.path.join(self.output_dir, f"profile_rank{args.process_index}.txt")
@@ -80,7 +83,7 @@ class ProfilerCallback(TrainerCallback):
                     "\n".join(text.splitlines()[:3]))
 
 
-def profiler_callbacks(profile_steps: str | None, output_dir: str) -> list:
-    """`[ProfilerCallback]` for `--profile_steps`, else `[]`."""
+def profiler_callbacks(profile_steps: str | None, output_dir: str, python: bool = False) -> list:
+    """`[ProfilerCallback]` for `--profile_steps` (`python`: `--profile_python`), else `[]`."""
     window = parse_profile_steps(profile_steps)
-    return [] if window is None else [ProfilerCallback(*window, output_dir)]
+    return [] if window is None else [ProfilerCallback(*window, output_dir, python=python)]
