@@ -24,6 +24,7 @@ from ghostvis_hf.training import (
     describe_data,
     finish,
     freeze,
+    fsdp_prefetch_callbacks,
     gc_callbacks,
     held_out_for_loss,
     load_model_and_processor,
@@ -72,6 +73,7 @@ def main(script_args, training_args, model_args, gv_args):
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)  # masks image placeholders
     callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir, gv_args.profile_python)
     callbacks += gc_callbacks(gv_args.gc_every_steps)
+    callbacks += fsdp_prefetch_callbacks(gv_args.fsdp_forward_prefetch)  # --fsdp_forward_prefetch (FSDP2)
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, processing_class=processor, data_collator=data_collator,
                                  callbacks=callbacks,

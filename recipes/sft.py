@@ -39,6 +39,7 @@ from ghostvis_hf.training import (
     describe_data,
     finish,
     freeze,
+    fsdp_prefetch_callbacks,
     gc_callbacks,
     held_out_for_loss,
     load_model_and_processor,
@@ -94,7 +95,8 @@ def main(script_args, training_args, model_args, gv_args):
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
     callbacks += profiler_callbacks(  # --profile_steps
         gv_args.profile_steps, training_args.output_dir, gv_args.profile_python)
-    callbacks += gc_callbacks(gv_args.gc_every_steps)  # --gc_every_steps
+    callbacks += gc_callbacks(gv_args.gc_every_steps)
+    callbacks += fsdp_prefetch_callbacks(gv_args.fsdp_forward_prefetch)  # --fsdp_forward_prefetch (FSDP2)  # --gc_every_steps
 
     ################
     # Training

@@ -60,6 +60,9 @@ SETUPS = {
     "fsdp2_reshard": Setup("fsdp2.yaml", True, "FSDP2, reshard after forward",
                            launcher_args=["--fsdp_reshard_after_forward", "true"], recipe_args=AUTO,
                            one_gpu="fsdp2_1gpu"),
+    # each decoder layer (and resampler block) starts the all-gathers of the next two when its forward starts
+    "fsdp2_prefetch": Setup("fsdp2.yaml", True, "FSDP2, forward prefetch 2",
+                            recipe_args=AUTO + ["--fsdp_forward_prefetch", "2"], one_gpu="fsdp2_1gpu"),
     # fsdp2.yaml's choices one at a time: each vision encoder layer its own unit (the file keeps the vision tower in
     # the root unit), and FSDP's own mixed-precision policy (fp32 shards cast at every all-gather) instead of bf16
     # shards with fp32 master shards in our optimizer

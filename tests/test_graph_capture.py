@@ -90,17 +90,55 @@ def test_static_liger_cross_entropy_matches_the_selecting_path(tiny, num_items):
     kw = {} if num_items is None else {
         "num_items_in_batch": num_items if isinstance(num_items, float) else torch.tensor(num_items, device="cuda")}
     results = []
-    for ce in (LinearCrossEntropy("torch"), LinearCrossEntropy("liger", chunk_size=64, static=True)):
+    for ce in (LinearCrossEntropy("torch"), LinearCrossEntropy("liger", chunk_size=64, static=True),
+               LinearCrossEntropy("liger", chunk_size=64)):  # the eager path: the row kernel on the scored rows
         model.linear_cross_entropy = ce
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, pixel_values=pixels, labels=labels, use_cache=False, **kw).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert got_grads.keys() == want_grads.keys()
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    (want, want_grads), *others = results
+    for got, got_grads in others:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert got_grads.keys() == want_grads.keys()
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_eager_liger_cross_entropy_reads_the_gpu_once(tiny):
+    """The eager Liger path waits for the GPU once (the count of scored rows sets their shape) in its forward and
+    never in its backward; Liger's own entry point waits three times (its `.item()` count, and `torch.equal` of the
+    incoming gradient with a new device tensor)."""
+    import warnings
+
+    from ghostvis_hf.kernels.cross_entropy import LinearCrossEntropy
+
+    _backend("liger")
+    model = tiny[0].cuda()
+    text = model.config.text_config
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(2, 64, text.hidden_size, device="cuda", generator=g, requires_grad=True)
+    labels = torch.randint(0, text.vocab_size, (2, 64), device="cuda", generator=g)
+    labels[:, :20] = -100
+    num_items = torch.tensor(88, device="cuda")
+
+    def syncs(fn):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return out, sum("synchroniz" in str(w.message).lower() for w in caught)
+
+    loss, forward = syncs(lambda: LinearCrossEntropy("liger")(hidden, model.lm_head, labels, num_items))
+    _, backward = syncs(loss.backward)
+    assert (forward, backward) == (1, 0)
+    assert hidden.grad[:, :19].abs().max() == 0 and hidden.grad[:, 20:].abs().max() > 0  # only scored rows
 
 
 @pytest.mark.parametrize("backend", ["torch", "liger"])
@@ -623,4 +661,52 @@ def test_graphed_recipe_steps_read_nothing_back_from_the_device(tiny, varlen_on_
         assert len(audit.mode.reads) == 2 * audit.steps and all("trainer.py" in r for r in audit.mode.reads)
     else:
         assert audit.mode.reads == []
+    reset_kernels(model)
+
+
+def test_model_loss_gives_packed_rows_ready_made_masks(tiny, varlen_on_cpu, tmp_path, monkeypatch):
+    """`--loss model` on a packed batch whose attention reads `cu_seq_lens`: the decoder gets its mask mapping
+    ready-made, so transformers never looks at `position_ids` for packed sequences (a host sync on the GPU), and the
+    loss and gradients are those of the model's forward with the masks transformers builds."""
+    import transformers.masking_utils as masking
+    from trl import SFTConfig
+
+    from ghostvis_hf.data import load_shapes
+    from ghostvis_hf.kernels import apply_kernels, reset_kernels
+    from ghostvis_hf.training.trainer import GhostVisSFTTrainer
+
+    model, processor = tiny
+    apply_kernels(model, attention="ghostvis_sdpa")
+    eager = copy.deepcopy(model).train()
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                     use_cpu=True, max_length=256, save_strategy="no")
+    trainer = GhostVisSFTTrainer(model=model, args=args, train_dataset=load_shapes("train", num_samples=4, seed=0),
+                                 processing_class=processor, model_loss=True)
+    model.train()
+    batch = _packed_batch(model, 0, 2 * model.config.image_seq_length + 64)
+    looked = []
+    find = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda p: looked.append(1) or find(p))
+    want = eager(**batch, use_cache=False, num_items_in_batch=torch.tensor(40)).loss
+    assert looked  # the model's own forward: transformers looks for the packed sequences
+    looked.clear()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(40))
+    assert not looked
+    loss.backward()
+    want.backward()
+    _assert_same(loss, model, want, eager, (1e-5, 1e-6))
+    reset_kernels(model)
+
+
+def test_packed_rows_without_masks_are_refused_where_the_attention_needs_them(tiny):
+    """The safety net: a packed batch with no masks on an attention path that cannot read `cu_seq_lens` (here the
+    CPU, which takes transformers' SDPA) is refused, not attended across its sequences."""
+    from ghostvis_hf.kernels import apply_kernels, reset_kernels
+    from ghostvis_hf.training.graph_step import no_mask_mapping
+
+    model = tiny[0]
+    apply_kernels(model, attention="ghostvis_sdpa")
+    batch = _packed_batch(model, 0, 2 * model.config.image_seq_length + 64)
+    with pytest.raises(ValueError, match="packed batch"):
+        model(**batch, attention_mask=no_mask_mapping(model.config), use_cache=False)
     reset_kernels(model)

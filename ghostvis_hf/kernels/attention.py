@@ -102,6 +102,21 @@ def _varlen_forward(module, query, key, value, scaling, cu_q, cu_k, max_q, max_k
     return out.view(b, t, h, d), None
 
 
+def reads_cu_seq_lens(config, device: torch.device, dtype: torch.dtype, training: bool = True) -> bool:
+    """Whether a decoder with this (text) config keeps packed sequences apart by `cu_seq_lens` alone on `device` with
+    inputs of `dtype` (or under autocast): GhostVis's attention on its varlen path (the conditions of
+    `ghostvis_attention_forward`: CUDA, fp16/bf16 or autocast, no dropout, no sliding window) or flash-attn. Then
+    the decoder's masks are not needed for a packed batch (`no_mask_mapping` in `training.graph_step`)."""
+    text = config.get_text_config()
+    impl = str(text._attn_implementation)
+    if impl.startswith("flash_attention"):
+        return True
+    half = dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
+    return (impl == ATTN_IMPLEMENTATION and device.type in FAST_DEVICES and _compat.varlen_attn_fn() is not None
+            and (half or device.type != "cuda") and not getattr(text, "use_sliding_window", False)
+            and not (training and getattr(text, "attention_dropout", 0.0)))
+
+
 def ghostvis_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention function with transformers' `AttentionInterface` signature; see the module docstring."""
     cu_q = kwargs.get("cu_seq_lens_q")
@@ -125,6 +140,11 @@ def ghostvis_attention_forward(module, query, key, value, attention_mask, dropou
         return _varlen_forward(
             module, query, key, value, scaling, cu_q.int(), cu_k.int(), max_q, max_k, causal
         )
+    if cu_q is not None and attention_mask is None and query.shape[2] > 1 and cu_q.numel() - 1 > query.shape[0]:
+        # more sequences than rows and no mask: only cu_seq_lens keeps them apart, and this path cannot read it
+        raise ValueError(f"a packed batch ({cu_q.numel() - 1} sequences in {query.shape[0]} rows) reached an attention "
+                         f"path that needs a mask (device {query.device.type}, {query.dtype}, dropout {dropout}, "
+                         f"sliding window {kwargs.get('sliding_window')}) without one")
     if not fast_device or key.shape[2] != query.shape[2] or kwargs.get("sliding_window") is not None:
         _count("sdpa")  # decoding with a cache, sliding windows, CPU: transformers' own path
         return sdpa_attention_forward(

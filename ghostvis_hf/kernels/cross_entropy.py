@@ -8,16 +8,20 @@ Two backends behind one call signature (`GhostVisForConditionalGeneration.linear
 
 Both score only the positions whose (shifted) label is not -100: with an assistant-only SFT loss most positions are
 prompt, image or padding, and the head is the largest matmul of a small model, so this also saves time. Selecting
-them is a device-to-host sync (their count sets a shape), as is Liger's own count of them, and `num_items_in_batch`
-is read on the host. A CUDA-graph capture allows none of these: `static=True` (and any call made while a CUDA stream
-is capturing) scores every position instead, the ignored ones weighted 0, with the scale kept on the device: same
-loss and gradients, fixed shapes, no sync. With the `"liger"` backend on CUDA that path drives Liger's row kernel
-itself (`StaticLigerLinearCrossEntropyFunction`); otherwise it is the `"torch"` backend, masked.
+them is one device-to-host sync (their count sets a shape). The `"liger"` backend drives Liger's row kernel itself
+(`StaticLigerLinearCrossEntropyFunction`, where liger-kernel's kernel has the arguments it passes): Liger's own entry
+point adds two more syncs a step (`.item()` of the scored count in the forward, `torch.equal` of the incoming
+gradient with a new device tensor in the backward); each one drains the GPU's queue of work the host had launched
+ahead. A CUDA-graph capture allows no sync: `static=True` (and any call made while a CUDA stream is capturing) scores
+every position instead, the ignored ones weighted 0, with the scale kept on the device: same loss and gradients,
+fixed shapes, no sync; with the `"liger"` backend on CUDA through the same row-kernel function, otherwise the
+`"torch"` backend, masked.
 
 NOTE: Liger's default chunking (`chunk_mem_const=1`) keeps the transient logits at about `tokens x hidden`; for a
 152k vocabulary and 1.5k hidden that is 128-token chunks and 64 fp32 read-modify-writes of the whole head gradient
-per step, which is why the issue's "Qwen2 + Liger" anchor ran *slower* than stock. We pass `chunk_mem_const=8`
-(1,024-token chunks for 8k tokens, ~0.3 GB of bf16 logits).
+per step, which is why the issue's "Qwen2 + Liger" anchor ran *slower* than stock. The row-kernel path takes
+1,024-token chunks (`chunk_size`, ~0.3 GB of bf16 logits); Liger's entry point, the fallback, gets
+`chunk_mem_const=8` (the same for 8k tokens).
 """
 
 import inspect
@@ -37,10 +41,14 @@ def _inverse_count(num_items_in_batch, device):
 
 
 def _shift_and_select(hidden_states: torch.Tensor, labels: torch.Tensor):
-    """Next-token targets without copying the hidden states; returns only the scored rows."""
-    shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # [B, T]
-    mask = shifted != IGNORE_INDEX
-    return hidden_states[mask], shifted[mask]  # [N, d], [N]
+    """Next-token targets without copying the hidden states; returns only the scored rows, `[N, d]` and `[N]`.
+
+    One host sync (the count of scored rows sets their shape): the positions are found once and both tensors gathered
+    with them, where two boolean-mask selections would each read the count back.
+    """
+    shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)  # [B*T]
+    index = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+    return hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, index), shifted.index_select(0, index)
 
 
 class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -146,12 +154,13 @@ _LIGER_CHUNK_ARGS = {"X_ptr", "X_stride", "Y_ptr", "Y_stride", "loss_ptr", "loss
 
 
 class StaticLigerLinearCrossEntropyFunction(torch.autograd.Function):
-    """`sum_i CE(h_i @ W^T (+ b), y_i) * scale` over every row (ignored ones contribute 0), chunk by chunk, with
-    Liger's row kernel: one pass over each chunk's bf16 logits writes the loss and, in place, the logit gradient
-    (the softmax in fp32 inside the kernel). Nothing is read on the host: Liger's own entry point counts the scored
-    rows with `.item()` to average them, which a CUDA-graph capture does not allow; here the kernel sums (its count
-    argument is unused for a sum) and `scale`, a float or a device tensor, multiplies the loss and the two gradients
-    once at the end."""
+    """`sum_i CE(h_i @ W^T (+ b), y_i) * scale` over every row given (rows with target -100 contribute 0), chunk by
+    chunk, with Liger's row kernel: one pass over each chunk's bf16 logits writes the loss and, in place, the logit
+    gradient (the softmax in fp32 inside the kernel). Nothing is read on the host: Liger's own entry point counts the
+    scored rows with `.item()` to average them and compares the incoming gradient with 1 in its backward, which a
+    CUDA-graph capture does not allow and which stall the host every step; here the kernel sums (its count argument
+    is unused for a sum) and `scale`, a float or a device tensor, multiplies the loss and the two gradients once at
+    the end. "Static": it takes every row it is given with fixed shapes; the eager path gives it the scored rows."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, chunk_size: int):
@@ -225,9 +234,11 @@ class LinearCrossEntropy:
 
     Args:
         backend (`str`): `"liger"` or `"torch"`.
-        chunk_size (`int`, *optional*, defaults to 1024): tokens per chunk for the `"torch"` backend.
-        chunk_mem_const (`int`, *optional*, defaults to 8): Liger's transient-logits budget in units of
-            `tokens x hidden` (larger = fewer, bigger chunks).
+        chunk_size (`int`, *optional*, defaults to 1024): tokens per chunk for the `"torch"` backend and Liger's
+            row kernel.
+        chunk_mem_const (`int`, *optional*, defaults to 8): for Liger's own entry point (used where its row kernel's
+            arguments differ from liger-kernel 0.8.5's): its transient-logits budget in units of `tokens x hidden`
+            (larger = fewer, bigger chunks).
         static (`bool`, *optional*, defaults to `False`): no host syncs and fixed shapes (see the module docstring),
             for CUDA-graph captures; also on whenever a call is made while a CUDA stream is capturing.
     """
@@ -255,6 +266,9 @@ class LinearCrossEntropy:
         else:
             scale = _inverse_count(num_items_in_batch, hidden.device)
         if self.backend == "liger":
+            if hidden.is_cuda and liger_row_kernel() is not None:  # Liger's kernel without its entry point's syncs
+                return StaticLigerLinearCrossEntropyFunction.apply(
+                    hidden, lm_head.weight, lm_head.bias, targets, scale, self.chunk_size)
             return liger_linear_cross_entropy(
                 hidden, lm_head.weight, lm_head.bias, targets, scale, self.chunk_mem_const
             )

@@ -23,6 +23,7 @@ from .model import (
 from .optimizer import make_optimizer
 from .packing import GhostVisPackingCollator, PackingStatsCallback, best_fit_decreasing, pack_samples, prepare_packing
 from .plotting import plot_learning_curve
+from .fsdp_prefetch import ForwardPrefetchCallback, fsdp_prefetch_callbacks, set_forward_prefetch
 from .garbage_collection import GarbageCollectionCallback, gc_callbacks
 from .profiling import ProfilerCallback, profiler_callbacks
 from .rl import (
@@ -54,6 +55,9 @@ __all__ = [
     "freeze",
     "GarbageCollectionCallback",
     "gc_callbacks",
+    "fsdp_prefetch_callbacks",
+    "ForwardPrefetchCallback",
+    "set_forward_prefetch",
     "held_out_accuracy",
     "held_out_before",
     "held_out_for_loss",

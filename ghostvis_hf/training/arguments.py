@@ -186,6 +186,10 @@ class GhostVisArguments:
         default=False,
         metadata={"help": "with --profile_steps: also record Python stacks and list the Python functions that took "
                           "the host's time (the launcher's hooks, the Trainer's loop); slows the profiled steps more."})
+    fsdp_forward_prefetch: int = field(
+        default=0,
+        metadata={"help": "FSDP2: each sharded layer starts the all-gathers of the next N layers of its stack when "
+                          "its forward starts (0: FSDP2's own order, each layer's when the host reaches it)."})
     gc_every_steps: int = field(
         default=50,
         metadata={"help": "Python's automatic garbage collection off during training and a young-generation "
@@ -203,6 +207,8 @@ class GhostVisArguments:
         self.qat = normalize_qat(self.qat)
         parse_profile_steps(self.profile_steps)  # refuses a malformed window before anything loads
         check_gc_every_steps(self.gc_every_steps)
+        if self.fsdp_forward_prefetch < 0:
+            raise ValueError(f"fsdp_forward_prefetch must be >= 0, got {self.fsdp_forward_prefetch}")
         check_graph_flags(self.cuda_graphs, self.cuda_graphs_vision)
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")

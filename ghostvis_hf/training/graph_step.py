@@ -361,13 +361,10 @@ def check_cuda_graphs(trainer) -> None:
 def check_varlen_attention(model, device, dtype) -> None:
     """Refuses a decoder attention that would not keep the packed sequences apart: the graphs pass no mask, only
     `cu_seq_lens`, which GhostVis's attention (varlen kernels, on CUDA, bf16/fp16 or autocast) and flash-attn read."""
-    from ..kernels import _compat, attention
+    from ..kernels.attention import reads_cu_seq_lens
 
     impl = model.config.get_text_config()._attn_implementation
-    half = dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
-    varlen = (impl == attention.ATTN_IMPLEMENTATION and device.type in attention.FAST_DEVICES
-              and _compat.varlen_attn_fn() is not None and (half or device.type != "cuda"))
-    if not (varlen or str(impl).startswith("flash_attention")):
+    if not reads_cu_seq_lens(model.config, device, dtype):
         raise ValueError(f"cuda_graphs needs a decoder attention that reads cu_seq_lens (GhostVis's varlen attention "
                          f"on CUDA in bf16 with --kernels, or flash_attention_2); this model's is {impl!r} on "
                          f"{device.type} in {dtype}")

@@ -12,7 +12,8 @@ import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
-from .graph_step import GraphedStepMixin
+from ..kernels.attention import reads_cu_seq_lens
+from .graph_step import GraphedStepMixin, no_mask_mapping
 from .launch import fsdp_version, sharded_by
 from .optimizer import MasterWeightOptimizer
 from .sampler import TokenBudgetMixin
@@ -61,7 +62,9 @@ class ModelLossMixin:
     With the kernels on, GhostVis's forward computes the loss with the fused linear cross-entropy and never builds
     the logits. TRL's path scores the same tokens with its own head and also logs entropy, token accuracy and a token
     count, reading three values back from the GPU every step; this path reads none (the speed log counts tokens on
-    the host), at the price of those two metrics. Evaluation and `return_outputs` keep TRL's path.
+    the host), at the price of those two metrics. Evaluation and `return_outputs` keep TRL's path. Packed rows whose
+    attention reads `cu_seq_lens` get the decoder's mask mapping ready-made (`no_mask_mapping`), as the CUDA-graph
+    step does.
     """
 
     def __init__(self, *args, model_loss: bool = False, **kwargs):
@@ -72,6 +75,13 @@ class ModelLossMixin:
         if not self.model_loss or return_outputs or not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["use_cache"] = False
+        cu_seq_lens = inputs.get("cu_seq_lens_q")
+        if cu_seq_lens is not None and inputs.get("attention_mask") is None and reads_cu_seq_lens(
+                self.model.config, cu_seq_lens.device, next(self.model.parameters()).dtype):
+            # packed rows that the attention keeps apart by `cu_seq_lens`: the decoder needs no masks, and left to build
+            # them transformers reads `position_ids` back on the host (a sync every step) for a [B, 1, T, T] mask
+            # nothing reads
+            inputs["attention_mask"] = no_mask_mapping(self.model.config)
         return Trainer.compute_loss(self, model, inputs, False, num_items_in_batch)
 
 
