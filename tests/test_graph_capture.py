@@ -133,14 +133,16 @@ def test_eager_liger_cross_entropy_reads_the_gpu_once(tiny):
                 out = fn()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return out, sum("synchroniz" in str(w.message).lower() for w in caught)
+        # (switching the mode warns too, from torch/cuda/__init__.py: not the code under test)
+        return out, [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()
+                     and not w.filename.replace(os.sep, "/").endswith("torch/cuda/__init__.py")]
 
     ce = LinearCrossEntropy("liger")
     ce(hidden, model.lm_head, labels, num_items).backward()  # the first call imports and compiles the kernel
     hidden.grad = None
     loss, forward = syncs(lambda: ce(hidden, model.lm_head, labels, num_items))
     _, backward = syncs(loss.backward)
-    assert (forward, backward) == (1, 0)
+    assert (len(forward), len(backward)) == (1, 0), (forward, backward)
     assert hidden.grad[:, :19].abs().max() == 0 and hidden.grad[:, 20:].abs().max() > 0  # only scored rows
 
 
