@@ -60,6 +60,9 @@ def python_table(events, steps: int, rows: int = 40) -> str:
     so the autograd engine's gradient hooks are there too). A function that calls itself counts its time once per
     level."""
     funcs = [e for e in events if ".py(" in e.key]
+    if not funcs:  # seen on an H200 image (Python 3.12, torch 2.11): the tracer recorded no Python function at all
+        return ("Python functions: none recorded (torch's Python tracer gave no events in this environment; "
+                "with_stack=True did record them with Python 3.11 and torch 2.13)")
     per = max(steps, 1) * 1e3  # the profiler's microseconds -> milliseconds a step
     row = lambda e: (f"{e.cpu_time_total / per:9.1f} | {e.self_cpu_time_total / per:8.1f} | "  # noqa: E731
                      f"{e.count / max(steps, 1):8.1f}  {e.key[:150]}")
