@@ -33,6 +33,7 @@ from ghostvis_hf.training import (
     parse_with_default_config,
     profiler_callbacks,
     setup_logging,
+    sync_report_callbacks,
 )
 from ghostvis_hf.training.throughput import throughput_summary
 from ghostvis_hf.training.trainer import GhostVisSFTTrainer
@@ -74,6 +75,7 @@ def main(script_args, training_args, model_args, gv_args):
     callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir, gv_args.profile_python)
     callbacks += gc_callbacks(gv_args.gc_every_steps)
     callbacks += fsdp_prefetch_callbacks(gv_args.fsdp_forward_prefetch)  # --fsdp_forward_prefetch (FSDP2)
+    callbacks += sync_report_callbacks(gv_args.sync_steps, training_args.output_dir)  # --sync_steps
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, processing_class=processor, data_collator=data_collator,
                                  callbacks=callbacks,

@@ -52,6 +52,7 @@ from ghostvis_hf.training import (
     score_labelled_positions_only,
     set_cpu_threads,
     setup_logging,
+    sync_report_callbacks,
 )
 from ghostvis_hf.training.optimizer import precision_of
 from ghostvis_hf.training.qat import convert_qat, prepare_qat
@@ -95,8 +96,9 @@ def main(script_args, training_args, model_args, gv_args):
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
     callbacks += profiler_callbacks(  # --profile_steps
         gv_args.profile_steps, training_args.output_dir, gv_args.profile_python)
-    callbacks += gc_callbacks(gv_args.gc_every_steps)
-    callbacks += fsdp_prefetch_callbacks(gv_args.fsdp_forward_prefetch)  # --fsdp_forward_prefetch (FSDP2)  # --gc_every_steps
+    callbacks += gc_callbacks(gv_args.gc_every_steps)  # --gc_every_steps
+    callbacks += fsdp_prefetch_callbacks(gv_args.fsdp_forward_prefetch)  # --fsdp_forward_prefetch (FSDP2)
+    callbacks += sync_report_callbacks(gv_args.sync_steps, training_args.output_dir)  # --sync_steps
 
     ################
     # Training

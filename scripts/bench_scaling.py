@@ -147,8 +147,9 @@ def run_setup(setup: str, args, tmp: str) -> dict:
         except subprocess.TimeoutExpired:
             returncode = f"timeout after {args.timeout} s"
     row["wall_s"] = round(time.perf_counter() - t0, 1)
-    for name in sorted(os.listdir(output_dir)) if args.profile and os.path.isdir(output_dir) else ():
-        if name.startswith("profile_rank") and name.endswith(".txt"):  # kept even if the run failed afterwards
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else ():
+        # --profile's files, and --recipe-args '--sync_steps A:B' 's; kept even if the run failed afterwards
+        if name.startswith(("profile_rank", "syncs_rank")) and name.endswith(".txt"):
             shutil.copy(os.path.join(output_dir, name), os.path.join(args.out, f"{args.name}_{setup}_{name}"))
     summary_path = os.path.join(output_dir, "sft_summary.json")
     if returncode != 0 or not os.path.exists(summary_path):

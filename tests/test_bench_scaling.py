@@ -19,7 +19,7 @@ def test_one_cpu_process_gives_a_row_in_the_bench_train_shape(tmp_path):
                              "--profile", "--reload-check",
                              "--config", "recipes/configs/sft_tiny.yaml", "--out", str(tmp_path), "--recipe-args",
                              "--shapes_train_samples 256 --per_device_train_batch_size 8 --cpu_threads 1 "
-                             "--profile_python true"])
+                             "--profile_python true --sync_steps 5:7"])
     assert rc == 0
     report = json.loads((tmp_path / "scaling.json").read_text())
     assert report["benchmark"] == "scaling" and len(report["results"]) == 1
@@ -34,6 +34,8 @@ def test_one_cpu_process_gives_a_row_in_the_bench_train_shape(tmp_path):
     # --profile_python: the host's time by Python function, the Trainer's own step among them
     python = profile.split("Python functions by inclusive host time")[1].splitlines()
     assert any("training_step" in line and float(line.split("|")[0]) > 0 for line in python[1:])
+    syncs = (tmp_path / "scaling_single_syncs_rank0.txt").read_text()  # --sync_steps: CUDA only, and it says so
+    assert syncs.startswith("0 syncs in 2 optimizer steps") and "no CUDA device" in syncs
 
 
 def test_refusals(tmp_path):

@@ -25,6 +25,7 @@ from .packing import GhostVisPackingCollator, PackingStatsCallback, best_fit_dec
 from .plotting import plot_learning_curve
 from .fsdp_prefetch import ForwardPrefetchCallback, fsdp_prefetch_callbacks, set_forward_prefetch
 from .garbage_collection import GarbageCollectionCallback, gc_callbacks
+from .sync_report import SyncReportCallback, sync_report_callbacks
 from .profiling import ProfilerCallback, profiler_callbacks
 from .rl import (
     finish_rl,
@@ -55,6 +56,8 @@ __all__ = [
     "freeze",
     "GarbageCollectionCallback",
     "gc_callbacks",
+    "sync_report_callbacks",
+    "SyncReportCallback",
     "fsdp_prefetch_callbacks",
     "ForwardPrefetchCallback",
     "set_forward_prefetch",

@@ -188,6 +188,10 @@ class GhostVisArguments:
                           "the host's time (the launcher's hooks, the Trainer's loop); slows the profiled steps more. Torch's "
                           "Python tracer recorded nothing on one GPU image (Python 3.12, torch 2.11): the profile "
                           "says so when that happens."})
+    sync_steps: str | None = field(
+        default=None,
+        metadata={"help": "START:STOP: on CUDA, every time optimizer steps START..STOP-1 made the host wait for the "
+                          "GPU, by call stack (torch's sync debug mode), in syncs_rank<R>.txt in the output folder."})
     fsdp_forward_prefetch: int = field(
         default=0,
         metadata={"help": "FSDP2: each sharded layer starts the all-gathers of the next N layers of its stack when "
@@ -208,6 +212,7 @@ class GhostVisArguments:
             raise ValueError(f"loss={self.loss!r} is not supported; allowed: auto, model, trl")
         self.qat = normalize_qat(self.qat)
         parse_profile_steps(self.profile_steps)  # refuses a malformed window before anything loads
+        parse_profile_steps(self.sync_steps, "sync_steps")
         check_gc_every_steps(self.gc_every_steps)
         if self.fsdp_forward_prefetch < 0:
             raise ValueError(f"fsdp_forward_prefetch must be >= 0, got {self.fsdp_forward_prefetch}")

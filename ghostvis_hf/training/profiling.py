@@ -20,8 +20,9 @@ from ..bench.profiling import kernel_summary
 logger = logging.getLogger("ghostvis")
 
 
-def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
-    """`"START:STOP"` -> `(START, STOP)` with 0 <= START < STOP; `None`/`""` -> `None`.
+def parse_profile_steps(text: str | None, name: str = "profile_steps") -> tuple[int, int] | None:
+    """`"START:STOP"` -> `(START, STOP)` with 0 <= START < STOP; `None`/`""` -> `None` (`name`: the argument's name,
+    for the error).
 
     Example:
     ```python
@@ -35,9 +36,9 @@ def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
     try:
         start, stop = (int(x) for x in str(text).split(":"))
     except ValueError:
-        raise ValueError(f"profile_steps must be START:STOP (optimizer steps, e.g. 30:33), got {text!r}") from None
+        raise ValueError(f"{name} must be START:STOP (optimizer steps, e.g. 30:33), got {text!r}") from None
     if not 0 <= start < stop:
-        raise ValueError(f"profile_steps {text!r}: need 0 <= START < STOP")
+        raise ValueError(f"{name} {text!r}: need 0 <= START < STOP")
     return start, stop
 
 
