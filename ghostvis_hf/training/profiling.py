@@ -42,34 +42,52 @@ def parse_profile_steps(text: str | None, name: str = "profile_steps") -> tuple[
     return start, stop
 
 
-class ProfilerCallback(TrainerCallback):
+class StepWindowCallback(TrainerCallback):
+    """Calls `_open(args)` when optimizer step `start` begins and `_close(args, steps)` when step `stop - 1` has
+    ended (or when training ends inside the window), once: the frame of `--profile_steps` and `--sync_steps`, whose
+    callbacks define the two methods."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop, self.active, self.done = start, stop, False, False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.active and not self.done and state.global_step == self.start:
+            self.active = True
+            self._open(args)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.active and state.global_step >= self.stop:
+            self._end(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.active:  # training ended inside the window
+            self._end(args, state)
+
+    def _end(self, args, state) -> None:
+        self.active, self.done = False, True
+        self._close(args, state.global_step - self.start)
+
+
+class ProfilerCallback(StepWindowCallback):
     """Profiles optimizer steps `start`..`stop - 1` and writes their `kernel_summary` to `output_dir`."""
 
     def __init__(self, start: int, stop: int, output_dir: str, python: bool = False):
-        self.start, self.stop, self.output_dir, self.python = start, stop, output_dir, python
+        super().__init__(start, stop)
+        self.output_dir, self.python = output_dir, python
         self.prof, self.t0, self.path, self.on_cuda = None, 0.0, None, False
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.prof is None and self.path is None and state.global_step == self.start:
-            from torch.profiler import ProfilerActivity, profile
+    def _open(self, args) -> None:
+        from torch.profiler import ProfilerActivity, profile
 
-            self.on_cuda = torch.cuda.is_available() and args.device.type == "cuda"
-            if self.on_cuda:
-                torch.cuda.synchronize()
-            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.on_cuda,
-                                with_stack=self.python)
-            self.prof.__enter__()
-            self.t0 = time.perf_counter()
+        self.on_cuda = torch.cuda.is_available() and args.device.type == "cuda"
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.on_cuda,
+                            with_stack=self.python)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.prof is not None and state.global_step >= self.stop:
-            self._finish(args, state.global_step - self.start)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.prof is not None:  # training ended inside the window
-            self._finish(args, state.global_step - self.start)
-
-    def _finish(self, args, steps: int) -> None:
+    def _close(self, args, steps: int) -> None:
         if self.on_cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0

@@ -16,9 +16,7 @@ import traceback
 import warnings
 
 import torch
-from transformers.trainer_callback import TrainerCallback
-
-from .profiling import parse_profile_steps
+from .profiling import StepWindowCallback, parse_profile_steps
 
 logger = logging.getLogger("ghostvis")
 
@@ -29,12 +27,13 @@ def _frame(f: traceback.FrameSummary) -> str:
     return f"{path}:{f.lineno} {f.name}"
 
 
-class SyncReportCallback(TrainerCallback):
+class SyncReportCallback(StepWindowCallback):
     """Records the host<->GPU syncs of optimizer steps `start`..`stop - 1` (`frames`: the stack's innermost frames
     kept per sync) and writes them to `output_dir/syncs_rank<R>.txt`."""
 
     def __init__(self, start: int, stop: int, output_dir: str, frames: int = 8):
-        self.start, self.stop, self.output_dir, self.frames = start, stop, output_dir, frames
+        super().__init__(start, stop)
+        self.output_dir, self.frames = output_dir, frames
         self.counts, self.path, self._warnings = collections.Counter(), None, None
 
     def _show(self, message, category, filename, lineno, file=None, line=None):
@@ -45,24 +44,15 @@ class SyncReportCallback(TrainerCallback):
                  if not f.filename.replace(os.sep, "/").endswith(("/warnings.py", "/sync_report.py"))]
         self.counts["\n    ".join(_frame(f) for f in reversed(stack[-self.frames:]))] += 1
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self._warnings is None and self.path is None and state.global_step == self.start:
-            self._warnings = warnings.catch_warnings()  # restores the filters and showwarning when left
-            self._warnings.__enter__()
-            warnings.simplefilter("always")
-            self._shown, warnings.showwarning = warnings.showwarning, self._show
-            if torch.cuda.is_available():
-                torch.cuda.set_sync_debug_mode("warn")
+    def _open(self, args) -> None:
+        self._warnings = warnings.catch_warnings()  # restores the filters and showwarning when left
+        self._warnings.__enter__()
+        warnings.simplefilter("always")
+        self._shown, warnings.showwarning = warnings.showwarning, self._show
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._warnings is not None and state.global_step >= self.stop:
-            self._finish(args, state.global_step - self.start)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._warnings is not None:  # training ended inside the window
-            self._finish(args, state.global_step - self.start)
-
-    def _finish(self, args, steps: int) -> None:
+    def _close(self, args, steps: int) -> None:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
@@ -73,7 +63,8 @@ class SyncReportCallback(TrainerCallback):
                  f"{self.start}-{self.start + steps - 1}"]
         if not cuda:
             lines.append("no CUDA device: torch's sync debug mode applies to CUDA only, nothing was recorded")
-        lines += [f"\n{n / max(steps, 1):.1f} a step ({n} in all) at\n    {stack}" for stack, n in self.counts.most_common()]
+        lines += [f"\n{n / max(steps, 1):.1f} a step ({n} in all) at\n    {stack}"
+                  for stack, n in self.counts.most_common()]
         os.makedirs(self.output_dir, exist_ok=True)
         self.path = os.path.join(self.output_dir, f"syncs_rank{args.process_index}.txt")
         with open(self.path, "w") as f:
