@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from .qat import normalize_qat
 from .garbage_collection import check_gc_every_steps
+from .fsdp_prefetch import check_forward_prefetch
 from .graph_step import check_graph_flags
 from .profiling import parse_profile_steps
 
@@ -185,9 +186,9 @@ class GhostVisArguments:
     profile_python: bool = field(
         default=False,
         metadata={"help": "with --profile_steps: also record Python stacks and list the Python functions that took "
-                          "the host's time (the launcher's hooks, the Trainer's loop); slows the profiled steps more. Torch's "
-                          "Python tracer recorded nothing on one GPU image (Python 3.12, torch 2.11): the profile "
-                          "says so when that happens."})
+                          "the host's time (the launcher's hooks, the Trainer's loop); slows the profiled steps more. "
+                          "Torch's Python tracer recorded nothing on one GPU image (Python 3.12, torch 2.11): the "
+                          "profile says so when that happens."})
     sync_steps: str | None = field(
         default=None,
         metadata={"help": "START:STOP: on CUDA, every time optimizer steps START..STOP-1 made the host wait for the "
@@ -214,8 +215,7 @@ class GhostVisArguments:
         parse_profile_steps(self.profile_steps)  # refuses a malformed window before anything loads
         parse_profile_steps(self.sync_steps, "sync_steps")
         check_gc_every_steps(self.gc_every_steps)
-        if self.fsdp_forward_prefetch < 0:
-            raise ValueError(f"fsdp_forward_prefetch must be >= 0, got {self.fsdp_forward_prefetch}")
+        check_forward_prefetch(self.fsdp_forward_prefetch)
         check_graph_flags(self.cuda_graphs, self.cuda_graphs_vision)
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")

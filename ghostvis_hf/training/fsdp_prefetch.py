@@ -17,6 +17,12 @@ from transformers.trainer_callback import TrainerCallback
 logger = logging.getLogger("ghostvis")
 
 
+def check_forward_prefetch(depth: int) -> None:
+    """Refuses a negative `--fsdp_forward_prefetch` (0: FSDP2's own order)."""
+    if depth < 0:
+        raise ValueError(f"fsdp_forward_prefetch must be >= 0, got {depth}")
+
+
 def set_forward_prefetch(model: torch.nn.Module, depth: int) -> int:
     """For every `nn.ModuleList` of the model with two or more FSDP2 units (the decoder layers, the resampler's
     blocks), each unit prefetches the next `depth` units of its list in the forward. Returns the units set.
@@ -29,8 +35,9 @@ def set_forward_prefetch(model: torch.nn.Module, depth: int) -> int:
 
     ```
     """
-    if depth < 0:
-        raise ValueError(f"fsdp_forward_prefetch must be >= 0, got {depth}")
+    check_forward_prefetch(depth)
+    if depth == 0:
+        return 0
     from torch.distributed.fsdp import FSDPModule
 
     units_set = 0
@@ -38,7 +45,7 @@ def set_forward_prefetch(model: torch.nn.Module, depth: int) -> int:
         if not isinstance(module, torch.nn.ModuleList):
             continue
         units = [m for m in module if isinstance(m, FSDPModule)]
-        if len(units) < 2 or depth == 0:
+        if len(units) < 2:
             continue
         for i, unit in enumerate(units[:-1]):
             unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + depth])
@@ -60,6 +67,5 @@ class ForwardPrefetchCallback(TrainerCallback):
 
 def fsdp_prefetch_callbacks(depth: int) -> list:
     """`[ForwardPrefetchCallback(depth)]` for `--fsdp_forward_prefetch N` > 0, else `[]`."""
-    if depth < 0:
-        raise ValueError(f"fsdp_forward_prefetch must be >= 0, got {depth}")
+    check_forward_prefetch(depth)
     return [ForwardPrefetchCallback(depth)] if depth else []

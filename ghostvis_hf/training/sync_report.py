@@ -16,6 +16,7 @@ import traceback
 import warnings
 
 import torch
+
 from .profiling import StepWindowCallback, parse_profile_steps
 
 logger = logging.getLogger("ghostvis")
