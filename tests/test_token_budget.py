@@ -423,6 +423,23 @@ def test_balancing_deals_the_heaviest_bins_to_different_ranks():
     assert list(again) == [[i for b in sampler.plan(0)[1] for i in b]]  # rank 1 runs the plan's second step
 
 
+def test_balancing_exchanges_bins_where_dealing_leaves_a_rank_heavier():
+    # dealing heaviest-first gives 3+2+2 | 3+2 (7 against 5); exchanging a 3 and a 2 gives 6 | 6
+    costs = [3.0, 3.0, 2.0, 2.0, 2.0]
+    sampler = TokenBudgetBatchSampler([10] * 5, 3, 10, num_replicas=2, costs=costs)
+    assert sorted(sum(costs[i] for b in step for i in b) for step in sampler.plan(0)) == [6.0, 6.0]
+    assert sampler.rank_imbalance() == (1.0, pytest.approx(7 / 6))
+
+
+def test_balancing_spreads_a_short_last_step_over_the_ranks():
+    # nine bins of equal cost at two ranks x eight rows: the second lockstep step was 8 | 1, now 5 | 4 (or 4 | 5)
+    sampler = TokenBudgetBatchSampler([10] * 9, 8, 10, num_replicas=2, costs=[1.0] * 9)
+    assert sorted(len(step) for step in sampler.plan(0)) == [4, 5]
+    assert sorted(i for step in sampler.plan(0) for b in step for i in b) == list(range(9))
+    zero = TokenBudgetBatchSampler([10] * 9, 8, 10, num_replicas=2, costs=[0.0] * 9)  # no cost: no empty rank
+    assert min(len(step) for step in zero.plan(0)) >= 1
+
+
 def test_balance_costs_follow_the_flop_formula_and_a_frozen_tower(tiny):
     from ghostvis_hf.training.sampler import balance_costs
     from ghostvis_hf.training.throughput import model_flop_coefficients

@@ -11,9 +11,9 @@ Ranks run their steps in lockstep (every step ends in a gradient reduction), so 
 rank. Bins are full of tokens but not of work: a bin of short conversations carries more images (one SigLIP-so400m
 image costs about as much as 200 text tokens of the 1.5b decoder) and a bin of long ones more attention. Given each
 conversation's cost (`costs`, FLOPs by the speed log's formula), the bins of the W steps that run together are dealt
-out again among the ranks, heaviest first to the lightest rank with a free row (each step keeps its row count): on
-2x H200 at 8 rows of 2048 that took DDP from 1.74x to 1.82x one GPU's tokens/s, FSDP2 from 1.63x to 1.73x
-(docs/benchmarks/scaling_8rows.md).
+out again among the ranks, heaviest first to the lightest rank with a free row, then exchanged between the heaviest
+rank and the others while that lowers it (`_balance`): on 2x H200 at 8 rows of 2048 the dealing took DDP from 1.74x to
+1.82x one GPU's tokens/s, FSDP2 from 1.63x to 1.73x (docs/benchmarks/scaling_8rows.md).
 
 The Trainer needs one length for every epoch, so `len()` is the largest step count of the epochs it will run (an
 epoch that packs tighter spreads its bins over the same number of steps). Resuming needs nothing of its own: the
@@ -198,17 +198,46 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
         return sum(self.costs[i] for i in b)
 
     def _balance(self, group: list[list[list[int]]]) -> list[list[list[int]]]:
-        """The bins of `group` (the steps of one lockstep step, one per rank) dealt out again, each step keeping its
-        row count: heaviest bin first, to the lightest step with a free row (ties to the lower rank: the plan stays
-        deterministic)."""
-        sizes = [len(step) for step in group]
-        out: list[list[list[int]]] = [[] for _ in group]
-        load = [0.0] * len(group)
+        """The bins of `group` (the steps of one lockstep step, one per rank) dealt out again over the ranks, at most
+        `rows` each and none left empty: heaviest bin first to the lightest rank with a free row (ties to the rank
+        with fewer bins, then the lower rank: the plan stays deterministic); then, while it lowers the heaviest rank's
+        cost, the best exchange of one of its bins with a lighter one of another rank, or a move to a rank with a free
+        row. Dealing alone left the slowest rank 2.2 % above the mean on the 1.5b bench set at 2 x 8 rows (a few
+        heavy bins of short conversations, each with its image, land late); the exchanges bring it to ~0.1 %."""
+        w = len(group)
+        out: list[list[tuple[float, list[int]]]] = [[] for _ in group]
+        load = [0.0] * w
         for cost, b in sorted(((self._bin_cost(b), b) for step in group for b in step), key=lambda cb: -cb[0]):
-            r = min((r for r in range(len(group)) if len(out[r]) < sizes[r]), key=lambda r: load[r])
-            out[r].append(b)
+            r = min((r for r in range(w) if len(out[r]) < self.rows), key=lambda r: (load[r], len(out[r]), r))
+            out[r].append((cost, b))
             load[r] += cost
-        return out
+        for _ in range(4 * self.rows * w):  # each exchange lowers the sorted loads; the bound is a safeguard
+            h = max(range(w), key=lambda r: (load[r], -r))
+            best = None  # (the pair's new heavier load, rank, bin of h, bin of the rank or None: a move)
+            for r in range(w):
+                if r == h:
+                    continue
+                lighter = [(j, c) for j, (c, _) in enumerate(out[r])]
+                if len(out[r]) < self.rows and len(out[h]) > 1:
+                    lighter.append((None, 0.0))
+                for i, (ci, _) in enumerate(out[h]):
+                    for j, cj in lighter:
+                        d = ci - cj
+                        new = max(load[h] - d, load[r] + d)
+                        if d > 0 and new < load[h] * (1 - 1e-12) and (best is None or new < best[0]):
+                            best = (new, r, i, j)
+            if best is None:
+                break
+            _, r, i, j = best
+            moved = out[h].pop(i)
+            if j is not None:
+                out[h].append(out[r].pop(j))
+                load[h] += out[h][-1][0]
+                load[r] -= out[h][-1][0]
+            out[r].append(moved)
+            load[h] -= moved[0]
+            load[r] += moved[0]
+        return [[b for _, b in step] for step in out]
 
     def _imbalance(self, steps: list[list[list[int]]]) -> float:
         """Mean over the lockstep steps of the slowest rank's cost over the mean rank cost."""
