@@ -90,6 +90,10 @@ def _parser():
     p.add_argument("--config", default=os.path.join("recipes", "configs", "sft_1.5b_bench.yaml"))
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--logging-steps", type=int, default=10, help="the first interval is the warm-up left out")
+    p.add_argument("--same-data", action="store_true",
+                   help="one-process setups run --gpus times the steps and logging interval: their timed steps then "
+                        "train the same conversations as the multi-GPU setups' (global steps of the same plan), "
+                        "not the first 1/N of them (steps differ in images, so in work per token)")
     p.add_argument("--recipe-args", default="", help="extra recipes/sft.py arguments for every setup, one string")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: accelerate_configs/cpu.yaml, tests")
     p.add_argument("--profile", action="store_true",
@@ -104,6 +108,12 @@ def _parser():
     return p
 
 
+def steps(setup: str, args) -> tuple[int, int]:
+    """`(max_steps, logging_steps)` of one setup: `--same-data` scales a one-process setup's by `--gpus`."""
+    scale = args.gpus if args.same_data and not SETUPS[setup].multi else 1
+    return args.max_steps * scale, args.logging_steps * scale
+
+
 def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
     """The launch line of one setup and its environment."""
     spec = SETUPS[setup]  # `main` refused the multi-GPU setups on the CPU
@@ -111,18 +121,19 @@ def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
     if args.device == "cpu":
         config = "cpu.yaml"
     gpus = args.gpus if multi else 1
+    max_steps, logging_steps = steps(setup, args)
     env = dict(os.environ)
     if not multi and args.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one process, one GPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join("accelerate_configs", config), "--num_processes", str(gpus), *spec.launcher_args,
            "recipes/sft.py",
-           "--config", args.config, "--max_steps", str(args.max_steps + 3 * args.profile),
-           "--logging_steps", str(args.logging_steps),
+           "--config", args.config, "--max_steps", str(max_steps + 3 * args.profile),
+           "--logging_steps", str(logging_steps),
            "--output_dir", output_dir, "--save_strategy", "no", "--eval_after_training", "false", "--plot", "false",
            *spec.recipe_args, *shlex.split(args.recipe_args)]
     if args.profile:  # after the last timed step: the profiler's own cost stays out of the speed log
-        cmd += ["--profile_steps", f"{args.max_steps}:{args.max_steps + 3}"]
+        cmd += ["--profile_steps", f"{max_steps}:{max_steps + 3}"]
     if args.device == "cpu":
         cmd += ["--use_cpu", "true", "--bf16", "false"]
     return cmd, env
@@ -135,8 +146,9 @@ def run_setup(setup: str, args, tmp: str) -> dict:
     output_dir = os.path.join(tmp, setup)
     cmd, env = command(setup, args, output_dir)
     shown = "accelerate launch " + shlex.join(cmd[3:])
+    max_steps, logging_steps = steps(setup, args)
     row = {"scenario": "recipe_scaling", "run": label, "setup": setup, "gpus": args.gpus if multi else 1,
-           "tok_s": None, "conv_s": None, "mfu": None, "peak_mem_gib": None, "precision": None, "failed": None,
+           "max_steps": max_steps, "logging_steps": logging_steps, "tok_s": None, "conv_s": None, "mfu": None, "peak_mem_gib": None, "precision": None, "failed": None,
            "command": shown}
     log_path = os.path.join(args.out, f"{args.name}_{setup}.log")
     t0 = time.perf_counter()
@@ -233,7 +245,9 @@ def write(report: dict, out: str) -> None:
     lines = [f"# Recipe scaling (`scripts/bench_scaling.py`)\n", f"- machine: {report['machine']}",
              f"- versions: {report['versions']}", f"- command: `{report['command']}`",
              f"- recipe config: `{report['config']}`, {report['max_steps']} steps, speed over all but the first "
-             f"logging interval ({report['logging_steps']} steps)\n",
+             f"logging interval ({report['logging_steps']} steps)"
+             + (f"; one-GPU setups {report['gpus']}x both (`--same-data`: the same conversations timed)"
+                if report["same_data"] else "") + "\n",
              "| setup | GPUs | precision | tok/s (all GPUs) | conversations/s | MFU per GPU | peak GiB (rank 0) "
              "| vs 1 GPU (recipe default) | vs the same launcher on 1 GPU |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -290,7 +304,7 @@ def main(argv=None) -> int:
     report = {"benchmark": "scaling", "name": args.name, "machine": machine, "date": time.strftime("%Y-%m-%d"),
               "versions": _versions(), "command": "python " + shlex.join([script, *(argv or sys.argv[1:])]),
               "config": args.config, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
-              "results": rows}
+              "gpus": args.gpus, "same_data": args.same_data, "results": rows}
     with tempfile.TemporaryDirectory() as tmp:
         for setup in setups:
             rows.append(run_setup(setup, args, tmp))

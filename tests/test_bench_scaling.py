@@ -106,3 +106,23 @@ def test_profile_runs_three_more_steps_after_the_timed_ones(tmp_path):
     cmd, _ = bench_scaling.command("fsdp2_reshard", args, str(tmp_path))
     assert cmd[cmd.index("--fsdp_reshard_after_forward") + 1] == "true"
     assert cmd.index("--fsdp_reshard_after_forward") < cmd.index("recipes/sft.py")  # a launcher argument
+
+
+def test_same_data_times_the_same_conversations_on_one_gpu_as_on_two(tmp_path):
+    from ghostvis_hf.training.sampler import TokenBudgetBatchSampler
+
+    args = bench_scaling._parser().parse_args(["--setups", "single,fsdp2", "--same-data", "--gpus", "2",
+                                               "--max-steps", "30", "--logging-steps", "10", "--profile"])
+    cmd, _ = bench_scaling.command("single", args, str(tmp_path))
+    assert [cmd[cmd.index(k) + 1] for k in ("--max_steps", "--logging_steps", "--profile_steps")] == ["63", "20",
+                                                                                                       "60:63"]
+    cmd, _ = bench_scaling.command("fsdp2", args, str(tmp_path))
+    assert [cmd[cmd.index(k) + 1] for k in ("--max_steps", "--logging_steps")] == ["33", "10"]
+    # the recipe's sampler: one process's steps 20-59 hold the conversations of two ranks' steps 10-29 (balanced)
+    lengths = [(37 * i) % 500 + 20 for i in range(3000)]
+    costs = [float(n) + 300.0 * (i % 3) for i, n in enumerate(lengths)]
+    one = TokenBudgetBatchSampler(lengths, 4, 1024, window=300)
+    two = [TokenBudgetBatchSampler(lengths, 4, 1024, window=300, num_replicas=2, rank=r, costs=costs) for r in (0, 1)]
+    assert len(one) >= 60 and len(two[0]) >= 30
+    timed = lambda steps, a, b: sorted(i for step in steps[a:b] for i in step)  # noqa: E731
+    assert timed(list(one), 20, 60) == sorted(timed(list(two[0]), 10, 30) + timed(list(two[1]), 10, 30))
