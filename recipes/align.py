@@ -32,6 +32,7 @@ from ghostvis_hf.training import (
     make_optimizer,
     parse_with_default_config,
     profiler_callbacks,
+    set_nccl_max_ctas,
     setup_logging,
     sync_report_callbacks,
 )
@@ -44,6 +45,7 @@ logger = logging.getLogger("ghostvis")
 
 def main(script_args, training_args, model_args, gv_args):
     setup_logging()
+    set_nccl_max_ctas(gv_args)
     ################
     # Model
     ################

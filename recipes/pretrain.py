@@ -37,6 +37,7 @@ from ghostvis_hf.training import (
     parse_with_default_config,
     score_labelled_positions_only,
     set_cpu_threads,
+    set_nccl_max_ctas,
     setup_logging,
 )
 
@@ -95,6 +96,7 @@ def train_only_the_decoder(model) -> None:
 def main(script_args, training_args, model_args, gv_args, text_args):
     setup_logging()
     set_cpu_threads(gv_args)
+    set_nccl_max_ctas(gv_args)
     score_labelled_positions_only()
     ################
     # Model

@@ -51,6 +51,7 @@ from ghostvis_hf.training import (
     profiler_callbacks,
     score_labelled_positions_only,
     set_cpu_threads,
+    set_nccl_max_ctas,
     setup_logging,
     sync_report_callbacks,
 )
@@ -66,6 +67,7 @@ logger = logging.getLogger("ghostvis")
 def main(script_args, training_args, model_args, gv_args):
     setup_logging()
     set_cpu_threads(gv_args)
+    set_nccl_max_ctas(gv_args)
     score_labelled_positions_only()
     ################
     # Model

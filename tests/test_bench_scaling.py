@@ -117,7 +117,8 @@ def test_same_data_times_the_same_conversations_on_one_gpu_as_on_two(tmp_path):
     assert [cmd[cmd.index(k) + 1] for k in ("--max_steps", "--logging_steps", "--profile_steps")] == ["63", "20",
                                                                                                        "60:63"]
     cmd, _ = bench_scaling.command("fsdp2", args, str(tmp_path))
-    assert [cmd[cmd.index(k) + 1] for k in ("--max_steps", "--logging_steps")] == ["33", "10"]
+    assert [cmd[cmd.index(k) + 1] for k in ("--max_steps", "--logging_steps", "--nccl_max_ctas")] == ["33", "10", "8"]
+    assert "--nccl_max_ctas" not in bench_scaling.command("fsdp2_nccl_default", args, str(tmp_path))[0]
     # the recipe's sampler: one process's steps 20-59 hold the conversations of two ranks' steps 10-29 (balanced)
     lengths = [(37 * i) % 500 + 20 for i in range(3000)]
     costs = [float(n) + 300.0 * (i % 3) for i, n in enumerate(lengths)]

@@ -100,6 +100,19 @@ def test_set_cpu_threads_applies_the_resolved_default(monkeypatch):
         torch.set_num_threads(previous)
 
 
+def test_nccl_max_ctas_reaches_the_environment_unless_it_already_says_otherwise(monkeypatch):
+    from ghostvis_hf.training import GhostVisArguments, set_nccl_max_ctas
+
+    monkeypatch.delenv("NCCL_MAX_CTAS", raising=False)
+    assert set_nccl_max_ctas(GhostVisArguments()) is None and "NCCL_MAX_CTAS" not in os.environ  # unset: NCCL's own
+    assert set_nccl_max_ctas(GhostVisArguments(nccl_max_ctas=8)) == "8" == os.environ["NCCL_MAX_CTAS"]
+    monkeypatch.setenv("NCCL_MAX_CTAS", "4")
+    assert set_nccl_max_ctas(GhostVisArguments(nccl_max_ctas=8)) == "4" == os.environ["NCCL_MAX_CTAS"]  # env wins
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="nccl_max_ctas must be in"):
+            GhostVisArguments(nccl_max_ctas=bad)
+
+
 def test_usable_cores_respects_the_affinity_mask():
     from ghostvis_hf.training.runtime import usable_cores
 

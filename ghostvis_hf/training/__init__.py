@@ -36,7 +36,13 @@ from .rl import (
     reward_summary,
     starting_checkpoint,
 )
-from .runtime import resolve_cpu_threads, score_labelled_positions_only, set_cpu_threads, setup_logging
+from .runtime import (
+    resolve_cpu_threads,
+    score_labelled_positions_only,
+    set_cpu_threads,
+    set_nccl_max_ctas,
+    setup_logging,
+)
 
 __all__ = [
     "GhostVisArguments",
@@ -84,6 +90,7 @@ __all__ = [
     "score_final_turns",
     "score_labelled_positions_only",
     "set_cpu_threads",
+    "set_nccl_max_ctas",
     "setup_logging",
     "policy_checkpoint",
     "starting_checkpoint",

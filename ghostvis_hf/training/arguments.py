@@ -197,6 +197,14 @@ class GhostVisArguments:
         default=0,
         metadata={"help": "FSDP2: each sharded layer starts the all-gathers of the next N layers of its stack when "
                           "its forward starts (0: FSDP2's own order, each layer's when the host reaches it)."})
+    nccl_max_ctas: int | None = field(
+        default=None,
+        metadata={"help": "NCCL_MAX_CTAS for this run: the most thread blocks (SMs) one NCCL collective may take, so "
+                          "collectives that run beside compute (FSDP2's all-gathers and reduce-scatters) leave it "
+                          "more SMs. FSDP2 at 8 rows x 2048 on 2x H200: 8 measured 3-8 %% faster than NCCL's own "
+                          "choice (docs/benchmarks/scaling_8rows.md); ZeRO-2, whose parameter all-gather waits "
+                          "exposed after each step, was slower in the one run at 8. Applied before the run's first "
+                          "collective; an NCCL_MAX_CTAS already in the environment wins. Unset: NCCL's choice."})
     gc_every_steps: int = field(
         default=50,
         metadata={"help": "Python's automatic garbage collection off during training and a young-generation "
@@ -216,6 +224,8 @@ class GhostVisArguments:
         parse_profile_steps(self.sync_steps, "sync_steps")
         check_gc_every_steps(self.gc_every_steps)
         check_forward_prefetch(self.fsdp_forward_prefetch)
+        if self.nccl_max_ctas is not None and not 1 <= self.nccl_max_ctas <= 64:
+            raise ValueError(f"nccl_max_ctas must be in [1, 64] (NCCL's channels), got {self.nccl_max_ctas}")
         check_graph_flags(self.cuda_graphs, self.cuda_graphs_vision)
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")

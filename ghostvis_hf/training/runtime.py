@@ -1,4 +1,5 @@
-"""Process set-up a recipe does before anything else: logging, CPU threads, and TRL's fused head on the CPU."""
+"""Process set-up a recipe does before anything else: logging, CPU threads, NCCL's thread blocks per collective,
+and TRL's fused head on the CPU."""
 
 import logging
 import os
@@ -80,6 +81,24 @@ def set_cpu_threads(args: GhostVisArguments) -> int | None:
     how = "auto: free cores" if args.cpu_threads is None else "cpu_threads"
     logger.info("CPU threads: %d (%s of %d usable)", threads, how, usable_cores())
     return threads
+
+
+def set_nccl_max_ctas(args: GhostVisArguments) -> str | None:
+    """Applies `nccl_max_ctas` as `NCCL_MAX_CTAS`, which NCCL reads when it makes a communicator: at the process
+    group's first collective (accelerate starts the group without a `device_id`, so no communicator exists while a
+    recipe parses its arguments). A different value already in the environment wins, with a warning. Returns the value
+    in effect (`None`: NCCL's own choice)."""
+    current = os.environ.get("NCCL_MAX_CTAS")
+    if args.nccl_max_ctas is None:
+        return current
+    if current is not None and current != str(args.nccl_max_ctas):
+        logger.warning("nccl_max_ctas=%d not applied: NCCL_MAX_CTAS=%s is set in the environment", args.nccl_max_ctas,
+                       current)
+        return current
+    os.environ["NCCL_MAX_CTAS"] = str(args.nccl_max_ctas)
+    logger.info("NCCL_MAX_CTAS=%d (nccl_max_ctas): at most that many thread blocks per NCCL collective",
+                args.nccl_max_ctas)
+    return os.environ["NCCL_MAX_CTAS"]
 
 
 def score_labelled_positions_only() -> bool:
