@@ -250,6 +250,8 @@ def write(report: dict, out: str) -> None:
     fmt = lambda v, spec="{:,.1f}": "-" if v is None else spec.format(v)  # noqa: E731
     lines = [f"# Recipe scaling (`scripts/bench_scaling.py`)\n", f"- machine: {report['machine']}",
              f"- versions: {report['versions']}", f"- command: `{report['command']}`",
+             *([f"- environment: `{' '.join(f'{k}={v}' for k, v in report['environment'].items())}`"]
+               if report.get("environment") else []),
              f"- recipe config: `{report['config']}`, {report['max_steps']} steps, speed over all but the first "
              f"logging interval ({report['logging_steps']} steps)"
              + (f"; one-GPU setups {report['gpus']}x both (`--same-data`: the same conversations timed)"
@@ -267,6 +269,8 @@ def write(report: dict, out: str) -> None:
         lines.append(f"| {run} | {r['gpus']} | {r['precision'] or '-'} | {fmt(r['tok_s'])} "
                      f"| {fmt(r['conv_s'], '{:.2f}')} "
                      f"| {fmt(r['mfu'], '{:.1%}')} | {fmt(r['peak_mem_gib'], '{:.1f}')} | {vs} | {same} |")
+    if report.get("topology"):
+        lines += ["", "GPU topology (`nvidia-smi topo -m`):", "", "```", report["topology"], "```"]
     reloads = [f"- {r['run']}: {r['reloads']}" for r in report["results"] if r.get("reloads")]
     if reloads:
         lines += ["", "Saved checkpoint reloaded with `from_pretrained(trust_remote_code=True)` in a fresh process "
@@ -274,6 +278,23 @@ def write(report: dict, out: str) -> None:
     lines += ["", "Commands:", ""] + [f"- {r['run']}: `{r['command']}`" for r in report["results"]]
     with open(os.path.join(out, f"{report['name']}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _environment() -> dict:
+    """The NCCL settings every setup inherits (`NCCL_*`, `TORCH_NCCL_*`): they move the multi-GPU rows."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_"))}
+
+
+def _topology() -> str | None:
+    """`nvidia-smi topo -m` (how the GPUs are linked: NVLink, PCIe switch, NUMA node), or None without it. Two-GPU
+    rows measured on different hosts differed by up to 9 % with the same code (docs/benchmarks/scaling_8rows.md)."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    return proc.stdout.strip()
 
 
 def _versions() -> str:
@@ -310,7 +331,8 @@ def main(argv=None) -> int:
     report = {"benchmark": "scaling", "name": args.name, "machine": machine, "date": time.strftime("%Y-%m-%d"),
               "versions": _versions(), "command": "python " + shlex.join([script, *(argv or sys.argv[1:])]),
               "config": args.config, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
-              "gpus": args.gpus, "same_data": args.same_data, "results": rows}
+              "gpus": args.gpus, "same_data": args.same_data, "environment": _environment(),
+              "topology": _topology() if args.device == "cuda" else None, "results": rows}
     with tempfile.TemporaryDirectory() as tmp:
         for setup in setups:
             rows.append(run_setup(setup, args, tmp))

@@ -127,3 +127,17 @@ def test_same_data_times_the_same_conversations_on_one_gpu_as_on_two(tmp_path):
     assert len(one) >= 60 and len(two[0]) >= 30
     timed = lambda steps, a, b: sorted(i for step in steps[a:b] for i in step)  # noqa: E731
     assert timed(list(one), 20, 60) == sorted(timed(list(two[0]), 10, 30) + timed(list(two[1]), 10, 30))
+
+
+def test_the_report_records_the_nccl_environment_and_the_gpu_topology(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCCL_MAX_CTAS", "8")
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    assert bench_scaling._environment() == {"NCCL_MAX_CTAS": "8", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    report = {"name": "r", "machine": "2x GPU", "versions": "torch", "command": "python x", "config": "c.yaml",
+              "max_steps": 30, "logging_steps": 10, "gpus": 2, "same_data": True,
+              "environment": bench_scaling._environment(), "topology": "GPU0 X NV18", "results": []}
+    bench_scaling.write(report, str(tmp_path))
+    md = (tmp_path / "r.md").read_text()
+    assert "- environment: `NCCL_MAX_CTAS=8 TORCH_NCCL_ASYNC_ERROR_HANDLING=1`" in md
+    assert "GPU0 X NV18" in md and "one-GPU setups 2x both" in md
+    assert json.loads((tmp_path / "r.json").read_text())["environment"]["NCCL_MAX_CTAS"] == "8"
