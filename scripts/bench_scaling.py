@@ -56,7 +56,7 @@ SETUPS = {
     "zero3": Setup("deepspeed_zero3.yaml", True, "DeepSpeed ZeRO-3", recipe_args=AUTO + NO_COMPILE,
                    one_gpu="zero3_1gpu"),
     # at most 8 thread blocks per NCCL collective (`--nccl_max_ctas`): more SMs left to the compute the all-gathers
-    # and reduce-scatters run beside (3-8 % faster at 8 rows on 2x H200); fsdp2_nccl_default: NCCL's own choice
+    # and reduce-scatters run beside (3-7 % faster at 8 rows on 2x H200); fsdp2_nccl_default: NCCL's own choice
     "fsdp2": Setup("fsdp2.yaml", True, "FSDP2", recipe_args=AUTO + ["--nccl_max_ctas", "8"], one_gpu="fsdp2_1gpu"),
     "fsdp2_nccl_default": Setup("fsdp2.yaml", True, "FSDP2, NCCL's own thread blocks", recipe_args=AUTO,
                                 one_gpu="fsdp2_1gpu"),
@@ -154,8 +154,8 @@ def run_setup(setup: str, args, tmp: str) -> dict:
     shown = "accelerate launch " + shlex.join(cmd[3:])
     max_steps, logging_steps = steps(setup, args)
     row = {"scenario": "recipe_scaling", "run": label, "setup": setup, "gpus": args.gpus if multi else 1,
-           "max_steps": max_steps, "logging_steps": logging_steps, "tok_s": None, "conv_s": None, "mfu": None, "peak_mem_gib": None, "precision": None, "failed": None,
-           "command": shown}
+           "max_steps": max_steps, "logging_steps": logging_steps, "tok_s": None, "conv_s": None, "mfu": None,
+           "peak_mem_gib": None, "precision": None, "failed": None, "command": shown}
     log_path = os.path.join(args.out, f"{args.name}_{setup}.log")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:

@@ -201,7 +201,7 @@ class GhostVisArguments:
         default=None,
         metadata={"help": "NCCL_MAX_CTAS for this run: the most thread blocks (SMs) one NCCL collective may take, so "
                           "collectives that run beside compute (FSDP2's all-gathers and reduce-scatters) leave it "
-                          "more SMs. FSDP2 at 8 rows x 2048 on 2x H200: 8 measured 3-8 %% faster than NCCL's own "
+                          "more SMs. FSDP2 at 8 rows x 2048 on 2x H200: 8 measured 3-7 %% faster than NCCL's own "
                           "choice (docs/benchmarks/scaling_8rows.md); ZeRO-2, whose parameter all-gather waits "
                           "exposed after each step, was slower in the one run at 8. Applied before the run's first "
                           "collective; an NCCL_MAX_CTAS already in the environment wins. Unset: NCCL's choice."})
