@@ -15,10 +15,16 @@ compared with the recipe's default on one GPU (`vs_1gpu`: what the second GPU bu
 ran, with the same launcher on one GPU (`vs_same_1gpu`: `zero2_1gpu`, `fsdp2_1gpu`, ...: the launcher's scaling
 alone); the `*_autocast` setups run one GPU and DDP under autocast.
 `--profile` records 3 more steps per setup after the timed ones (kernel time by kind, exposed communication).
+`--same-data` times the one-GPU setups over the conversations the multi-GPU setups' timed steps train (their steps
+differ in images, so in work per token); `--repeats N` runs the setups N times round-robin and adds each setup's
+median and range: two-GPU rows moved by up to 9 % between hosts and by a few per cent between runs on one host
+(docs/benchmarks/scaling_8rows.md), more than the margins the multi-GPU bars are decided by. The report records the
+NCCL environment and `nvidia-smi topo -m`.
 
 Writes scaling.json (`benchmark: scaling`, rows in the `bench train` shape with a `gpus` field) and scaling.md.
 
     python scripts/bench_scaling.py --gpus 2                                   # on a 2-GPU host
+    python scripts/bench_scaling.py --gpus 2 --setups single,fsdp2,zero2 --same-data --repeats 2
     python scripts/bench_scaling.py --setups single --device cpu --max-steps 4 --logging-steps 2 \\
         --recipe-args "--max_length 256 --shapes_train_samples 256" --config recipes/configs/sft_tiny.yaml   # smoke
 """
@@ -100,6 +106,10 @@ def _parser():
                    help="one-process setups run --gpus times the steps and logging interval: their timed steps then "
                         "train the same conversations as the multi-GPU setups' (global steps of the same plan), "
                         "not the first 1/N of them (steps differ in images, so in work per token)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the setups this many times, round-robin (single, ddp, ..., single, ddp, ...): every run "
+                        "is a row, and the report adds each setup's median and range (hosts and runs differ by a few "
+                        "per cent: one run per setup decides little near a bar)")
     p.add_argument("--recipe-args", default="", help="extra recipes/sft.py arguments for every setup, one string")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: accelerate_configs/cpu.yaml, tests")
     p.add_argument("--profile", action="store_true",
@@ -145,18 +155,21 @@ def command(setup: str, args, output_dir: str) -> tuple[list[str], dict]:
     return cmd, env
 
 
-def run_setup(setup: str, args, tmp: str) -> dict:
-    """One setup's row: its speed from its summary, or `failed` with the tail of its log."""
+def run_setup(setup: str, args, tmp: str, repeat: int = 0) -> dict:
+    """One run's row (run `repeat` of `setup`): its speed from its summary, or `failed` with the tail of its log."""
     multi, label = SETUPS[setup].multi, SETUPS[setup].label
     label = label.replace("GPU", "CPU process") if args.device == "cpu" else label
-    output_dir = os.path.join(tmp, setup)
+    stem = f"{setup}_r{repeat}" if args.repeats > 1 else setup  # files of this run: <name>_<stem>...
+    output_dir = os.path.join(tmp, stem)
     cmd, env = command(setup, args, output_dir)
     shown = "accelerate launch " + shlex.join(cmd[3:])
     max_steps, logging_steps = steps(setup, args)
     row = {"scenario": "recipe_scaling", "run": label, "setup": setup, "gpus": args.gpus if multi else 1,
            "max_steps": max_steps, "logging_steps": logging_steps, "tok_s": None, "conv_s": None, "mfu": None,
            "peak_mem_gib": None, "precision": None, "failed": None, "command": shown}
-    log_path = os.path.join(args.out, f"{args.name}_{setup}.log")
+    if args.repeats > 1:
+        row["repeat"] = repeat
+    log_path = os.path.join(args.out, f"{args.name}_{stem}.log")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         try:
@@ -168,7 +181,7 @@ def run_setup(setup: str, args, tmp: str) -> dict:
     for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else ():
         # --profile's files, and --recipe-args '--sync_steps A:B' 's; kept even if the run failed afterwards
         if name.startswith(("profile_rank", "syncs_rank")) and name.endswith(".txt"):
-            shutil.copy(os.path.join(output_dir, name), os.path.join(args.out, f"{args.name}_{setup}_{name}"))
+            shutil.copy(os.path.join(output_dir, name), os.path.join(args.out, f"{args.name}_{stem}_{name}"))
     summary_path = os.path.join(output_dir, "sft_summary.json")
     if returncode != 0 or not os.path.exists(summary_path):
         with open(log_path) as f:
@@ -229,26 +242,54 @@ def reload_check(output_dir: str, device: str, timeout: int = 900) -> str:
     return f"no (exit {proc.returncode}): " + " | ".join(proc.stderr.strip().splitlines()[-3:])
 
 
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
 def scaling(rows: list[dict]) -> None:
     """Adds to the multi-GPU rows `vs_1gpu`: tokens/s over the recipe's default on one GPU (`single`, what the second
-    GPU has to beat), and `vs_same_1gpu`: over the same launcher on one GPU (its scaling alone), where measured."""
-    base = {r["setup"]: r for r in rows if r["gpus"] == 1 and r["tok_s"]}
+    GPU has to beat), and `vs_same_1gpu`: over the same launcher on one GPU (its scaling alone), where measured; with
+    several runs of a one-GPU setup, over their median."""
+    runs: dict[str, list[float]] = {}
+    for r in rows:
+        if r["gpus"] == 1 and r["tok_s"]:
+            runs.setdefault(r["setup"], []).append(r["tok_s"])
+    base = {setup: _median(v) for setup, v in runs.items()}
     for r in rows:
         if r["gpus"] < 2 or not r["tok_s"]:
             continue
         if "single" in base:
-            r["vs_1gpu"] = round(r["tok_s"] / base["single"]["tok_s"], 3)
-        same = base.get(SETUPS[r["setup"]].one_gpu) if r["setup"] in SETUPS else None
-        if same is not None:
-            r["vs_same_1gpu"] = round(r["tok_s"] / same["tok_s"], 3)
-            r["vs_same_1gpu_of"] = same["setup"]
+            r["vs_1gpu"] = round(r["tok_s"] / base["single"], 3)
+        same = SETUPS[r["setup"]].one_gpu if r["setup"] in SETUPS else None
+        if same in base:
+            r["vs_same_1gpu"] = round(r["tok_s"] / base[same], 3)
+            r["vs_same_1gpu_of"] = same
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per setup, in order of first appearance: its runs with a speed, median tokens/s and range, and the median over
+    the median of `single` (`vs_1gpu`, multi-GPU setups)."""
+    order = list(dict.fromkeys(r["setup"] for r in rows))
+    speeds = {s: [r["tok_s"] for r in rows if r["setup"] == s and r["tok_s"]] for s in order}
+    single = _median(speeds["single"]) if speeds.get("single") else None
+    out = []
+    for setup in order:
+        v = speeds[setup]
+        entry = {"setup": setup, "runs": len(v), "failed": sum(1 for r in rows if r["setup"] == setup) - len(v),
+                 "median_tok_s": _median(v) if v else None, "min_tok_s": min(v, default=None),
+                 "max_tok_s": max(v, default=None)}
+        if v and single and SETUPS[setup].multi:
+            entry["vs_1gpu"] = round(entry["median_tok_s"] / single, 3)
+        out.append(entry)
+    return out
 
 
 def write(report: dict, out: str) -> None:
     with open(os.path.join(out, f"{report['name']}.json"), "w") as f:
         json.dump(report, f, indent=2)
     fmt = lambda v, spec="{:,.1f}": "-" if v is None else spec.format(v)  # noqa: E731
-    lines = [f"# Recipe scaling (`scripts/bench_scaling.py`)\n", f"- machine: {report['machine']}",
+    lines = ["# Recipe scaling (`scripts/bench_scaling.py`)\n", f"- machine: {report['machine']}",
              f"- versions: {report['versions']}", f"- command: `{report['command']}`",
              *([f"- environment: `{' '.join(f'{k}={v}' for k, v in report['environment'].items())}`"]
                if report.get("environment") else []),
@@ -259,23 +300,33 @@ def write(report: dict, out: str) -> None:
              "| setup | GPUs | precision | tok/s (all GPUs) | conversations/s | MFU per GPU | peak GiB (rank 0) "
              "| vs 1 GPU (recipe default) | vs the same launcher on 1 GPU |",
              "|---|---|---|---|---|---|---|---|---|"]
+    label = lambda r: f"{r['run']}, run {r['repeat'] + 1}" if "repeat" in r else r["run"]  # noqa: E731
     for r in report["results"]:
         vs = f"{r['vs_1gpu']:.2f}x" if r.get("vs_1gpu") else "-"
         same = f"{r['vs_same_1gpu']:.2f}x (of {r['vs_same_1gpu_of']})" if r.get("vs_same_1gpu") else "-"
         if r["failed"] and not r["tok_s"]:
-            lines.append(f"| {r['run']} | {r['gpus']} | - | failed: {r['failed'][:160]} | | | | | |")
+            lines.append(f"| {label(r)} | {r['gpus']} | - | failed: {r['failed'][:160]} | | | | | |")
             continue
-        run = f"{r['run']} (failed after step {r['speed_until_step']}: speed until then)" if r["failed"] else r["run"]
+        run = (f"{label(r)} (failed after step {r['speed_until_step']}: speed until then)" if r["failed"]
+               else label(r))
         lines.append(f"| {run} | {r['gpus']} | {r['precision'] or '-'} | {fmt(r['tok_s'])} "
                      f"| {fmt(r['conv_s'], '{:.2f}')} "
                      f"| {fmt(r['mfu'], '{:.1%}')} | {fmt(r['peak_mem_gib'], '{:.1f}')} | {vs} | {same} |")
+    if report.get("summary"):
+        lines += ["", f"Per setup over its runs (`--repeats {report['repeats']}`, round-robin):", "",
+                  "| setup | runs | median tok/s | range | median vs 1 GPU (median) |", "|---|---|---|---|---|"]
+        for e in report["summary"]:
+            rng = f"{fmt(e['min_tok_s'])} - {fmt(e['max_tok_s'])}" if e["runs"] else "-"
+            failed = f" ({e['failed']} failed)" if e["failed"] else ""
+            vs = f"{e['vs_1gpu']:.2f}x" if e.get("vs_1gpu") else "-"
+            lines.append(f"| {e['setup']} | {e['runs']}{failed} | {fmt(e['median_tok_s'])} | {rng} | {vs} |")
     if report.get("topology"):
         lines += ["", "GPU topology (`nvidia-smi topo -m`):", "", "```", report["topology"], "```"]
     reloads = [f"- {r['run']}: {r['reloads']}" for r in report["results"] if r.get("reloads")]
     if reloads:
         lines += ["", "Saved checkpoint reloaded with `from_pretrained(trust_remote_code=True)` in a fresh process "
                   "and generating from an image prompt:", ""] + reloads
-    lines += ["", "Commands:", ""] + [f"- {r['run']}: `{r['command']}`" for r in report["results"]]
+    lines += ["", "Commands:", ""] + [f"- {label(r)}: `{r['command']}`" for r in report["results"]]
     with open(os.path.join(out, f"{report['name']}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -319,6 +370,8 @@ def main(argv=None) -> int:
                                                                                     args.logging_steps)):
         raise ValueError("--profile: a logging step falls on the 3 profiled steps after --max-steps; use a "
                          "--logging-steps above 3 that divides --max-steps")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.device == "cpu" and any(SETUPS[s].multi for s in setups):
         raise ValueError("the multi-GPU setups need GPUs; on the CPU pass --setups single (or single_autocast)")
     os.makedirs(args.out, exist_ok=True)
@@ -331,14 +384,17 @@ def main(argv=None) -> int:
     report = {"benchmark": "scaling", "name": args.name, "machine": machine, "date": time.strftime("%Y-%m-%d"),
               "versions": _versions(), "command": "python " + shlex.join([script, *(argv or sys.argv[1:])]),
               "config": args.config, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
-              "gpus": args.gpus, "same_data": args.same_data, "environment": _environment(),
+              "gpus": args.gpus, "same_data": args.same_data, "repeats": args.repeats, "environment": _environment(),
               "topology": _topology() if args.device == "cuda" else None, "results": rows}
     with tempfile.TemporaryDirectory() as tmp:
-        for setup in setups:
-            rows.append(run_setup(setup, args, tmp))
-            print(json.dumps(rows[-1]), flush=True)
-            scaling(rows)
-            write(report, args.out)  # after every setup: a run cut short keeps the rows it has
+        for repeat in range(args.repeats):  # round-robin: each setup's runs spread over the call
+            for setup in setups:
+                rows.append(run_setup(setup, args, tmp, repeat))
+                print(json.dumps(rows[-1]), flush=True)
+                scaling(rows)
+                if args.repeats > 1:
+                    report["summary"] = summarize(rows)
+                write(report, args.out)  # after every run: a call cut short keeps the rows it has
     return 0 if all(r["failed"] is None for r in rows) else 1
 
 

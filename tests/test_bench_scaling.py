@@ -141,3 +141,36 @@ def test_the_report_records_the_nccl_environment_and_the_gpu_topology(tmp_path, 
     assert "- environment: `NCCL_MAX_CTAS=8 TORCH_NCCL_ASYNC_ERROR_HANDLING=1`" in md
     assert "GPU0 X NV18" in md and "one-GPU setups 2x both" in md
     assert json.loads((tmp_path / "r.json").read_text())["environment"]["NCCL_MAX_CTAS"] == "8"
+
+
+def test_repeats_run_the_setups_round_robin_and_report_medians(tmp_path, monkeypatch):
+    speeds = {"single": iter([100.0, 90.0, 110.0]), "fsdp2": iter([180.0, 195.0, 186.0])}
+    order = []
+
+    def fake_run(cmd, **kwargs):  # the recipe: a speed per run, from the lists above
+        if "--output_dir" not in cmd:
+            raise OSError("no nvidia-smi here")  # the report's topology: left out, as on a machine without it
+        out = cmd[cmd.index("--output_dir") + 1]
+        setup = os.path.basename(out).rsplit("_r", 1)[0]
+        order.append(os.path.basename(out))
+        os.makedirs(out)
+        with open(os.path.join(out, "sft_summary.json"), "w") as f:
+            json.dump({"precision": "bf16_master", "throughput": {"tokens_per_second": next(speeds[setup]),
+                                                                  "mfu": 0.4, "peak_memory_gib": 9.0}}, f)
+        return bench_scaling.subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench_scaling.subprocess, "run", fake_run)
+    assert bench_scaling.main(["--setups", "single,fsdp2", "--repeats", "3", "--out", str(tmp_path)]) == 0
+    assert order == ["single_r0", "fsdp2_r0", "single_r1", "fsdp2_r1", "single_r2", "fsdp2_r2"]
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    assert [r["repeat"] for r in report["results"]] == [0, 0, 1, 1, 2, 2]
+    assert [r.get("vs_1gpu") for r in report["results"]] == [None, 1.8, None, 1.95, None, 1.86]  # of the median 100
+    assert report["summary"] == [
+        {"setup": "single", "runs": 3, "failed": 0, "median_tok_s": 100.0, "min_tok_s": 90.0, "max_tok_s": 110.0},
+        {"setup": "fsdp2", "runs": 3, "failed": 0, "median_tok_s": 186.0, "min_tok_s": 180.0, "max_tok_s": 195.0,
+         "vs_1gpu": 1.86}]
+    md = (tmp_path / "scaling.md").read_text()
+    assert "| FSDP2, run 2 | 2 | bf16_master | 195.0 |" in md and "| fsdp2 | 3 | 186.0 | 180.0 - 195.0 | 1.86x |" in md
+    assert (tmp_path / "scaling_fsdp2_r2.log").exists()
+    with pytest.raises(ValueError, match="--repeats must be at least 1"):
+        bench_scaling.main(["--setups", "single", "--repeats", "0", "--out", str(tmp_path)])
