@@ -35,6 +35,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -242,20 +243,21 @@ def reload_check(output_dir: str, device: str, timeout: int = 900) -> str:
     return f"no (exit {proc.returncode}): " + " | ".join(proc.stderr.strip().splitlines()[-3:])
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+def _speeds(rows: list[dict]) -> dict[str, list[float]]:
+    """tokens/s of every run that has one, by setup, in order of the setups' first runs."""
+    speeds: dict[str, list[float]] = {}
+    for r in rows:
+        speeds.setdefault(r["setup"], [])
+        if r["tok_s"]:
+            speeds[r["setup"]].append(r["tok_s"])
+    return speeds
 
 
 def scaling(rows: list[dict]) -> None:
     """Adds to the multi-GPU rows `vs_1gpu`: tokens/s over the recipe's default on one GPU (`single`, what the second
     GPU has to beat), and `vs_same_1gpu`: over the same launcher on one GPU (its scaling alone), where measured; with
     several runs of a one-GPU setup, over their median."""
-    runs: dict[str, list[float]] = {}
-    for r in rows:
-        if r["gpus"] == 1 and r["tok_s"]:
-            runs.setdefault(r["setup"], []).append(r["tok_s"])
-    base = {setup: _median(v) for setup, v in runs.items()}
+    base = {setup: statistics.median(v) for setup, v in _speeds([r for r in rows if r["gpus"] == 1]).items() if v}
     for r in rows:
         if r["gpus"] < 2 or not r["tok_s"]:
             continue
@@ -270,14 +272,12 @@ def scaling(rows: list[dict]) -> None:
 def summarize(rows: list[dict]) -> list[dict]:
     """Per setup, in order of first appearance: its runs with a speed, median tokens/s and range, and the median over
     the median of `single` (`vs_1gpu`, multi-GPU setups)."""
-    order = list(dict.fromkeys(r["setup"] for r in rows))
-    speeds = {s: [r["tok_s"] for r in rows if r["setup"] == s and r["tok_s"]] for s in order}
-    single = _median(speeds["single"]) if speeds.get("single") else None
+    speeds = _speeds(rows)
+    single = statistics.median(speeds["single"]) if speeds.get("single") else None
     out = []
-    for setup in order:
-        v = speeds[setup]
+    for setup, v in speeds.items():
         entry = {"setup": setup, "runs": len(v), "failed": sum(1 for r in rows if r["setup"] == setup) - len(v),
-                 "median_tok_s": _median(v) if v else None, "min_tok_s": min(v, default=None),
+                 "median_tok_s": statistics.median(v) if v else None, "min_tok_s": min(v, default=None),
                  "max_tok_s": max(v, default=None)}
         if v and single and SETUPS[setup].multi:
             entry["vs_1gpu"] = round(entry["median_tok_s"] / single, 3)
