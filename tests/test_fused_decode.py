@@ -183,6 +183,8 @@ def test_attention_splits_fill_the_gpu():
     assert attention_splits(32, 2, 4096) == 4
     assert attention_splits(128, 2, 4096) == 1  # enough rows already
     assert attention_splits(1, 2, 32) == 1  # never more splits than column blocks
+    assert attention_splits(1, 2, 384) == 16  # 12 blocks of 32 columns: one block (or none) per program
+    assert attention_splits(8, 2, 384) == 16
 
 
 @needs_kernels
