@@ -80,22 +80,6 @@ def _int8_to_f32(q):
     return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
 
-@_jit
-def _int8_to_f16(q, ASM: tl.constexpr):
-    """int8 -> float16, exact: with ASM (CUDA) from the bytes alone, two values per instruction: `prmt` puts each
-    byte q ^ 0x80 = q + 128 under the exponent of 1024 (the float16 1024 + q + 128), and one packed subtraction of
-    1152 leaves q; 1 instruction per value where the float32 route takes 4. Otherwise through float32."""
-    if ASM:
-        w = tl.inline_asm_elementwise(
-            "{ .reg .b32 t, m; xor.b32 t, $2, 0x80808080; mov.b32 m, 0x64806480;"
-            " prmt.b32 $0, t, 0x64646464, 0x5140; prmt.b32 $1, t, 0x64646464, 0x7362;"
-            " sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m; }",
-            "=r,=r,r", [q], dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        w = _int8_to_f32(q).to(tl.float16)
-    return w
-
-
 def _autotune(configs, key):
     """`triton.autotune` on CUDA; the interpreter takes the first config (timings would mean nothing there), and so
     does `GHOSTVIS_AUTOTUNE=0` (tests: each config is a compilation)."""
@@ -125,17 +109,11 @@ _DOT_CONFIGS = [  # M >= 2: tensor-core tiles, M padded to 16/32/64
     ]
 ]
 _GEMV_CONFIGS = [  # M == 1: a few weight rows per program, reduced on CUDA cores
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "TC": False}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [
         (8, 256, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (4, 1024, 4, 2),
         (2, 1024, 4, 3), (32, 128, 4, 4), (1, 2048, 4, 3), (2, 2048, 8, 2), (4, 256, 4, 4), (8, 128, 4, 4),
         (16, 128, 4, 4), (8, 1024, 8, 2),
-    ]
-] + [  # ... or on tensor cores: the weight rows as the product's M, x as a 16-column operand (one column used)
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "TC": True}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [
-        (64, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 3), (128, 128, 8, 3), (64, 512, 8, 2),
-        (32, 128, 4, 4), (16, 256, 4, 4),
     ]
 ]
 
@@ -189,68 +167,25 @@ def _epilogue(acc, acc_up, rows, cols, row_ok, col_ok, N, stride_out, scale_ptr,
 
 
 @_jit
-def _gemv_zeros(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TC: tl.constexpr):
-    """The partial sums of `_gemv_step`: element-wise `[BLOCK_N, BLOCK_K]`, or the `[BLOCK_N, 16]` tensor-core
-    accumulator (column 0 holds the products)."""
-    if TC:
-        zeros = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-    else:
-        zeros = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    return zeros
-
-
-@_jit
-def _gemv_step(part, wt, xv, BLOCK_K: tl.constexpr, INT8: tl.constexpr, TC: tl.constexpr, X_SCALE: tl.constexpr,
-               ASM: tl.constexpr):
-    """`part + w * x` for one K tile. CUDA cores: element-wise in float32 (int8 through `_int8_to_f32`). Tensor
-    cores: `w @ [x, 0, ..., 0]` with float32 sums, the weight tile as the product's rows; bf16/fp16 weights as they
-    are, int8 ones as float16 (`_int8_to_f16`) against x * X_SCALE in float16 (X_SCALE = 2**-8 for a bf16 model
-    keeps its activations inside float16's range; the sums are scaled back in `_gemv_sums`)."""
-    if TC:
-        col0 = tl.arange(0, 16)[None, :] == 0
-        xb = tl.where(col0, tl.trans(xv), 0.0)  # [BLOCK_K, 16]
-        if INT8:
-            part = tl.dot(_int8_to_f16(wt, ASM), (xb * X_SCALE).to(tl.float16), part)
-        else:
-            part = tl.dot(wt, xb.to(wt.dtype), part)
-    elif INT8:
-        part = part + _int8_to_f32(wt) * xv
-    else:
-        part = part + wt.to(tl.float32) * xv
-    return part
-
-
-@_jit
-def _gemv_sums(part, TC: tl.constexpr, X_SCALE: tl.constexpr, INT8: tl.constexpr):
-    """The `[1, BLOCK_N]` row of products from `_gemv_step`'s partial sums."""
-    if TC:
-        col0 = tl.arange(0, 16)[None, :] == 0
-        sums = tl.sum(tl.where(col0, part, 0.0), axis=1)
-        if INT8:
-            sums = sums * (1.0 / X_SCALE)
-    else:
-        sums = tl.sum(part, axis=1)
-    return sums[None, :]
+def _gemv_step(part, wt, xv, INT8: tl.constexpr):
+    """`part + w * x` element-wise, the weight tile in float32 (int8 through `_int8_to_f32`)."""
+    if INT8:
+        return part + _int8_to_f32(wt) * xv
+    return part + wt.to(tl.float32) * xv
 
 
 @_jit
 def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K, stride_x, stride_out, eps,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TC: tl.constexpr, X_SCALE: tl.constexpr, NORM_BLOCK: tl.constexpr,
-    NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr,
-    ASM: tl.constexpr, TC_OK: tl.constexpr,
 ):
     """One row: BLOCK_N weight rows per program, multiply-adds on CUDA cores (no padding of x to a tensor-core
-    tile) into element-wise partial sums, reduced across threads once after the loop, or (TC) on tensor cores with
-    x as a 16-column operand (see `_gemv_step`). The RMS statistics read the input row in blocks of NORM_BLOCK
-    columns (the whole row of a few KB in one load: the products wait for them). TC_OK: the tensor-core configs
-    may run (not for float32 models, whose products stay exact float32 on CUDA cores)."""
+    tile) into element-wise partial sums, reduced across threads once after the loop. The RMS statistics read the
+    input row in blocks of NORM_BLOCK columns (the whole row of a few KB in one load: the products wait for them)."""
     pid_n = tl.program_id(0)
     dtype = out_ptr.dtype.element_ty
-    tc: tl.constexpr = TC and TC_OK
-    x_scale: tl.constexpr = X_SCALE
     rows = tl.arange(0, 1)
     row_ok = rows < 1
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -267,23 +202,23 @@ def _gemv_kernel(
     if NORM:
         rstd = _rms_rstd(x_ptr, rows, row_ok, stride_x, K, eps, 1, NORM_BLOCK)
     xv = _x_tile(x_ptr, rows, row_ok, stride_x, ks, k_ok, norm_ptr, rstd, dtype, NORM).to(tl.float32)
-    part = _gemv_step(_gemv_zeros(BLOCK_N, BLOCK_K, tc), wt, xv, BLOCK_K, INT8, tc, x_scale, ASM)
+    part = _gemv_step(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), wt, xv, INT8)
     if SWIGLU:
-        part_up = _gemv_step(_gemv_zeros(BLOCK_N, BLOCK_K, tc), ut, xv, BLOCK_K, INT8, tc, x_scale, ASM)
+        part_up = _gemv_step(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), ut, xv, INT8)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + ks
         k_ok = kk < K
         xv = _x_tile(x_ptr, rows, row_ok, stride_x, kk, k_ok, norm_ptr, rstd, dtype, NORM).to(tl.float32)
         wt = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
-        part = _gemv_step(part, wt, xv, BLOCK_K, INT8, tc, x_scale, ASM)
+        part = _gemv_step(part, wt, xv, INT8)
         if SWIGLU:
             ut = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
                          other=0)
-            part_up = _gemv_step(part_up, ut, xv, BLOCK_K, INT8, tc, x_scale, ASM)
-    acc = _gemv_sums(part, tc, x_scale, INT8)
+            part_up = _gemv_step(part_up, ut, xv, INT8)
+    acc = tl.sum(part, axis=1)[None, :]
     acc_up = acc
     if SWIGLU:
-        acc_up = _gemv_sums(part_up, tc, x_scale, INT8)
+        acc_up = tl.sum(part_up, axis=1)[None, :]
     _epilogue(acc, acc_up, rows, cols, row_ok, col_ok, N, stride_out, scale_ptr, bias_ptr, res_ptr, out_ptr,
               HAS_BIAS, HAS_RES, SWIGLU, INT8)
 
@@ -341,8 +276,7 @@ def _block_m(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swiglu=False, weight_scale=None,
-           _config=None):
+def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swiglu=False, weight_scale=None):
     """`epilogue(rmsnorm(x) @ weight.T)` for a few rows.
 
     Args:
@@ -382,14 +316,8 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
     flags = dict(NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
                  SWIGLU=swiglu, INT8=int8)
     if bm == 1:
-        # x_scale: int8 tensor-core products take a bf16 model's activations into float16 as x / 256
-        flags.update(NORM_BLOCK=min(triton.next_power_of_2(k), 8192), ASM=not INTERPRET,
-                     TC_OK=x.dtype != torch.float32, X_SCALE=1.0 / 256 if x.dtype == torch.bfloat16 else 1.0,
-                     **_pdl(x))
-        if _config is not None:  # tests and profiling: one configuration, not the tuned one
-            _gemv_kernel[(triton.cdiv(n, _config["BLOCK_N"]),)](*args, **flags, **_config)
-        else:
-            _linear_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        _linear_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            *args, NORM_BLOCK=min(triton.next_power_of_2(k), 8192), **flags, **_pdl(x))
     else:  # no PDL: measured on an H200, int8 at batch 32 took 2.40 ms a step with it and 2.07 without (its programs
         # waiting for the previous kernel hold the shared memory the running tensor-core kernel pipelines through)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm))  # noqa: E731
