@@ -24,17 +24,14 @@ from ghostvis_hf.training import (
     describe_data,
     finish,
     freeze,
-    fsdp_prefetch_callbacks,
-    gc_callbacks,
     held_out_for_loss,
     load_model_and_processor,
     load_train_and_eval_data,
     make_optimizer,
     parse_with_default_config,
-    profiler_callbacks,
     set_nccl_max_ctas,
     setup_logging,
-    sync_report_callbacks,
+    step_callbacks,
 )
 from ghostvis_hf.training.throughput import throughput_summary
 from ghostvis_hf.training.trainer import GhostVisSFTTrainer
@@ -74,10 +71,8 @@ def main(script_args, training_args, model_args, gv_args):
     # Training
     ################
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)  # masks image placeholders
-    callbacks += profiler_callbacks(gv_args.profile_steps, training_args.output_dir, gv_args.profile_python)
-    callbacks += gc_callbacks(gv_args.gc_every_steps)
-    callbacks += fsdp_prefetch_callbacks(gv_args.fsdp_forward_prefetch)  # --fsdp_forward_prefetch (FSDP2)
-    callbacks += sync_report_callbacks(gv_args.sync_steps, training_args.output_dir)  # --sync_steps
+    # --profile_steps, --gc_every_steps, --fsdp_forward_prefetch (FSDP2), --sync_steps
+    callbacks += step_callbacks(gv_args, training_args.output_dir)
     trainer = GhostVisSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, processing_class=processor, data_collator=data_collator,
                                  callbacks=callbacks,

@@ -13,6 +13,11 @@ Data: a `.txt`/`.md` file (a row per paragraph; `--text_sample_by line|paragraph
 TRL appends the end-of-text token to every row and packs rows into `max_length`-token sequences (best-fit decreasing,
 long rows split, attention kept within each row through `position_ids`).
 
+Of the GhostVis options it takes the model source, the run set-up (`--cpu_threads`, `--nccl_max_ctas`) and the step
+callbacks (`--profile_steps`, `--gc_every_steps`, `--fsdp_forward_prefetch`, `--sync_steps`); it trains with TRL's
+own trainer and optimizer, without GhostVis's kernel swaps or precision modes, and refuses the SFT options it does not
+implement rather than ignore them.
+
 Only the decoder and its LM head train; the vision tower, resampler and projector are frozen and unused. The whole
 GhostVis model is saved, so the next stages start from the folder as from any checkpoint:
 
@@ -35,16 +40,25 @@ from ghostvis_hf.training import (
     load_model_and_processor,
     log_parameter_counts,
     parse_with_default_config,
+    refuse_unused,
     score_labelled_positions_only,
     set_cpu_threads,
     set_nccl_max_ctas,
     setup_logging,
+    step_callbacks,
 )
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "pretrain_tiny.yaml")
 TEXT_FILE_BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
                       ".csv": "csv"}
 logger = logging.getLogger("ghostvis")
+# The GhostVisArguments this recipe reads (the model source, the shapes-captions sample, the run set-up and the step
+# callbacks); any other one set away from its default is refused (the SFT/alignment options: data mixtures and
+# validation, token budgets, precision, kernel swaps, CUDA graphs, ...).
+PRETRAIN_ARGUMENTS = {"preset", "text_model", "vision_model", "resampler_type", "num_image_tokens",
+                      "config_overrides", "dataset_seed", "num_train_samples", "cpu_threads", "nccl_max_ctas",
+                      "profile_steps", "profile_python", "sync_steps", "fsdp_forward_prefetch", "gc_every_steps",
+                      "plot", "qat"}
 
 
 @dataclass
@@ -105,6 +119,7 @@ def main(script_args, training_args, model_args, gv_args, text_args):
         raise ValueError("Continued pretraining trains the decoder fully; LoRA belongs to recipes/sft.py")
     if gv_args.qat:
         raise ValueError("--qat int8 is implemented in recipes/sft.py only (fine-tune the pretrained decoder there)")
+    refuse_unused(gv_args, PRETRAIN_ARGUMENTS, "recipes/pretrain.py")
     model, processor = load_model_and_processor(gv_args, model_args, training_args)
     train_only_the_decoder(model)
 
@@ -119,7 +134,9 @@ def main(script_args, training_args, model_args, gv_args, text_args):
     # Training
     ################
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                         processing_class=processor.tokenizer)  # the tokenizer: plain text, no chat template
+                         processing_class=processor.tokenizer,  # the tokenizer: plain text, no chat template
+                         # --profile_steps, --gc_every_steps, --fsdp_forward_prefetch (FSDP2), --sync_steps
+                         callbacks=step_callbacks(gv_args, training_args.output_dir))
     counts = log_parameter_counts(trainer.model)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -39,8 +39,6 @@ from ghostvis_hf.training import (
     describe_data,
     finish,
     freeze,
-    fsdp_prefetch_callbacks,
-    gc_callbacks,
     held_out_for_loss,
     load_model_and_processor,
     load_train_and_eval_data,
@@ -48,12 +46,11 @@ from ghostvis_hf.training import (
     make_optimizer,
     parse_with_default_config,
     peft_config_for,
-    profiler_callbacks,
     score_labelled_positions_only,
     set_cpu_threads,
     set_nccl_max_ctas,
     setup_logging,
-    sync_report_callbacks,
+    step_callbacks,
 )
 from ghostvis_hf.training.optimizer import precision_of
 from ghostvis_hf.training.qat import convert_qat, prepare_qat
@@ -96,11 +93,8 @@ def main(script_args, training_args, model_args, gv_args):
     eval_dataset = held_out_for_loss(held_out, processor, training_args, gv_args)
     # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking
     data_collator, callbacks = build_sft_collator(processor, training_args, gv_args)
-    callbacks += profiler_callbacks(  # --profile_steps
-        gv_args.profile_steps, training_args.output_dir, gv_args.profile_python)
-    callbacks += gc_callbacks(gv_args.gc_every_steps)  # --gc_every_steps
-    callbacks += fsdp_prefetch_callbacks(gv_args.fsdp_forward_prefetch)  # --fsdp_forward_prefetch (FSDP2)
-    callbacks += sync_report_callbacks(gv_args.sync_steps, training_args.output_dir)  # --sync_steps
+    # --profile_steps, --gc_every_steps, --fsdp_forward_prefetch (FSDP2), --sync_steps
+    callbacks += step_callbacks(gv_args, training_args.output_dir)
 
     ################
     # Training

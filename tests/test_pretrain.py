@@ -35,9 +35,10 @@ def test_pretrain_loss_falls_and_sft_starts_from_its_output(tiny_checkpoint, tmp
     res = _run(["recipes/pretrain.py", "--model_name_or_path", tiny_checkpoint, "--dataset_name", text,
                 "--text_sample_by", "line", "--max_length", "64", "--per_device_train_batch_size", "8",
                 "--max_steps", "30", "--logging_steps", "1", "--learning_rate", "3e-3", "--warmup_steps", "0",
-                "--output_dir", str(out), "--plot", "false", "--cpu_threads", "1"])
+                "--output_dir", str(out), "--plot", "false", "--cpu_threads", "1", "--profile_steps", "5:7"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "gemm_4bit_forward" not in res.stderr
+    assert (out / "profile_rank0.txt").stat().st_size > 0  # --profile_steps reaches the trainer here too
     summary = json.loads((out / "pretrain_summary.json").read_text())
     assert summary["steps"] == 30 and summary["data"]["rows"] == 300
     assert summary["loss_last"] < 0.6 * summary["loss_first"], summary
@@ -57,6 +58,26 @@ def test_pretrain_loss_falls_and_sft_starts_from_its_output(tiny_checkpoint, tmp
                 "--save_strategy", "no", "--output_dir", str(sft), "--cpu_threads", "1"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((sft / "sft_summary.json").read_text())["steps"] == 1
+
+
+def test_pretrain_refuses_options_it_does_not_implement_before_loading_anything(tmp_path):
+    out = tmp_path / "o"
+    res = _run(["recipes/pretrain.py", "--bad_rows", "error", "--loss", "trl", "--max_steps", "1",
+                "--output_dir", str(out), "--cpu_threads", "1"])
+    assert res.returncode != 0
+    assert "recipes/pretrain.py does not implement --bad_rows, --loss" in res.stderr
+    assert not out.exists()
+
+
+def test_step_callbacks_follow_the_arguments():
+    from ghostvis_hf.training import GhostVisArguments, step_callbacks
+    from ghostvis_hf.training.garbage_collection import GarbageCollectionCallback
+    from ghostvis_hf.training.profiling import ProfilerCallback
+
+    assert step_callbacks(GhostVisArguments(gc_every_steps=0), "out") == []  # nothing asked for
+    assert [type(c) for c in step_callbacks(GhostVisArguments(), "out")] == [GarbageCollectionCallback]  # default
+    callbacks = step_callbacks(GhostVisArguments(profile_steps="2:4", gc_every_steps=5), "out")
+    assert [type(c) for c in callbacks] == [ProfilerCallback, GarbageCollectionCallback]
 
 
 def test_pretrain_refuses_a_file_without_text(tmp_path):

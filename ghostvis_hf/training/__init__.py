@@ -5,7 +5,7 @@ Kept out of `recipes/*.py` so the recipes stay thin TRL scripts; kept out of the
 with every checkpoint.
 """
 
-from .arguments import GhostVisArguments, RLArguments, parse_with_default_config
+from .arguments import GhostVisArguments, RLArguments, parse_with_default_config, refuse_unused
 from .collator import GhostVisVisionCollator, build_sft_collator
 from .data import describe_data, held_out_for_loss, load_train_and_eval_data, prompt_dataset
 from .finish import evaluate_checkpoint, finish, score_final_turns
@@ -27,6 +27,7 @@ from .fsdp_prefetch import ForwardPrefetchCallback, fsdp_prefetch_callbacks, set
 from .garbage_collection import GarbageCollectionCallback, gc_callbacks
 from .sync_report import SyncReportCallback, sync_report_callbacks
 from .profiling import ProfilerCallback, profiler_callbacks
+from .step_callbacks import step_callbacks
 from .rl import (
     finish_rl,
     held_out_accuracy,
@@ -78,10 +79,12 @@ __all__ = [
     "parameter_counts",
     "parse_config_overrides",
     "parse_with_default_config",
+    "refuse_unused",
     "peft_config_for",
     "plot_learning_curve",
     "ProfilerCallback",
     "profiler_callbacks",
+    "step_callbacks",
     "prepare_packing",
     "prompt_dataset",
     "reward_funcs_for",

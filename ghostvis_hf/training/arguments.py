@@ -272,6 +272,20 @@ class RLArguments:
             raise ValueError(f"reward_kwargs must map reward names to their arguments, got {self.reward_kwargs!r}")
 
 
+def refuse_unused(args, used: set[str], recipe: str) -> None:
+    """Raises a `ValueError` naming every field of `args` (a dataclass) that is set to something other than its
+    default but that `recipe` does not implement (`used`: the fields it reads), so an option is never ignored
+    silently."""
+    unused = []
+    for f in fields(args):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if f.name not in used and getattr(args, f.name) != default:
+            unused.append(f"--{f.name}")
+    if unused:
+        raise ValueError(f"{recipe} does not implement {', '.join(unused)} (options of the SFT and alignment "
+                         "recipes); leave them unset here")
+
+
 # What sft_tiny.yaml/align_tiny.yaml set for the tiny model of the main job: the recipes read that YAML when no
 # --config is given, and a run of another model must not inherit it (issue 16: a --preset 1.5b run got the tiny
 # config_overrides and max_length=256, and every row was refused as cut by truncation).
