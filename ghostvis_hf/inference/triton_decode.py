@@ -438,7 +438,12 @@ def _combine_kernel(part_ptr, ml_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.const
     tl.store(out_ptr + head_row * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def attention_splits(rows: int, num_kv_heads: int, max_seq_len: int, block_n: int = 32, target: int = 256) -> int:
+# Cached columns per block of `rope_attention` (its K/V tile), which `attention_splits` counts in.
+ATTENTION_BLOCK_N = 32
+
+
+def attention_splits(rows: int, num_kv_heads: int, max_seq_len: int, block_n: int = ATTENTION_BLOCK_N,
+                     target: int = 256) -> int:
     """How many programs share one row's columns (a power of two): one per block of `block_n` columns where that
     keeps the programs in all within `target` (and at most 32 per row and KV head), else as many as fit. With one
     block each, a program loads all its cached columns before waiting for the q|k|v product; an H200 step of the
@@ -469,7 +474,8 @@ def rope_attention(qkv, cos, sin, positions, k_cache, v_cache, num_heads: int, s
     _rope_attention_kernel[(m, h_kv, splits)](
         qkv, cos, sin, positions, k_cache, v_cache, out, part, ml, scale,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2] - 1,
-        H=num_heads, H_KV=h_kv, D=d, BLOCK_G=max(16, triton.next_power_of_2(num_heads // h_kv)), BLOCK_N=32,
+        H=num_heads, H_KV=h_kv, D=d, BLOCK_G=max(16, triton.next_power_of_2(num_heads // h_kv)),
+        BLOCK_N=ATTENTION_BLOCK_N,
         SPLITS=splits, F32_DOT=f32, **pdl,
     )
     if splits > 1:
