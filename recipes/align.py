@@ -29,8 +29,7 @@ from ghostvis_hf.training import (
     load_train_and_eval_data,
     make_optimizer,
     parse_with_default_config,
-    set_nccl_max_ctas,
-    setup_logging,
+    start_recipe,
     step_callbacks,
 )
 from ghostvis_hf.training.throughput import throughput_summary
@@ -41,8 +40,7 @@ logger = logging.getLogger("ghostvis")
 
 
 def main(script_args, training_args, model_args, gv_args):
-    setup_logging()
-    set_nccl_max_ctas(gv_args)
+    start_recipe(gv_args)  # logging, --cpu_threads, --nccl_max_ctas, TRL's head on labelled positions
     ################
     # Model
     ################

@@ -41,10 +41,7 @@ from ghostvis_hf.training import (
     log_parameter_counts,
     parse_with_default_config,
     refuse_unused,
-    score_labelled_positions_only,
-    set_cpu_threads,
-    set_nccl_max_ctas,
-    setup_logging,
+    start_recipe,
     step_callbacks,
 )
 
@@ -108,10 +105,7 @@ def train_only_the_decoder(model) -> None:
 
 
 def main(script_args, training_args, model_args, gv_args, text_args):
-    setup_logging()
-    set_cpu_threads(gv_args)
-    set_nccl_max_ctas(gv_args)
-    score_labelled_positions_only()
+    start_recipe(gv_args)  # logging, --cpu_threads, --nccl_max_ctas, TRL's head on labelled positions
     ################
     # Model
     ################

@@ -46,10 +46,7 @@ from ghostvis_hf.training import (
     make_optimizer,
     parse_with_default_config,
     peft_config_for,
-    score_labelled_positions_only,
-    set_cpu_threads,
-    set_nccl_max_ctas,
-    setup_logging,
+    start_recipe,
     step_callbacks,
 )
 from ghostvis_hf.training.optimizer import precision_of
@@ -62,10 +59,7 @@ logger = logging.getLogger("ghostvis")
 
 
 def main(script_args, training_args, model_args, gv_args):
-    setup_logging()
-    set_cpu_threads(gv_args)
-    set_nccl_max_ctas(gv_args)
-    score_labelled_positions_only()
+    start_recipe(gv_args)  # logging, --cpu_threads, --nccl_max_ctas, TRL's head on labelled positions
     ################
     # Model
     ################

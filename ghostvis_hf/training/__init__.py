@@ -43,6 +43,7 @@ from .runtime import (
     set_cpu_threads,
     set_nccl_max_ctas,
     setup_logging,
+    start_recipe,
 )
 
 __all__ = [
@@ -95,6 +96,7 @@ __all__ = [
     "set_cpu_threads",
     "set_nccl_max_ctas",
     "setup_logging",
+    "start_recipe",
     "policy_checkpoint",
     "starting_checkpoint",
 ]

@@ -123,3 +123,12 @@ def score_labelled_positions_only() -> bool:
     use_compact._ghostvis_compact = True
     trl_utils._use_triton = use_compact
     return True
+
+
+def start_recipe(args: GhostVisArguments) -> None:
+    """What every recipe does first, before loading anything: logging, `--cpu_threads` (CPU runs),
+    `--nccl_max_ctas` (before the first collective) and TRL's LM head scoring only labelled positions on the CPU."""
+    setup_logging()
+    set_cpu_threads(args)
+    set_nccl_max_ctas(args)
+    score_labelled_positions_only()
