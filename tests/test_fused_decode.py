@@ -102,6 +102,44 @@ def test_int8_linear_matches_dequantized_reference(dtype, m, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+def test_split_k_product_matches_the_reference_and_leaves_its_counts_zero(split_k):
+    """Several rows with the K columns shared by `split_k` programs per output tile (the last to finish adds the
+    float32 sums in split order): every epilogue, float and int8, against `F.linear`, identical on a second call and
+    to the unsplit kernel's sums; the tile counts are back at zero after each launch (CUDA graph replays rely on it)."""
+    from ghostvis_hf.inference import triton_decode as td
+
+    dtype = DTYPES[-1]
+    g = torch.Generator().manual_seed(split_k)
+    m, k, n = 20, 600, 80  # K = 600: the last split gets a partial K tile (8 splits of 96 columns: the last none)
+    config = dict(BLOCK_N=16, BLOCK_K=64 if split_k < 8 else 32, SPLIT_K=split_k, num_warps=4, num_stages=2)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    def linear(*args, **kwargs):
+        out = td.linear(*args, **kwargs, config=config)
+        assert not td._SPLIT_COUNTS[out.device].any()
+        return out
+
+    x, w, b, nw, res = rand(m, k), rand(n, k, scale=0.1), rand(n), rand(k), rand(m, n)
+    y = linear(x, w, norm_weight=nw, eps=1e-6, bias=b)
+    close(y, F.linear(rmsnorm_reference(x, nw, 1e-6), w, b), dtype)
+    assert torch.equal(y, linear(x, w, norm_weight=nw, eps=1e-6, bias=b))
+    close(y, td.linear(x, w, norm_weight=nw, eps=1e-6, bias=b, config={**config, "SPLIT_K": 1}), dtype)
+    close(linear(x, w, residual=res), res + F.linear(x, w), dtype)
+    gate_up = rand(2 * n, k, scale=0.1)
+    xn = rmsnorm_reference(x, nw, 1e-5)
+    close(linear(x, gate_up, norm_weight=nw, eps=1e-5, swiglu=True),
+          F.silu(F.linear(xn, gate_up[:n])) * F.linear(xn, gate_up[n:]), dtype)
+    q, s = quantize_rows(w)
+    close(linear(x, q, weight_scale=s), F.linear(x.float(), (q.float() * s.float()[:, None]).to(DEVICE)).to(dtype),
+          dtype)
+    with pytest.raises(ValueError, match="SPLIT_K=2 is not for N=20000"):
+        td.linear(x, rand(20000, k), config={**config, "SPLIT_K": 2})
+
+
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 3])
 def test_int8_weights_convert_exactly(m):
     """Every int8 value, -128 included, comes out of the kernels' int8 -> float conversion unchanged."""
