@@ -137,6 +137,8 @@ def test_split_k_product_matches_the_reference_and_leaves_its_counts_zero(split_
           dtype)
     with pytest.raises(ValueError, match="SPLIT_K=2 is not for N=20000"):
         td.linear(x, rand(20000, k), config={**config, "SPLIT_K": 2})
+    one_row = dict(BLOCK_N=8, BLOCK_K=128, num_warps=4, num_stages=2)  # a config for the one-row kernel is used too
+    close(td.linear(x[:1], w, residual=res[:1], config=one_row), res[:1] + F.linear(x[:1], w), dtype)
 
 
 @needs_kernels

@@ -127,6 +127,8 @@ def _prune_split_k(configs, named_args, **kwargs):
     n, k = named_args["N"], named_args["K"]
     return [c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1
             or (n <= SPLIT_K_MAX_N and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"])]
+
+
 _GEMV_CONFIGS = [  # M == 1: a few weight rows per program, reduced on CUDA cores
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [
@@ -315,7 +317,9 @@ def _linear_kernel(
 
 _KEY = ["M", "N", "K", "NORM", "SWIGLU", "INT8"]
 _linear_dot = _autotune(_DOT_CONFIGS, key=_KEY, prune=_prune_split_k)(_linear_kernel)
-_SPLIT_COUNTS = {}  # device -> int32 counts of the split-K tiles, zero between launches (the last program resets)
+# device -> int32 counts of the split-K tiles, zero between launches (the last program of a tile resets its count);
+# shared by the launches on a device, which must not run concurrently (the engine decodes on one stream)
+_SPLIT_COUNTS = {}
 
 
 def _split_counts(t: torch.Tensor, tiles: int) -> torch.Tensor:
@@ -329,6 +333,8 @@ def _split_counts(t: torch.Tensor, tiles: int) -> torch.Tensor:
             return counts
         _SPLIT_COUNTS[t.device] = counts
     return counts
+
+
 _linear_gemv = _autotune(_GEMV_CONFIGS, key=_KEY)(_gemv_kernel)
 
 
@@ -351,7 +357,7 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
         bias (`torch.Tensor` of shape `[N]`, *optional*), residual (`torch.Tensor` of shape `[M, N]`, *optional*):
             added to the output (bias before rounding, residual after, as `transformers`' modules do).
         swiglu (`bool`): return `silu(x @ gate.T) * (x @ up.T)`.
-        config (`dict`, *optional*): with several rows, the tensor-core kernel's `BLOCK_N`, `BLOCK_K`, `SPLIT_K`,
+        config (`dict`, *optional*): the kernel's `BLOCK_N`, `BLOCK_K` (and with several rows `SPLIT_K`),
             `num_warps` and `num_stages` instead of the autotuned choice (tests, benchmarks).
 
     Returns:
@@ -379,13 +385,14 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
     flags = dict(NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
                  SWIGLU=swiglu, INT8=int8)
     if bm == 1:
-        _linear_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            *args, NORM_BLOCK=min(triton.next_power_of_2(k), 8192), **flags, **_pdl(x))
+        kernel = _linear_gemv if config is None else _gemv_kernel  # a given config instead of the autotuned choice
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            *args, NORM_BLOCK=min(triton.next_power_of_2(k), 8192), **flags, **_pdl(x), **(config or {}))
     else:  # no PDL: measured on an H200, int8 at batch 32 took 2.40 ms a step with it and 2.07 without (its programs
         # waiting for the previous kernel hold the shared memory the running tensor-core kernel pipelines through)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm), meta["SPLIT_K"])  # noqa: E731
         kernel = _linear_dot
-        if config is not None:  # one given config instead of the autotuned choice
+        if config is not None:  # a given config instead of the autotuned choice
             kernel, flags = _linear_kernel, {"SPLIT_K": 1, **flags, **config}
             if flags["SPLIT_K"] > 1 and not _prune_split_k([triton.Config(config)], dict(N=n, K=k)):
                 raise ValueError(f"SPLIT_K={flags['SPLIT_K']} is not for N={n}, K={k} (see _prune_split_k)")
