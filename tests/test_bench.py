@@ -73,3 +73,31 @@ def test_bench_train_rows_keep_their_shape_on_the_cpu(tmp_path):
         assert {"scenario", "run", "tok_s", "mfu", "peak_mem_gib", "gpus"} <= set(r) and r["tok_s"] > 0
         assert r["gpus"] == 1 and r["scenario"] == "fixed"
     assert (tmp_path / "train_profile_master.txt").read_text().startswith("1 steps: wall")
+
+
+def test_bench_generate_records_the_autotuned_kernel_configs(monkeypatch):
+    """What the autotuner chose (per product of the fused step) is readable from the record and its table."""
+    triton = pytest.importorskip("triton")
+    from ghostvis_hf.bench.generate import markdown
+    from ghostvis_hf.inference import triton_decode as td
+
+    class Tuned:  # an autotuner after warm-up: its cache maps each key (shape, flags, dtypes) to the chosen config
+        def __init__(self, cache):
+            self.cache = cache
+
+    monkeypatch.setattr(td, "_linear_gemv", Tuned({(1, 8960, 1536, True, True, True, "torch.bfloat16"):
+                                                   triton.Config({"BLOCK_N": 4, "BLOCK_K": 512}, num_warps=4,
+                                                                 num_stages=3)}))
+    monkeypatch.setattr(td, "_linear_dot", Tuned({(32, 1536, 8960, False, False, True, "torch.bfloat16"):
+                                                  triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8},
+                                                                num_warps=4, num_stages=4)}))
+    configs = td.tuned_configs()
+    assert configs["one_row"] == {"M=1 N=8960 K=1536 NORM SWIGLU INT8": {
+        "BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "num_ctas": 1, "num_stages": 3}}
+    assert configs["several_rows"]["M=32 N=1536 K=8960 INT8"]["SPLIT_K"] == 8
+    out = {"benchmark": "generate", "command": "x", "machine": "m", "versions": {}, "preset": "1.5b",
+           "dtype": "bfloat16", "prompt_len": 128, "new_tokens": 256, "results": [], "errors": {},
+           "kernel_configs": {"fused-int8": configs}}
+    table = markdown(out)
+    assert "Autotuned kernel configs after `fused-int8`'s warm-up" in table
+    assert "- M=32 N=1536 K=8960 INT8 -> BLOCK_N 32, BLOCK_K 128, SPLIT_K 8, num_warps 4" in table

@@ -335,6 +335,10 @@ def _time_engine(out: dict, args, mode: str, model, processor, device, batch_siz
     t0 = time.perf_counter()
     engine.warmup(batch_sizes=batch_sizes, seq_lens=[max_seq])
     out.setdefault("warmup_s", {})[mode + suffix] = time.perf_counter() - t0
+    if mode == "fused" and device.type == "cuda":  # which kernel configs the autotuner chose (bf16 and int8 so far)
+        from ghostvis_hf.inference.triton_decode import tuned_configs
+
+        out.setdefault("kernel_configs", {})[mode + suffix] = tuned_configs()
     for batch in batch_sizes:
         prompts = random_prompts(batch, args.prompt_len, args.seed)
         seconds, tokens = run_engine(engine, prompts, args.new_tokens)
@@ -459,6 +463,10 @@ def markdown(out: dict) -> str:
                   f"({c['new_tokens']} tokens, prompts of 128/100/77/50 tokens): "
                   f"batched {c['batch_of_4']['identical_rows']}/4 and one at a time "
                   f"{c['one_at_a_time']['identical_rows']}/4 rows identical to stock `generate`"]
+    for mode, kernels in out.get("kernel_configs", {}).items():
+        chosen = [f"{product} -> " + ", ".join(f"{k} {v}" for k, v in config.items())
+                  for configs in kernels.values() for product, config in configs.items()]
+        lines += ["", f"Autotuned kernel configs after `{mode}`'s warm-up:", ""] + [f"- {c}" for c in chosen]
     if out.get("warmup_s"):
         lines += ["", "Warm-up (graph capture / compilation): " +
                   ", ".join(f"{k} {v:.1f} s" for k, v in out["warmup_s"].items())]

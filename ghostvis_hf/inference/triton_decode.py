@@ -338,6 +338,22 @@ def _split_counts(t: torch.Tensor, tiles: int) -> torch.Tensor:
 _linear_gemv = _autotune(_GEMV_CONFIGS, key=_KEY)(_gemv_kernel)
 
 
+def tuned_configs() -> dict:
+    """The configs the autotuner has chosen so far in this process, per kernel and product:
+    `{"one_row" | "several_rows": {"M=.. N=.. K=.. NORM SWIGLU INT8": {"BLOCK_N": .., ..., "num_warps": ..}}}`
+    (benchmark records: which kernels ran). Empty where nothing was tuned (interpreter, `GHOSTVIS_AUTOTUNE=0`)."""
+    out = {}
+    for name, kernel in (("one_row", _linear_gemv), ("several_rows", _linear_dot)):
+        chosen = {}
+        for key, config in getattr(kernel, "cache", {}).items():
+            shape = dict(zip(_KEY, key))
+            label = " ".join([f"M={shape['M']} N={shape['N']} K={shape['K']}"]
+                             + [flag for flag in ("NORM", "SWIGLU", "INT8") if shape[flag]])
+            chosen[label] = {k: v for k, v in config.all_kwargs().items() if v is not None}
+        out[name] = chosen
+    return out
+
+
 def _block_m(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
 
