@@ -119,6 +119,7 @@ _DOT_CONFIGS = [  # M >= 2: tensor-core tiles, M padded to 16/32/64
     ]
 ]
 MAX_SPLIT_K = 8
+DOT_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _DOT_CONFIGS)  # the most output tiles a split-K launch counts
 SPLIT_K_MAX_N = 16384  # wider products (the LM head) have output tiles enough for every SM: never split
 
 
@@ -415,7 +416,7 @@ def linear(x, weight, norm_weight=None, eps=1e-6, bias=None, residual=None, swig
         part = counts = x  # split-K's float32 sums [MAX_SPLIT_K, 2, M, N] and its tile counts, where it may run
         if n <= SPLIT_K_MAX_N:
             part = torch.empty(MAX_SPLIT_K * 2 * m * n, dtype=torch.float32, device=x.device)
-            counts = _split_counts(x, triton.cdiv(n, 16) * triton.cdiv(m, bm))
+            counts = _split_counts(x, triton.cdiv(n, DOT_MIN_BLOCK_N) * triton.cdiv(m, bm))
         kernel[grid](*args[:7], part, counts, *args[7:], BLOCK_M=bm, F32_DOT=INTERPRET or x.dtype == torch.float32,
                      **flags)
     return out
