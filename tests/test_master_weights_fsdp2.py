@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -121,14 +122,28 @@ dist.destroy_process_group()
 
 
 def _launch(tmp_path, kernel, device):
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
+    """Runs the worker on two ranks; returns both reports. A run that dies in native code (std::terminate: SIGABRT,
+    "terminate called without an active exception", seen once in CI in rank 0 of the interpreter run and not
+    reproduced in over 100 local runs, some under CPU load) is run once more in a fresh directory, its output kept
+    as a warning: such an abort is the process, not the numbers under test; a Python error or a wrong number is
+    never retried. The faulthandler prints every thread's Python stack if it happens again."""
     interpret = kernel == "triton" and device == "cpu"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"TRITON_INTERPRET": "1"} if interpret else {})}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                          str(tmp_path), kernel, device], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           **({"TRITON_INTERPRET": "1"} if interpret else {})}
+    for attempt in (1, 2):
+        out = tmp_path / f"attempt{attempt}"
+        out.mkdir()
+        script = out / "worker.py"
+        script.write_text(_WORKER)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                   str(out), kernel, device]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        aborted = run.returncode != 0 and ("SIGABRT" in run.stderr or "terminate called" in run.stderr)
+        if not aborted or attempt == 2:
+            break
+        warnings.warn(f"worker aborted in native code; running it once more:\n{run.stderr[-6000:]}")
+    assert run.returncode == 0, run.stderr[-6000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
