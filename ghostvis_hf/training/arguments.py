@@ -282,8 +282,8 @@ def refuse_unused(args, used: set[str], recipe: str) -> None:
         if f.name not in used and getattr(args, f.name) != default:
             unused.append(f"--{f.name}")
     if unused:
-        raise ValueError(f"{recipe} does not implement {', '.join(unused)} (options of the SFT and alignment "
-                         "recipes); leave them unset here")
+        raise ValueError(f"{recipe} does not implement {', '.join(unused)} (options of {type(args).__name__} that "
+                         "other recipes read); leave them unset here")
 
 
 # What sft_tiny.yaml/align_tiny.yaml set for the tiny model of the main job: the recipes read that YAML when no
