@@ -188,7 +188,7 @@ def test_evaluation_during_training_is_left_out_of_the_speed_log(tiny, conversat
     from ghostvis_hf.training.sampler import TokenBudgetMixin
 
     model, processor = tiny
-    pause = 0.4
+    pause = 1.0  # well above a tiny training step on a loaded 2-core CI machine
 
     class Trainer(ThroughputMixin, TokenBudgetMixin, trl.SFTTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
