@@ -64,13 +64,13 @@ def run_stock(model, prompts, new_tokens, device, warmup_tokens=4, warmups=1,
 
 
 def run_engine(engine, prompts, new_tokens) -> tuple[float, list[list[int]]]:
-    """Seconds of one greedy `engine.generate_batch` of exactly `new_tokens` per prompt (after an 8-token warm-up),
-    and the tokens it made."""
+    """Seconds of one greedy `engine.generate_batch` of exactly `new_tokens` per prompt (after a warm-up of up to 8
+    tokens), and the tokens it made."""
     from ghostvis_hf.inference import SamplingParams
 
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate_batch([dict(prompt_ids=p) for p in prompts], SamplingParams(temperature=0, max_new_tokens=8,
-                                                                                ignore_eos=True))  # warm-up
+    warmup = SamplingParams(temperature=0, max_new_tokens=min(8, new_tokens), ignore_eos=True)
+    engine.generate_batch([dict(prompt_ids=p) for p in prompts], warmup)
     t0 = time.perf_counter()
     results = engine.generate_batch([dict(prompt_ids=p) for p in prompts], params)
     return time.perf_counter() - t0, [r[0].token_ids for r in results]
