@@ -46,8 +46,8 @@ def test_bench_generate_int8_rows_next_to_the_unquantized_ones(tmp_path):
 
 
 def test_bench_generate_measures_time_to_first_token_when_its_image_prompt_outgrows_the_decode_context(tmp_path):
-    from ghostvis_hf.bench.generate import ttft_prompt_tokens
     from ghostvis_hf import create
+    from ghostvis_hf.bench.generate import ttft_prompt_tokens
 
     model, processor = create("tiny")
     assert ttft_prompt_tokens(model, processor) + 1 > 8 + 4  # the image prompt does not fit the decode context

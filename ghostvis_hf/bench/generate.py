@@ -146,7 +146,6 @@ def _match(a: list[list[int]], b: list[list[int]]) -> dict:
             "min_common_prefix": min(prefixes), "mean_common_prefix": sum(prefixes) / len(prefixes)}
 
 
-
 TTFT_PROMPT = "<|im_start|>user\n<image>Describe this image in detail.<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -161,11 +160,10 @@ def run_ttft(engine, model, processor, size: int, repeats: int, device) -> dict:
     from ghostvis_hf.inference import SamplingParams
 
     params = SamplingParams(temperature=0, max_new_tokens=1)
-    text = TTFT_PROMPT
 
     def ttft(img):
         t0 = time.perf_counter()
-        handle = engine.submit(prompt=text, images=[img], params=params)
+        handle = engine.submit(prompt=TTFT_PROMPT, images=[img], params=params)
         handle.result()
         return handle.first_token_at - t0
 
@@ -184,7 +182,7 @@ def run_ttft(engine, model, processor, size: int, repeats: int, device) -> dict:
     stock = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        inputs = processor(text=text, images=[random_image(size, 3000 + i)], return_tensors="pt").to(device)
+        inputs = processor(text=TTFT_PROMPT, images=[random_image(size, 3000 + i)], return_tensors="pt").to(device)
         with torch.no_grad():
             model.generate(**inputs, do_sample=False, max_new_tokens=1)
         sync(device)
