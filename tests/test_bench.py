@@ -45,20 +45,22 @@ def test_bench_generate_int8_rows_next_to_the_unquantized_ones(tmp_path):
     assert "| eager-int8 | 1 |" in table and "stock batch 1 " in speedups and "eager batch 2 " in speedups
 
 
-def test_bench_generate_measures_time_to_first_token_when_its_image_prompt_outgrows_the_decode_context(tmp_path):
+def test_bench_generate_on_a_short_context_measures_time_to_first_token_and_says_which_modes_did_not_run(tmp_path):
     from ghostvis_hf import create
     from ghostvis_hf.bench.generate import ttft_prompt_tokens
 
     model, processor = create("tiny")
     assert ttft_prompt_tokens(model, processor) + 1 > 8 + 4  # the image prompt does not fit the decode context
-    rc = bench_main(["generate", "--preset", "tiny", "--device", "cpu", "--modes", "eager", "--batch-sizes", "1",
-                     "--prompt-len", "8", "--new-tokens", "4", "--no-stock", "--ttft-repeats", "1",
+    rc = bench_main(["generate", "--preset", "tiny", "--device", "cpu", "--modes", "eager,fused", "--batch-sizes",
+                     "1", "--prompt-len", "8", "--new-tokens", "4", "--no-stock", "--ttft-repeats", "1",
                      "--out-dir", str(tmp_path)])
     assert rc == 0
     out = json.loads((tmp_path / "generate.json").read_text())
     assert not out["errors"], out["errors"]
     assert out["ttft"]["engine_mode"] == "eager" and out["ttft"]["engine_new_image_s"] > 0
     assert [(r["mode"], r["batch"]) for r in out["results"]] == [("eager", 1)]
+    assert out["not_run"] == {"fused": "needs a CUDA GPU (Triton kernels in CUDA graphs)"}  # said, not dropped
+    assert "Not run:\n- fused: needs a CUDA GPU" in (tmp_path / "generate.md").read_text()
 
 
 def test_bench_unknown_benchmark_is_refused(capsys):

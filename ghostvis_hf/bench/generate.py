@@ -229,9 +229,10 @@ def check_fp32(model, processor, device, new_tokens: int = 32, fused: bool = Fal
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
     together = [r[0].token_ids for r in engine.generate_batch([dict(prompt_ids=p) for p in prompts], params)]
     alone = [engine.generate(prompt_ids=p, params=params)[0].token_ids for p in prompts]
+    kind = "fused" if fused else "graphs" if engine.cuda_graphs else "eager"
     engine.close()
-    return {"dtype": "float32", "new_tokens": new_tokens, "fused": fused, "batch_of_4": _match(together, stock),
-            "one_at_a_time": _match(alone, stock)}
+    return {"dtype": "float32", "new_tokens": new_tokens, "fused": fused, "engine": kind,
+            "batch_of_4": _match(together, stock), "one_at_a_time": _match(alone, stock)}
 
 
 def _error(out: dict, key: str, e: Exception) -> None:
@@ -298,6 +299,8 @@ def _time_all(out: dict, args, model, processor, device, batch_sizes, suffix="",
         stock_tokens = _time_stock(out, args, model, device, batch_sizes, suffix)
     for mode in [m for m in args.modes.split(",") if m]:
         if device.type != "cuda" and mode in ("graphs", "fused"):
+            out.setdefault("not_run", {})[mode + suffix] = \
+                f"needs a CUDA GPU ({'Triton kernels in CUDA graphs' if mode == 'fused' else 'CUDA graphs'})"
             continue
         try:
             _time_engine(out, args, mode, model, processor, device, batch_sizes, stock_tokens, suffix, pending)
@@ -409,6 +412,7 @@ def main(argv=None) -> int:
     _time_all(out, args, model, processor, device, batch_sizes)
     for fused in [False, True] if args.check_fp32 else []:
         if fused and device.type != "cuda":
+            out.setdefault("not_run", {})["check_fp32 fused=True"] = "needs a CUDA GPU (Triton kernels)"
             continue
         try:
             out.setdefault("check_fp32", []).append(check_fp32(model, processor, device, fused=fused))
@@ -473,7 +477,8 @@ def markdown(out: dict) -> str:
         again = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["ttft"].get("stages_repeated_image", {}).items())
         lines += ["", f"Admission stages (cumulative, with syncs): new image: {stages}; repeated: {again}"]
     for c in out.get("check_fp32", []):
-        lines += ["", f"Greedy check in float32, engine {'`fused`' if c.get('fused') else '`graphs`'} "
+        kind = c.get("engine", "fused" if c.get("fused") else "graphs")  # records before "engine" ran on CUDA
+        lines += ["", f"Greedy check in float32, engine `{kind}` "
                   f"({c['new_tokens']} tokens, prompts of 128/100/77/50 tokens): "
                   f"batched {c['batch_of_4']['identical_rows']}/4 and one at a time "
                   f"{c['one_at_a_time']['identical_rows']}/4 rows identical to stock `generate`"]
@@ -484,6 +489,8 @@ def markdown(out: dict) -> str:
     if out.get("warmup_s"):
         lines += ["", "Warm-up (graph capture / compilation): " +
                   ", ".join(f"{k} {v:.1f} s" for k, v in out["warmup_s"].items())]
+    if out.get("not_run"):
+        lines += ["", "Not run:"] + [f"- {k}: {v}" for k, v in out["not_run"].items()]
     if out.get("errors"):
         lines += ["", "Errors:"] + [f"- {k}: `{v}`" for k, v in out["errors"].items()]
     return "\n".join(lines) + "\n"
