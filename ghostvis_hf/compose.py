@@ -10,6 +10,7 @@ import argparse
 
 import torch
 
+from .arg_types import positive_int
 from .configuration_ghostvis import GhostVisConfig
 from .modeling_ghostvis import GhostVisForConditionalGeneration
 from .processing_ghostvis import CHAT_TEMPLATE, SPECIAL_TOKENS, GhostVisProcessor
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vision", required=True, help="vision encoder: local folder or Hub id")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resampler", default="perceiver", choices=["perceiver", "avgpool", "none"])
-    parser.add_argument("--num-image-tokens", type=int, default=64)
+    parser.add_argument("--num-image-tokens", type=positive_int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     model, processor = compose(

@@ -34,17 +34,20 @@ import traceback
 
 import torch
 
+from ..arg_types import choice_list, positive_int, positive_int_list
 from .common import machine_name, random_image, random_prompts, record_header, run_engine, run_stock, sync
+
+MODES = ("fused", "graphs", "eager", "compile", "compile-tuned")  # the engine modes `--modes` takes
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="ghostvis bench generate", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="1.5b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-sizes", default="1,32")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--modes", default="fused,graphs,compile",
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 32])
+    p.add_argument("--prompt-len", type=positive_int, default=128)
+    p.add_argument("--new-tokens", type=positive_int, default=256)
+    p.add_argument("--modes", type=choice_list(*MODES), default=["fused", "graphs", "compile"],
                    help="engine modes: fused, graphs, eager, compile, compile-tuned (inductor coordinate-descent tuning)")
     p.add_argument("--no-stock", action="store_true", help="skip stock generate (experiments)")
     p.add_argument("--stock-cb", action="store_true",
@@ -52,7 +55,7 @@ def _parser():
     p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--quantize", choices=["int8"], help="also time the same weights quantized (rows <mode>-int8)")
     p.add_argument("--check-fp32", action="store_true", help="finally: greedy engine vs generate in float32")
-    p.add_argument("--ttft-repeats", type=int, default=3)
+    p.add_argument("--ttft-repeats", type=positive_int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="docs/benchmarks")
     return p
@@ -297,7 +300,7 @@ def _time_all(out: dict, args, model, processor, device, batch_sizes, suffix="",
     pending: list = []  # (row, batch, tokens) of engine rows timed before the stock ones
     if not engines_first:
         stock_tokens = _time_stock(out, args, model, device, batch_sizes, suffix)
-    for mode in [m for m in args.modes.split(",") if m]:
+    for mode in args.modes:
         if device.type != "cuda" and mode in ("graphs", "fused"):
             out.setdefault("not_run", {})[mode + suffix] = \
                 f"needs a CUDA GPU ({'Triton kernels in CUDA graphs' if mode == 'fused' else 'CUDA graphs'})"
@@ -388,7 +391,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(args.seed)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = args.batch_sizes
     out = {
         "benchmark": "generate",
         "command": "ghostvis bench generate " + " ".join(sys.argv[2:] if argv is None else argv),

@@ -24,6 +24,7 @@ import traceback
 
 import torch
 
+from ..arg_types import choice_list, positive_int
 from ..inference.loader import QUANTIZE_CHOICES
 from .common import machine_name, random_image, random_prompts, record_header, run_engine, run_stock
 
@@ -32,10 +33,10 @@ def _parser():
     p = argparse.ArgumentParser(prog="ghostvis bench quantize", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="1.5b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--modes", default="none," + ",".join(QUANTIZE_CHOICES),
+    p.add_argument("--modes", type=choice_list("none", *QUANTIZE_CHOICES), default=["none", *QUANTIZE_CHOICES],
                    help="comma-separated: none (bf16/fp32), " + ", ".join(QUANTIZE_CHOICES))
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=positive_int, default=128)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="docs/benchmarks")
     return p
@@ -94,10 +95,7 @@ def main(argv=None) -> int:
     import ghostvis_hf
 
     device = torch.device(args.device)
-    modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in ("none", *QUANTIZE_CHOICES)]
-    if bad:
-        raise SystemExit(f"ghostvis bench quantize: unknown mode(s) {bad}; allowed: none, {', '.join(QUANTIZE_CHOICES)}")
+    modes = args.modes
     os.makedirs(args.out_dir, exist_ok=True)
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "torchao", "bitsandbytes"):

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..arg_types import non_negative_int, positive_int
 from .train_scenarios import build_stock, fixed_batches, mix_runs, step_flops
 
 
@@ -48,10 +49,10 @@ def _parser():
     p = argparse.ArgumentParser(prog="ghostvis bench train", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="1.5b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--seq", type=positive_int, default=2048)
+    p.add_argument("--steps", type=positive_int, default=8, help="timed steps per run")
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--scenarios", default="fixed,mix")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd decoder layers")
     p.add_argument("--runs", default=None, help="comma list of runs (default: RUNS, + COMPILE_RUNS with --compile; "
@@ -64,10 +65,10 @@ def _parser():
     p.add_argument("--activation-memory-budget", type=float, default=None, metavar="B",
                    help="for the compiled runs: torch._functorch.config.activation_memory_budget (1.0 = PyTorch's "
                         "default; lower recomputes more of the forward in the backward to keep B of the activations)")
-    p.add_argument("--graph-ce-chunk", type=int, default=1024, metavar="TOKENS",
+    p.add_argument("--graph-ce-chunk", type=positive_int, default=1024, metavar="TOKENS",
                    help="tokens per chunk of the graph runs' sync-free fused cross-entropy (larger: fewer passes "
                         "over the fp32 head gradient, one larger chunk of bf16 logits at the memory peak)")
-    p.add_argument("--gc-every-steps", type=int, default=50, metavar="N",
+    p.add_argument("--gc-every-steps", type=non_negative_int, default=50, metavar="N",
                    help="as the recipes' --gc_every_steps: Python's automatic garbage collection off during a run, "
                         "a young-generation collection every N steps (0: automatic collection)")
     p.add_argument("--seed", type=int, default=0)
@@ -462,7 +463,7 @@ def _markdown(report) -> str:
         f"Machine: {env['device']} · torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}) · transformers "
         f"{env['transformers']} · liger-kernel {env['liger_kernel']} · flash-attn {env['flash_attn']}", "",
         f"Command: `{env['command']}`", "",
-        f"Parameters: " + ", ".join(f"{k} {v / 1e9:.3f} B" for k, v in report["params"].items())
+        "Parameters: " + ", ".join(f"{k} {v / 1e9:.3f} B" for k, v in report["params"].items())
         + f" · GhostVis kernels: {report['kernels_active']}", "",
         "FLOPs per step: " + " ".join(report["flops_formula"].split()), "",
     ]

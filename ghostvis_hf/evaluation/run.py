@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data
+from ..arg_types import positive_int
 from ..inference.loader import QUANTIZE_CHOICES, QUANTIZE_HELP, load_model
 from . import metrics
 
@@ -350,9 +351,9 @@ def _parser() -> argparse.ArgumentParser:
                                                       "the other tasks; a single data file is served as any split)")
     parser.add_argument("--image_root", "--image-root", default=None,
                         help="folder relative image paths resolve against (default: the data file's folder)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None)
+    parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N rows")
+    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=positive_int, default=None)
     parser.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl "
                                                     "(default: MODEL/eval_TASK)")
     parser.add_argument("--predictions", action=argparse.BooleanOptionalAction, default=True,

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..arg_types import positive_int
 from .images import to_engine_messages
 from .limits import (
     DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ServerSettings, check_request_limits,
@@ -315,13 +316,6 @@ class BackgroundServer:
         self._socket.close()
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ghostvis_hf.inference.loader import QUANTIZE_CHOICES, QUANTIZE_HELP
 
@@ -333,18 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("GHOSTVIS_API_KEY"),
                    help="require this Bearer token (also hides /docs); default: $GHOSTVIS_API_KEY")
     p.add_argument("--allowed-image-dir", help="folder whose images may be named by path / file:// URL")
-    p.add_argument("--max-image-bytes", type=_positive, default=DEFAULT_MAX_IMAGE_BYTES)
-    p.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS,
+    p.add_argument("--max-image-bytes", type=positive_int, default=DEFAULT_MAX_IMAGE_BYTES)
+    p.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="width x height an image may have (checked from its header, before decoding)")
-    p.add_argument("--max-images", type=_positive, default=DEFAULT_MAX_IMAGES, help="images per request")
-    p.add_argument("--max-request-bytes", type=_positive,
+    p.add_argument("--max-images", type=positive_int, default=DEFAULT_MAX_IMAGES, help="images per request")
+    p.add_argument("--max-request-bytes", type=positive_int,
                    help="request body size (default: max-images images of max-image-bytes, plus 1 MiB)")
-    p.add_argument("--max-tokens-limit", type=_positive, help="most tokens one request may generate")
+    p.add_argument("--max-tokens-limit", type=positive_int, help="most tokens one request may generate")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32")
-    p.add_argument("--max-batch-size", type=int, help="sequences decoded together")
-    p.add_argument("--max-seq-len", type=int, help="context per sequence")
+    p.add_argument("--max-batch-size", type=positive_int, help="sequences decoded together")
+    p.add_argument("--max-seq-len", type=positive_int, help="context per sequence")
     p.add_argument("--compile", action="store_true", help="decode with the torch.compiled transformers forward instead of the fused Triton step (CUDA)")
     p.add_argument("--log-level", default="info")
     return p

@@ -1,0 +1,58 @@
+"""argparse value types the `ghostvis` commands share, so a bad number or name is refused by the parser, with the
+option's name, before a model loads or a benchmark spends its first minutes.
+
+    >>> import argparse
+    >>> p = argparse.ArgumentParser(prog="demo", exit_on_error=False)
+    >>> _ = p.add_argument("--batch-sizes", type=positive_int_list, default=[1])
+    >>> _ = p.add_argument("--modes", type=choice_list("eager", "fused"), default=["eager"])
+    >>> p.parse_args(["--batch-sizes", "1,32", "--modes", "fused"])
+    Namespace(batch_sizes=[1, 32], modes=['fused'])
+    >>> p.parse_args(["--batch-sizes", "0"])
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentError: argument --batch-sizes: must be >= 1, got 0
+"""
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (`"1,32"`), at least one."""
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return [positive_int(t) for t in items]
+
+
+def choice_list(*choices: str):
+    """A type for a comma-separated list of names out of `choices` (`"fused,graphs"`), at least one."""
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [t for t in items if t not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from "
+                                             f"{', '.join(choices)}" if unknown else "needs at least one value")
+        return items
+
+    return parse
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
