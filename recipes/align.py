@@ -15,7 +15,6 @@ import sys
 import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from ghostvis_hf.data.validate import validate_rows
 from ghostvis_hf.hub import training_origin
 from ghostvis_hf.training import (
     GhostVisArguments,
@@ -31,6 +30,7 @@ from ghostvis_hf.training import (
     parse_with_default_config,
     start_recipe,
     step_callbacks,
+    training_rows,
 )
 from ghostvis_hf.training.throughput import throughput_summary
 from ghostvis_hf.training.trainer import GhostVisSFTTrainer
@@ -62,7 +62,8 @@ def main(script_args, training_args, model_args, gv_args):
     dataset_name = script_args.dataset_name or "shapes_captions"  # a registry name, or a path / Hub id of your data
     train_dataset, held_out = load_train_and_eval_data(dataset_name, gv_args, script_args.dataset_train_split,
                                                        script_args.dataset_test_split)
-    train_dataset, report = validate_rows(train_dataset, processor, training_args.max_length, gv_args.bad_rows)
+    # --bad_rows skip|error; refused here when no row is left
+    train_dataset, report = training_rows(train_dataset, processor, training_args, gv_args, dataset_name)
     eval_dataset = held_out_for_loss(held_out, processor, training_args, gv_args)  # --eval_strategy steps|epoch
 
     ################

@@ -30,7 +30,6 @@ import sys
 import ghostvis_hf  # noqa: F401  (before TRL: quiets bitsandbytes' import-time CPU "kernels" warning)
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from ghostvis_hf.data.validate import validate_rows
 from ghostvis_hf.hub import training_origin
 from ghostvis_hf.training import (
     GhostVisArguments,
@@ -48,6 +47,7 @@ from ghostvis_hf.training import (
     peft_config_for,
     start_recipe,
     step_callbacks,
+    training_rows,
 )
 from ghostvis_hf.training.optimizer import precision_of
 from ghostvis_hf.training.qat import convert_qat, prepare_qat
@@ -80,9 +80,8 @@ def main(script_args, training_args, model_args, gv_args):
     train_dataset, held_out = load_train_and_eval_data(dataset_name, gv_args, script_args.dataset_train_split,
                                                        script_args.dataset_test_split)
     data_info = describe_data(dataset_name, gv_args)  # sources, answer_style (what evaluation must use too)
-    train_dataset, report = validate_rows(train_dataset, processor, training_args.max_length, gv_args.bad_rows)
-    logger.info("training rows: %d (checked %d, skipped %s)", len(train_dataset), report["checked"],
-                report["skipped"] or "none")
+    # --bad_rows skip|error; refused here when no row is left
+    train_dataset, report = training_rows(train_dataset, processor, training_args, gv_args, dataset_name)
     # --eval_strategy steps|epoch: the held-out rows' loss during training (checked as the training rows are)
     eval_dataset = held_out_for_loss(held_out, processor, training_args, gv_args)
     # GhostVis packing with --packing (TRL refuses it for image data), else TRL's collator + image-label masking

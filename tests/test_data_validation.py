@@ -133,3 +133,34 @@ def test_sft_summary_line_agrees_with_the_counts(tmp_path):
     res = subprocess.run([sys.executable, *common, "--output_dir", str(tmp_path / "error"), "--bad_rows", "error"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "Bad training row 1 of vqav2 (missing_image)" in res.stderr, res.stderr[-3000:]
+
+
+def test_a_run_whose_rows_are_all_bad_is_refused_before_training_naming_the_reasons(tmp_path):
+    bad_only = [row for row in ROWS if row != ("good", ["red"])]  # missing, unreadable, corrupt, no answer
+    path = _write(tmp_path, "jsonl", rows=bad_only)
+    res = subprocess.run([sys.executable, "recipes/sft.py", "--dataset_mixture", f"vqav2:{path}:1",
+                          "--num_train_samples", "4", "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
+                          "--save_strategy", "no", "--report_to", "none", "--bad_rows", "skip"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    # the one loadable row (a truncated image) is repeated to the mixture's 4: all skipped, each reason named
+    skipped = {**ALL_BAD, "corrupt_image": 4}
+    assert f"ValueError: no training rows left in vqav2 ({path}): 7 checked, skipped {skipped}" in res.stderr, \
+        res.stderr[-3000:]
+    assert "StopIteration" not in res.stderr and not (tmp_path / "run" / "sft_summary.json").exists()
+
+
+def test_held_out_rows_for_the_loss_that_are_all_bad_are_refused(tiny):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from ghostvis_hf.training import held_out_for_loss
+
+    _, processor = tiny
+    two_markers = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Q"}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": "A"}]}]
+    held_out = Dataset.from_list([{"messages": two_markers, "images": []}])  # no images for its two markers
+    args = SFTConfig(output_dir="unused", eval_strategy="steps", use_cpu=True, report_to="none", max_length=256)
+    with pytest.raises(ValueError, match=r"every one of the 1 held-out rows was skipped as bad "
+                                         r"\(\{'image_count_mismatch': 1\}\)"):
+        held_out_for_loss(held_out, processor, args, GhostVisArguments(bad_rows="skip"))

@@ -7,7 +7,7 @@ with every checkpoint.
 
 from .arguments import GhostVisArguments, RLArguments, parse_with_default_config, refuse_unused
 from .collator import GhostVisVisionCollator, build_sft_collator
-from .data import describe_data, held_out_for_loss, load_train_and_eval_data, prompt_dataset
+from .data import describe_data, held_out_for_loss, load_train_and_eval_data, prompt_dataset, training_rows
 from .finish import evaluate_checkpoint, finish, score_final_turns
 from .model import (
     LORA_MODULES_TO_SAVE,
@@ -86,6 +86,7 @@ __all__ = [
     "ProfilerCallback",
     "profiler_callbacks",
     "step_callbacks",
+    "training_rows",
     "prepare_packing",
     "prompt_dataset",
     "reward_funcs_for",

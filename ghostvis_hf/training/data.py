@@ -92,6 +92,23 @@ def load_train_and_eval_data(dataset_name: str | None, args: GhostVisArguments, 
     return train, held_out
 
 
+def training_rows(train_dataset, processor, training_args, args: GhostVisArguments, dataset_name: str):
+    """The training rows checked (`validate_rows`, `--bad_rows`) and counted in the log; returns `(rows, report)`.
+
+    A `ValueError` when no row is left (an empty source, `--num_train_samples 0`, or every row skipped as bad), here
+    and not in the trainer, whose first look at the data stops with a bare `StopIteration`."""
+    from ..data.validate import validate_rows
+
+    rows, report = validate_rows(train_dataset, processor, training_args.max_length, args.bad_rows)
+    logger.info("training rows: %d (checked %d, skipped %s)", len(rows), report["checked"], report["skipped"] or "none")
+    if len(rows) == 0:
+        sources = data_sources(dataset_name, args)
+        named = ", ".join(s.name if s.path is None else f"{s.name} ({s.path})" for s in sources)
+        raise ValueError(f"no training rows left in {named}: {report['checked']} checked, skipped "
+                         f"{report['skipped'] or 'none'} (first of each: {report['first'] or 'none'})")
+    return rows, report
+
+
 def held_out_for_loss(held_out, processor, training_args, args: GhostVisArguments):
     """The held-out rows whose loss the Trainer logs during training (`--eval_strategy steps|epoch`, every
     `--eval_steps`), checked as the training rows are (`--bad_rows`); `None` when the run does not evaluate then.
@@ -108,6 +125,9 @@ def held_out_for_loss(held_out, processor, training_args, args: GhostVisArgument
                          "--num_eval_samples")
     rows, report = validate_rows(held_out, processor, training_args.max_length, args.bad_rows)
     logger.info("held-out rows for the loss during training: %d (skipped %s)", len(rows), report["skipped"] or "none")
+    if len(rows) == 0:
+        raise ValueError(f"--eval_strategy {strategy}: every one of the {report['checked']} held-out rows was skipped "
+                         f"as bad ({report['skipped']}); fix them or pass --eval_strategy no")
     return rows
 
 
