@@ -164,3 +164,15 @@ def test_held_out_rows_for_the_loss_that_are_all_bad_are_refused(tiny):
     with pytest.raises(ValueError, match=r"every one of the 1 held-out rows was skipped as bad "
                                          r"\(\{'image_count_mismatch': 1\}\)"):
         held_out_for_loss(held_out, processor, args, GhostVisArguments(bad_rows="skip"))
+
+
+def test_row_counts_below_one_are_refused_when_the_arguments_are_made():
+    from ghostvis_hf.training import RLArguments
+
+    for bad in (dict(num_train_samples=0), dict(shapes_train_samples=-1), dict(num_eval_samples=-1)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= "):
+            GhostVisArguments(**bad)
+    GhostVisArguments(num_train_samples=1, num_eval_samples=0)  # 0 held-out rows: a valid choice
+    with pytest.raises(ValueError, match="num_train_samples must be >= 1"):
+        RLArguments(num_train_samples=0)
+    RLArguments(num_eval_samples=0)  # documented: 0 skips the before/after evaluation

@@ -229,6 +229,12 @@ class GhostVisArguments:
         check_graph_flags(self.cuda_graphs, self.cuda_graphs_vision)
         if self.eval_split_fraction is not None and not 0 < self.eval_split_fraction < 1:
             raise ValueError(f"eval_split_fraction must be in (0, 1), got {self.eval_split_fraction}")
+        # 0 rows: refused here (it meant no rows to one loader and the default count to another)
+        for name in ("num_train_samples", "shapes_train_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or left unset), got {getattr(self, name)}")
+        if self.num_eval_samples is not None and self.num_eval_samples < 0:
+            raise ValueError(f"num_eval_samples must be >= 0, got {self.num_eval_samples}")
 
 
 @dataclass
@@ -266,6 +272,9 @@ class RLArguments:
     def __post_init__(self):
         if self.bad_rows not in ("skip", "error"):
             raise ValueError(f"bad_rows={self.bad_rows!r} is not supported; allowed: skip, error")
+        if self.num_train_samples < 1 or self.num_eval_samples < 0:
+            raise ValueError(f"num_train_samples must be >= 1 and num_eval_samples >= 0, got {self.num_train_samples} "
+                             f"and {self.num_eval_samples}")
         if isinstance(self.reward_kwargs, str):  # from the command line, as TRL's own `*_kwargs` fields
             self.reward_kwargs = json.loads(self.reward_kwargs)
         if self.reward_kwargs is not None and not isinstance(self.reward_kwargs, dict):
