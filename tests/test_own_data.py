@@ -190,6 +190,14 @@ def test_bad_rows_are_refused_by_name_or_counted_by_reason(tmp_path):
     assert record.by_reason == {"image_count_mismatch": 1, "missing_image": 1, "no_answer": 1}
 
 
+@pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("list.json", "[]"),
+                                        ("empty.csv", ""), ("header.csv", "messages,images\n")])
+def test_a_data_file_without_rows_is_refused_by_name(tmp_path, name, text):
+    (tmp_path / name).write_text(text)  # `datasets` alone stops with StopIteration or "corresponds to no data"
+    with pytest.raises(ValueError, match=f"'{tmp_path / name}' has no rows"):
+        load_conversations(str(tmp_path / name))
+
+
 def test_image_root_overrides_the_data_file_folder(tmp_path):
     for i in range(3):
         _draw(str(tmp_path / "pictures" / f"img_{i}.png"), _colour(i))

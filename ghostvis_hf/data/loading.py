@@ -221,8 +221,29 @@ def load_table(path_or_hub_id: str, split: str = "train", name: str | None = Non
     if os.path.isfile(path_or_hub_id):
         if ext not in builders:
             raise ValueError(f"Unsupported file type {ext!r} for {path_or_hub_id!r}; expected one of {list(builders)}.")
-        return datasets.load_dataset(builders[ext], data_files=path_or_hub_id, split="train")
+        # `datasets` fails on a file without rows with errors that do not say so: StopIteration (blank), "Instruction
+        # 'train' corresponds to no data" (a csv header, an empty JSON list)
+        empty = ValueError(f"{path_or_hub_id!r} has no rows")
+        if _blank(path_or_hub_id):
+            raise empty
+        try:
+            table = datasets.load_dataset(builders[ext], data_files=path_or_hub_id, split="train")
+        except ValueError as e:
+            if "corresponds to no data" in str(e):
+                raise empty from None
+            raise
+        if len(table) == 0:
+            raise empty
+        return table
     return datasets.load_dataset(path_or_hub_id, name, split=split)
+
+
+def _blank(path: str, limit: int = 1 << 16) -> bool:
+    """Whether a (small) file holds nothing but whitespace, or an empty JSON list."""
+    if os.path.getsize(path) > limit:
+        return False
+    with open(path, "rb") as f:
+        return f.read().strip() in (b"", b"[]")
 
 
 def load_image_table(
