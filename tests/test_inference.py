@@ -1,6 +1,7 @@
 """GenerationEngine: greedy == `generate`, sampling, stop strings, streaming, vision cache, concurrency, chat CLI."""
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -242,6 +243,21 @@ def test_bitsandbytes_quantize_needs_cuda(tiny_checkpoint):
     for choice in ("bnb-int8", "bnb-nf4"):
         with pytest.raises(RuntimeError, match=f"--quantize {choice} needs a CUDA GPU.*--quantize int8"):
             load_model(tiny_checkpoint, quantize=choice, device="cpu")
+
+
+def test_a_missing_checkpoint_folder_is_named_not_mistaken_for_a_hub_id(tmp_path, monkeypatch, capsys):
+    from ghostvis_hf.cli import main as ghostvis
+    from ghostvis_hf.inference.loader import check_checkpoint_path
+
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "nope"), "./nope", "../nope", "runs/a/final"):
+        with pytest.raises(FileNotFoundError, match=f"no checkpoint folder at '{re.escape(path)}'"):
+            load_model(path, device="cpu")
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    for path in ("namespace/name", "runs/a", str(tmp_path)):  # a Hub id, or a folder that exists: passed on
+        check_checkpoint_path(path)
+    assert ghostvis(["chat", "--model", "./nope", "--prompt", "hi"]) == 2
+    assert "ghostvis chat: no checkpoint folder at './nope'" in capsys.readouterr().err
 
 
 def test_chat_one_shot(tiny_checkpoint, tmp_path):

@@ -6,6 +6,8 @@ only). Either way the modules in `ghostvis_hf.quantization.QUANT_SKIP_MODULES` (
 `lm_head`) stay unquantized. A checkpoint saved int8 loads int8 without `quantize` (its config says so).
 """
 
+import os
+
 import torch
 
 from ..quantization import QUANT_SKIP_MODULES, tensor_bytes
@@ -56,6 +58,15 @@ def quantization_config(quantize: str, device: torch.device):
     )
 
 
+def check_checkpoint_path(path: str) -> None:
+    """Raises `FileNotFoundError` when `path` is written as a local path (absolute, `./`, `../`, `~`, or with more
+    than one `/`) and no such folder exists; otherwise the Hub's "Repo id must be in the form ..." is all one hears.
+    `namespace/name` stays a Hub id unless it is a local folder."""
+    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+    if local and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"no checkpoint folder at {path!r}")
+
+
 def load_model(path: str, quantize: str | None = None, dtype=None, device=None):
     """Loads a GhostVis checkpoint folder (or Hub id) and its processor, ready for `GenerationEngine`.
 
@@ -74,6 +85,7 @@ def load_model(path: str, quantize: str | None = None, dtype=None, device=None):
 
     import ghostvis_hf  # noqa: F401  (registers the GhostVis classes with the Auto classes)
 
+    check_checkpoint_path(path)
     device = resolve_device(device)
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
