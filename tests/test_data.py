@@ -404,3 +404,14 @@ def test_mix_bad_weights(chat, weights):
 def test_mix_empty():
     with pytest.raises(ValueError):
         mix_datasets([])
+
+
+@pytest.mark.parametrize("name", ["vqav2", "textvqa", "chartqa", "coco_captions", "text_chat", "conversations"])
+@pytest.mark.parametrize("path", ["./missing.jsonl", "/no/such/folder", "runs/a/data", "data.parquet"])
+def test_a_missing_local_path_is_named_not_sent_to_the_hub(name, path, tmp_path, monkeypatch):
+    from ghostvis_hf.data import get_dataset
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it sent to the Hub: a ConnectionError, not this
+    with pytest.raises(FileNotFoundError, match=f"No such data file or folder: '{re.escape(path)}'"):
+        get_dataset(name, path_or_hub_id=path, split="train")

@@ -37,7 +37,7 @@ import datasets
 from datasets import Image, List
 
 from .common import FEATURES, apply_answer_style, image_part, text_part
-from .loading import SPLIT_ALIASES, image_file_problem, load_table
+from .loading import DATA_FILE_BUILDERS, SPLIT_ALIASES, image_file_problem, is_hub_id, load_table
 from .validate import loader_record
 
 
@@ -48,7 +48,6 @@ ROLES = ("system", "user", "assistant")
 IMAGE_MARKER = "<image>"  # LLaVA-style data: where an image goes in a plain-string turn
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what `save_to_disk` writes
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 class BadRow(ValueError):
@@ -151,8 +150,7 @@ def read_conversations(path_or_hub_id: str, split: str = "train", name: str | No
         if any(f in METADATA_FILES for _, _, files in os.walk(path) for f in files):
             return _pick_split(datasets.load_dataset("imagefolder", data_dir=path), split, path), root, False
         return _pick_split(datasets.load_dataset(_folder_builder(path), data_dir=path), split, path), root, False
-    if (path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1
-            or os.path.splitext(path_or_hub_id)[1] in DATA_FILE_BUILDERS):  # not an owner/name Hub id
+    if not is_hub_id(path_or_hub_id):
         raise FileNotFoundError(f"No such data file or folder: {path_or_hub_id!r}")
     return datasets.load_dataset(path_or_hub_id, name, split=split), os.getcwd(), False
 

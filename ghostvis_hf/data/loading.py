@@ -201,6 +201,9 @@ def collect_rows(
     return collector.to_dataset()
 
 
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # `datasets` builders
+
+
 def load_table(path_or_hub_id: str, split: str = "train", name: str | None = None) -> datasets.Dataset:
     """
     Load a tabular file (`.parquet`, `.jsonl`, `.json`, `.csv`) or a Hub dataset with `datasets.load_dataset`.
@@ -216,18 +219,18 @@ def load_table(path_or_hub_id: str, split: str = "train", name: str | None = Non
     Returns:
         `datasets.Dataset`: The raw table, columns untouched.
     """
-    builders = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
     ext = os.path.splitext(path_or_hub_id)[1].lower()
     if os.path.isfile(path_or_hub_id):
-        if ext not in builders:
-            raise ValueError(f"Unsupported file type {ext!r} for {path_or_hub_id!r}; expected one of {list(builders)}.")
+        if ext not in DATA_FILE_BUILDERS:
+            raise ValueError(f"Unsupported file type {ext!r} for {path_or_hub_id!r}; expected one of "
+                             f"{list(DATA_FILE_BUILDERS)}.")
         # `datasets` fails on a file without rows with errors that do not say so: StopIteration (blank), "Instruction
         # 'train' corresponds to no data" (a csv header, an empty JSON list)
         empty = ValueError(f"{path_or_hub_id!r} has no rows")
         if _blank(path_or_hub_id):
             raise empty
         try:
-            table = datasets.load_dataset(builders[ext], data_files=path_or_hub_id, split="train")
+            table = datasets.load_dataset(DATA_FILE_BUILDERS[ext], data_files=path_or_hub_id, split="train")
         except ValueError as e:
             if "corresponds to no data" in str(e):
                 raise empty from None
@@ -235,7 +238,16 @@ def load_table(path_or_hub_id: str, split: str = "train", name: str | None = Non
         if len(table) == 0:
             raise empty
         return table
+    if not os.path.isdir(path_or_hub_id) and not is_hub_id(path_or_hub_id):
+        raise FileNotFoundError(f"No such data file or folder: {path_or_hub_id!r}")
     return datasets.load_dataset(path_or_hub_id, name, split=split)
+
+
+def is_hub_id(path_or_hub_id: str) -> bool:
+    """Whether a data argument that is no local file or folder can be a Hub dataset id (`name`, `owner/name`): not
+    when it is written as a path (`./`, `/`, `~`, more than one `/`) or names a data file (`.jsonl`, ...)."""
+    return not (path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1
+                or os.path.splitext(path_or_hub_id)[1].lower() in DATA_FILE_BUILDERS)
 
 
 def _blank(path: str, limit: int = 1 << 16) -> bool:
