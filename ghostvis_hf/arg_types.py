@@ -1,5 +1,5 @@
-"""argparse value types the `ghostvis` commands share, so a bad number or name is refused by the parser, with the
-option's name, before a model loads or a benchmark spends its first minutes.
+"""argparse value types the `ghostvis` commands share, so a bad number, name or path is refused by the parser, with
+the option's name, before a model loads or a benchmark spends its first minutes.
 
     >>> import argparse
     >>> p = argparse.ArgumentParser(prog="demo", exit_on_error=False)
@@ -14,6 +14,7 @@ option's name, before a model loads or a benchmark spends its first minutes.
 """
 
 import argparse
+import os
 
 
 def positive_int(text: str) -> int:
@@ -46,6 +47,19 @@ def choice_list(*choices: str):
         return items
 
     return parse
+
+
+def written_as_path(text: str) -> bool:
+    """Whether a model argument is written as a local path (absolute, `./`, `../`, `~`, more than one `/`) rather
+    than as a Hub id (`name`, `owner/name`)."""
+    return os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+
+
+def folder_or_hub_id(text: str) -> str:
+    """A local folder, or a Hub id; a path to nothing is refused (the Hub would answer "Repo id must be ...")."""
+    if written_as_path(text) and not os.path.isdir(os.path.expanduser(text)):
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
+    return text
 
 
 def _int_at_least(text: str, low: int) -> int:

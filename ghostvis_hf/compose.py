@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from .arg_types import positive_int
+from .arg_types import folder_or_hub_id, positive_int
 from .configuration_ghostvis import GhostVisConfig
 from .modeling_ghostvis import GhostVisForConditionalGeneration
 from .processing_ghostvis import CHAT_TEMPLATE, SPECIAL_TOKENS, GhostVisProcessor
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     from .hub import save_checkpoint
 
     parser = argparse.ArgumentParser(prog="ghostvis compose", description=compose.__doc__.splitlines()[0])
-    parser.add_argument("--text", required=True, help="causal LM: local folder or Hub id")
-    parser.add_argument("--vision", required=True, help="vision encoder: local folder or Hub id")
+    parser.add_argument("--text", required=True, type=folder_or_hub_id, help="causal LM: local folder or Hub id")
+    parser.add_argument("--vision", required=True, type=folder_or_hub_id, help="vision encoder: local folder or Hub id")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resampler", default="perceiver", choices=["perceiver", "avgpool", "none"])
     parser.add_argument("--num-image-tokens", type=positive_int, default=64)

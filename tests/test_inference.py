@@ -256,8 +256,12 @@ def test_a_missing_checkpoint_folder_is_named_not_mistaken_for_a_hub_id(tmp_path
     (tmp_path / "runs" / "a").mkdir(parents=True)
     for path in ("namespace/name", "runs/a", str(tmp_path)):  # a Hub id, or a folder that exists: passed on
         check_checkpoint_path(path)
-    assert ghostvis(["chat", "--model", "./nope", "--prompt", "hi"]) == 2
-    assert "ghostvis chat: no checkpoint folder at './nope'" in capsys.readouterr().err
+    for argv in (["chat", "--model", "./nope", "--prompt", "hi"], ["serve", "--model", "./nope"],
+                 ["eval", "--model", "./nope", "--task", "shapes"],
+                 ["compose", "--text", "./nope", "--vision", "v", "--out", "o"]):
+        with pytest.raises(SystemExit) as exit_:  # refused by the parser, before anything loads
+            ghostvis(argv)
+        assert exit_.value.code == 2 and "no such folder: './nope'" in capsys.readouterr().err
 
 
 def test_chat_one_shot(tiny_checkpoint, tmp_path):

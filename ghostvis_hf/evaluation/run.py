@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data
-from ..arg_types import positive_int
+from ..arg_types import folder_or_hub_id, positive_int
 from ..inference.loader import QUANTIZE_CHOICES, QUANTIZE_HELP, check_checkpoint_path, load_model
 from . import metrics
 
@@ -336,7 +336,7 @@ def _write_predictions(path: str, rows, predictions: list[str]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ghostvis eval", description=main.__doc__)
-    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    parser.add_argument("--model", required=True, type=folder_or_hub_id, help="checkpoint folder or Hub id")
     parser.add_argument("--task", default=None, choices=sorted(TASKS),
                         help="a built-in task; without it, --data is your own conversational data (task conversations)")
     parser.add_argument("--data", default=None,

@@ -10,6 +10,7 @@ re-sent each turn; the engine's vision cache makes the repeated images free.
 import argparse
 import sys
 
+from ..arg_types import folder_or_hub_id
 from .loader import QUANTIZE_CHOICES, QUANTIZE_HELP
 
 HELP = "commands: /image PATH (attach to the next message), /clear (new conversation), /quit"
@@ -17,7 +18,7 @@ HELP = "commands: /image PATH (attach to the next message), /clear (new conversa
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ghostvis chat", description="Chat with a GhostVis checkpoint (streaming).")
-    p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    p.add_argument("--model", required=True, type=folder_or_hub_id, help="checkpoint folder or Hub id")
     p.add_argument("--prompt", help="one-shot: answer this and exit")
     p.add_argument("--image", action="append", default=[], help="image for the one-shot prompt (repeatable)")
     p.add_argument("--system", help="system prompt")

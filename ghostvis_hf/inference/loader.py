@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from ..arg_types import written_as_path
 from ..quantization import QUANT_SKIP_MODULES, tensor_bytes
 
 QUANTIZE_CHOICES = ("int8", "bnb-int8", "bnb-nf4")
@@ -62,8 +63,7 @@ def check_checkpoint_path(path: str) -> None:
     """Raises `FileNotFoundError` when `path` is written as a local path (absolute, `./`, `../`, `~`, or with more
     than one `/`) and no such folder exists; otherwise the Hub's "Repo id must be in the form ..." is all one hears.
     `namespace/name` stays a Hub id unless it is a local folder."""
-    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-    if local and not os.path.isdir(os.path.expanduser(path)):
+    if written_as_path(path) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(f"no checkpoint folder at {path!r}")
 
 

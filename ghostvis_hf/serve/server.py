@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..arg_types import positive_int
+from ..arg_types import folder_or_hub_id, positive_int
 from .images import to_engine_messages
 from .limits import (
     DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ServerSettings, check_request_limits,
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ghostvis_hf.inference.loader import QUANTIZE_CHOICES, QUANTIZE_HELP
 
     p = argparse.ArgumentParser(prog="ghostvis serve", description="OpenAI-compatible GhostVis server + web page.")
-    p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    p.add_argument("--model", required=True, type=folder_or_hub_id, help="checkpoint folder or Hub id")
     p.add_argument("--served-model-name", help="model id clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
