@@ -50,8 +50,8 @@ def choice_list(*choices: str):
 
 
 def written_as_path(text: str) -> bool:
-    """Whether a model argument is written as a local path (absolute, `./`, `../`, `~`, more than one `/`) rather
-    than as a Hub id (`name`, `owner/name`)."""
+    """Whether a model or data argument is written as a local path (absolute, `./`, `../`, `~`, more than one `/`)
+    rather than as a Hub id (`name`, `owner/name`)."""
     return os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
 
 

@@ -21,6 +21,7 @@ import datasets
 from datasets import Image, List, Value
 from PIL import Image as PILImage
 
+from ..arg_types import written_as_path
 from .common import FEATURES, rows_to_dataset
 from .validate import loader_record
 
@@ -246,8 +247,7 @@ def load_table(path_or_hub_id: str, split: str = "train", name: str | None = Non
 def is_hub_id(path_or_hub_id: str) -> bool:
     """Whether a data argument that is no local file or folder can be a Hub dataset id (`name`, `owner/name`): not
     when it is written as a path (`./`, `/`, `~`, more than one `/`) or names a data file (`.jsonl`, ...)."""
-    return not (path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1
-                or os.path.splitext(path_or_hub_id)[1].lower() in DATA_FILE_BUILDERS)
+    return not (written_as_path(path_or_hub_id) or os.path.splitext(path_or_hub_id)[1].lower() in DATA_FILE_BUILDERS)
 
 
 def _blank(path: str, limit: int = 1 << 16) -> bool:

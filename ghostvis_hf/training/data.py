@@ -95,8 +95,8 @@ def load_train_and_eval_data(dataset_name: str | None, args: GhostVisArguments, 
 def training_rows(train_dataset, processor, training_args, args: GhostVisArguments, dataset_name: str):
     """The training rows checked (`validate_rows`, `--bad_rows`) and counted in the log; returns `(rows, report)`.
 
-    A `ValueError` when no row is left (an empty source, `--num_train_samples 0`, or every row skipped as bad), here
-    and not in the trainer, whose first look at the data stops with a bare `StopIteration`."""
+    A `ValueError` when no row is left (every row skipped as bad, or a source without rows), here and not in the
+    trainer, whose first look at the data stops with a bare `StopIteration`."""
     from ..data.validate import validate_rows
 
     rows, report = validate_rows(train_dataset, processor, training_args.max_length, args.bad_rows)
