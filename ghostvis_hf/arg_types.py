@@ -27,6 +27,14 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def tcp_port(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: any free one)."""
+    value = _int_at_least(text, 0)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {value}")
+    return value
+
+
 def positive_int_list(text: str) -> list[int]:
     """A comma-separated list of integers >= 1 (`"1,32"`), at least one."""
     items = [t for t in text.split(",") if t.strip()]

@@ -5,16 +5,17 @@ import argparse
 
 import pytest
 
-from ghostvis_hf.arg_types import choice_list, non_negative_int, positive_int, positive_int_list
+from ghostvis_hf.arg_types import choice_list, non_negative_int, positive_int, positive_int_list, tcp_port
 from ghostvis_hf.cli import main as ghostvis
 
 
 def test_the_types_accept_what_they_say_and_refuse_the_rest():
-    assert positive_int("3") == 3 and non_negative_int("0") == 0
+    assert positive_int("3") == 3 and non_negative_int("0") == 0 and tcp_port("0") == 0 and tcp_port("65535") == 65535
     assert positive_int_list("1,32") == [1, 32] and positive_int_list("8") == [8]
     assert choice_list("a", "b")("b,a") == ["b", "a"]
     for parse, text in [(positive_int, "0"), (positive_int, "-2"), (positive_int, "1.5"), (non_negative_int, "-1"),
-                        (positive_int_list, "1,0"), (positive_int_list, ","), (positive_int_list, "1,x"),
+                        (tcp_port, "-1"), (tcp_port, "65536"), (positive_int_list, "1,0"), (positive_int_list, ","),
+                        (positive_int_list, "1,x"),
                         (choice_list("a", "b"), "a,c"), (choice_list("a"), "")]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
@@ -35,6 +36,7 @@ def test_the_types_accept_what_they_say_and_refuse_the_rest():
     (["compose", "--text", "t", "--vision", "v", "--out", "o", "--num-image-tokens", "0"],
      "argument --num-image-tokens: must be >= 1, got 0"),
     (["serve", "--model", "m", "--max-seq-len", "0"], "argument --max-seq-len: must be >= 1, got 0"),
+    (["serve", "--model", "m", "--port", "70000"], "argument --port: must be <= 65535, got 70000"),
 ])
 def test_a_bad_value_is_a_usage_error_naming_the_option(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written: the parser refuses first

@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..arg_types import folder_or_hub_id, positive_int
+from ..arg_types import folder_or_hub_id, positive_int, tcp_port
 from .images import to_engine_messages
 from .limits import (
     DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ServerSettings, check_request_limits,
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=folder_or_hub_id, help="checkpoint folder or Hub id")
     p.add_argument("--served-model-name", help="model id clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=tcp_port, default=8000)
     p.add_argument("--api-key", default=os.environ.get("GHOSTVIS_API_KEY"),
                    help="require this Bearer token (also hides /docs); default: $GHOSTVIS_API_KEY")
     p.add_argument("--allowed-image-dir", help="folder whose images may be named by path / file:// URL")
