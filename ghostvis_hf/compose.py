@@ -98,7 +98,7 @@ def compose(text_model: str, vision_model: str, dtype=None, **config_overrides):
 
 def main(argv=None) -> int:
     """`ghostvis compose --text LM --vision ENCODER --out DIR`."""
-    from .hub import save_checkpoint
+    from .hub import refuse_full_output_folder, save_checkpoint
 
     parser = argparse.ArgumentParser(prog="ghostvis compose", description=compose.__doc__.splitlines()[0])
     parser.add_argument("--text", required=True, type=folder_or_hub_id, help="causal LM: local folder or Hub id")
@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--resampler", default="perceiver", choices=["perceiver", "avgpool", "none"])
     parser.add_argument("--num-image-tokens", type=positive_int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     args = parser.parse_args(argv)
+    refuse_full_output_folder(parser, args.out, args.overwrite)  # before the backbones load
     model, processor = compose(
         args.text, args.vision, dtype=getattr(torch, args.dtype),
         resampler_type=args.resampler, num_image_tokens=args.num_image_tokens,

@@ -175,6 +175,13 @@ def save_checkpoint(model, processor, out_dir: str, origin: str = "", base_model
     return out_dir
 
 
+def refuse_full_output_folder(parser, out: str, overwrite: bool) -> None:
+    """`parser.error` (exit 2) when `out` is a folder that already holds files and `--overwrite` is not given:
+    `ghostvis init` and `ghostvis compose` write new weights, which must not replace a trained checkpoint's."""
+    if not overwrite and os.path.isdir(out) and os.listdir(out):
+        parser.error(f"--out {out!r} already holds files (a checkpoint?); pass --overwrite to replace them")
+
+
 def main_init(argv=None) -> int:
     """`ghostvis init --preset tiny --out DIR`: a randomly initialised checkpoint folder."""
     from . import create
@@ -183,8 +190,10 @@ def main_init(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ghostvis init", description=main_init.__doc__)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    refuse_full_output_folder(parser, args.out, args.overwrite)
     import torch
 
     torch.manual_seed(args.seed)

@@ -102,3 +102,21 @@ def test_compose_cli_writes_a_loadable_checkpoint(backbones, tmp_path):
     card = (out / "README.md").read_text()
     assert f"- {root / 'lm'}" in card and "base_model:" in card
     assert os.path.exists(out / "modeling_ghostvis.py")
+
+
+def test_init_and_compose_refuse_to_write_over_a_folder_that_holds_files(tmp_path, capsys):
+    from ghostvis_hf.cli import main as ghostvis
+
+    out = tmp_path / "trained"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"trained weights")
+    for argv in (["init", "--preset", "tiny", "--out", str(out)],
+                 ["compose", "--text", "t", "--vision", "v", "--out", str(out)]):
+        with pytest.raises(SystemExit) as exit_:
+            ghostvis(argv)
+        assert exit_.value.code == 2
+        assert "already holds files (a checkpoint?); pass --overwrite" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == b"trained weights"
+    assert ghostvis(["init", "--preset", "tiny", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "config.json").exists() and (out / "model.safetensors").read_bytes() != b"trained weights"
+    assert ghostvis(["init", "--preset", "tiny", "--out", str(tmp_path / "empty_is_fine")]) == 0
