@@ -48,7 +48,7 @@ def _parser():
     p.add_argument("--prompt-len", type=positive_int, default=128)
     p.add_argument("--new-tokens", type=positive_int, default=256)
     p.add_argument("--modes", type=choice_list(*MODES), default=["fused", "graphs", "compile"],
-                   help="engine modes: fused, graphs, eager, compile, compile-tuned (inductor coordinate-descent tuning)")
+                   help=f"engine modes: {', '.join(MODES)} (compile-tuned: inductor coordinate-descent tuning)")
     p.add_argument("--no-stock", action="store_true", help="skip stock generate (experiments)")
     p.add_argument("--stock-cb", action="store_true",
                    help="also time transformers' continuous batching (generate_batch) on the same decoder")

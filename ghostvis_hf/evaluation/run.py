@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import data
 from ..arg_types import folder_or_hub_id, positive_int
-from ..inference.loader import QUANTIZE_CHOICES, QUANTIZE_HELP, check_checkpoint_path, load_model
+from ..inference.loader import QUANTIZE_CHOICES, QUANTIZE_HELP, load_model
 from . import metrics
 
 logger = logging.getLogger("ghostvis")
@@ -393,7 +393,6 @@ def main(argv=None) -> int:
         model, processor = load_model(args.model, quantize=args.quantize, device=args.device,
                                       **({"dtype": dtype} if dtype else {}))
     else:
-        check_checkpoint_path(args.model)
         model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True,
                                                             dtype=dtype or "auto").to(args.device)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
